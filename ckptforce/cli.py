@@ -1,0 +1,120 @@
+"""The ``ckptforce`` command line: thin click commands over the library.
+
+A ``CkptforceError`` (bad input the user can fix) is printed as one line on stderr with exit code 2 and no
+traceback; ``--debug`` shows the traceback. The tool only reads the run directory; it never writes into it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import CkptforceError
+
+EXIT_USER_ERROR = 2
+
+
+class _Group(click.Group):
+    """Turns user errors into one line and an exit code; ``--debug`` keeps the traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except CkptforceError as e:
+            if ctx.meta.get("ckptforce.debug"):
+                raise
+            click.echo(f"ckptforce: error: {e}", err=True)
+            ctx.exit(EXIT_USER_ERROR)
+        except KeyboardInterrupt:
+            click.echo("ckptforce: interrupted", err=True)
+            ctx.exit(130)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="ckptforce")
+@click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
+@click.pass_context
+def main(ctx: click.Context, debug: bool) -> None:
+    """Audit a training run from its saved checkpoints.
+
+    ckptforce reads the checkpoints a trainer wrote (Hugging Face Trainer / TRL, PEFT, Lightning,
+    torch.save loops, safetensors, torch.distributed.checkpoint), reconstructs each update between
+    consecutive checkpoints, and explains how the model's predictions moved.
+
+    It only reads: nothing is written into the run directory, nothing is downloaded, and pickled files
+    that could run code are refused unless you pass --trust-pickles.
+    """
+    ctx.meta["ckptforce.debug"] = debug
+
+
+def _run_options(f):
+    f = click.option("--trust-pickles", is_flag=True, help="Allow full unpickling of files that need it (only for files you trust: a pickle can run code).")(f)
+    f = click.option("--layout", type=click.Choice(["dcp", "peft", "hf", "lightning", "safetensors", "torch"]), help="Force a checkpoint layout instead of detecting it.")(f)
+    f = click.option("--init", "init", type=click.Path(path_type=Path), help="The model the run started from (file or folder, any layout), added as the first checkpoint.")(f)
+    return f
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@_run_options
+@click.option("--json", "as_json", is_flag=True, help="Print the scan as JSON (schemas/scan.schema.json) instead of a table.")
+@click.option("--no-optimizer", is_flag=True, help="Skip reading saved optimizer state (faster on big runs).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def scan(run_dir: Path, init: Path | None, layout: str | None, trust_pickles: bool, as_json: bool, no_optimizer: bool, quiet: bool) -> None:
+    """Show what RUN_DIR holds: checkpoints, layout, steps and where they came from, dtypes, sizes,
+    parameter counts, and the update between consecutive checkpoints (norm, relative size, cosine with
+    the previous update, share of exactly-zero entries, learning rate). No model or probes needed.
+
+    \b
+    Examples:
+      ckptforce scan out/                      # a Hugging Face Trainer output dir
+      ckptforce scan dpo_out/ --init sft_out/checkpoint-500
+      ckptforce scan lightning_logs/version_0/checkpoints --json > scan.json
+    """
+    from rich.console import Console
+
+    from .io import open_run
+    from .scan import render, summarise
+    from .updates import update_anatomy
+
+    run = open_run(run_dir, init=init, layout=layout, trust_pickles=trust_pickles)
+    progress = None if (quiet or as_json or not sys.stderr.isatty()) else _progress_bar()
+    try:
+        anatomy = update_anatomy(run, optimizer=not no_optimizer, progress=progress)
+    finally:
+        if progress is not None:
+            progress.close()
+    summary = summarise(run, anatomy)
+    if as_json:
+        click.echo(json.dumps(summary, indent=1))
+    else:
+        render(summary, Console(width=None if sys.stdout.isatty() else 160))
+
+
+class _progress_bar:
+    """A rich progress bar over tensors, on stderr, as a progress callback."""
+
+    def __init__(self):
+        from rich.console import Console
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self._p = Progress(TextColumn("reading updates"), BarColumn(), TextColumn("{task.completed}/{task.total} tensors"), TimeRemainingColumn(), console=Console(stderr=True), transient=True)
+        self._task = None
+
+    def __call__(self, done: int, total: int, name: str) -> None:
+        if self._task is None:
+            self._p.start()
+            self._task = self._p.add_task("", total=total)
+        self._p.update(self._task, completed=done)
+
+    def close(self) -> None:
+        if self._task is not None:
+            self._p.stop()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

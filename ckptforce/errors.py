@@ -1,0 +1,36 @@
+"""The handful of exceptions ckptforce raises on purpose.
+
+Each is built on a standard exception so callers can catch it either way, and each message is meant to be
+shown to a user as one line: what was found, what was expected, what to do. The CLI prints these without a
+traceback (unless ``--debug``); anything else is a bug and is shown in full.
+"""
+
+from __future__ import annotations
+
+
+class CkptforceError(Exception):
+    """Base class: an error whose message is written for the user."""
+
+
+class RunNotFoundError(CkptforceError, FileNotFoundError):
+    """The run directory (or a checkpoint in it) does not exist or holds no checkpoint."""
+
+
+class UnknownLayoutError(CkptforceError, ValueError):
+    """Nothing in the directory matches a known checkpoint layout."""
+
+
+class CheckpointReadError(CkptforceError, OSError):
+    """A checkpoint file exists but cannot be read (truncated, corrupted, wrong format)."""
+
+
+class PickleRefusedError(CkptforceError, PermissionError):
+    """Reading the file would need a full unpickle, which can run arbitrary code."""
+
+
+class CheckpointMismatchError(CkptforceError, ValueError):
+    """Two checkpoints of one run hold different tensors or shapes."""
+
+
+class StepError(CkptforceError, ValueError):
+    """Step numbers are ambiguous (for example two checkpoints claim the same step)."""

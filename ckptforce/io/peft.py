@@ -1,0 +1,135 @@
+"""PEFT / LoRA adapter checkpoints: ``adapter_model.safetensors`` + ``adapter_config.json``.
+
+A LoRA adapter adds ``ΔW = scale · B @ A`` to a base weight W (B: (out, r), A: (r, in); scale = alpha / r, or
+alpha / √r with rsLoRA; transposed when ``fan_in_fan_out``, as for GPT-2's Conv1D). Each adapted weight is
+listed under the base weight's name (``transformer.h.0.attn.c_attn.weight``) and kept factored
+(``factors``), so the update between two checkpoints, scale · (B₂A₂ − B₁A₁), never needs a dense matrix.
+Other saved tensors (``modules_to_save``) are listed as they are.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import torch
+
+from ..discover import Candidate, CheckpointRef
+from ..errors import CheckpointReadError
+from .base import Checkpoint, LowRank, TensorInfo, canonical_names
+from .hf import STATE_FILE, HfLayout, read_json
+from .safetensors_ import SafetensorsStore
+from .torch_ import load_torch_file
+
+_LORA = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
+
+
+class PeftCheckpoint(Checkpoint):
+    layout = "peft"
+
+    def __init__(self, ref: CheckpointRef, *, trust_pickles: bool = False):
+        super().__init__(ref)
+        folder = ref.path
+        self.config = read_json(folder / "adapter_config.json")
+        st, pt = folder / "adapter_model.safetensors", folder / "adapter_model.bin"
+        if st.is_file():
+            self._files = [st]
+            store = SafetensorsStore([st])
+            self._get = store.get
+            self._release = store.release
+            raw_info = dict(store.info)
+        elif pt.is_file():
+            self._files = [pt]
+            sd = load_torch_file(pt, trust_pickles=trust_pickles)
+            self._get = sd.__getitem__
+            self._release = lambda: None
+            raw_info = {k: TensorInfo(tuple(v.shape), v.dtype) for k, v in sd.items()}
+        else:
+            raise CheckpointReadError(f"{folder}: adapter_config.json without adapter_model.safetensors or .bin")
+        canon = canonical_names(list(raw_info))  # raw -> canonical
+        self._pairs: dict[str, dict[str, str]] = {}  # weight name -> {"A": raw, "B": raw}
+        self._dense: dict[str, str] = {}  # canonical -> raw, for non-LoRA tensors
+        for raw, name in canon.items():
+            m = _LORA.match(name)
+            if m:
+                self._pairs.setdefault(m["module"] + ".weight", {})[m["which"]] = raw
+            else:
+                self._dense[name] = raw
+        broken = [n for n, p in self._pairs.items() if set(p) != {"A", "B"}]
+        if broken:
+            raise CheckpointReadError(f"{st if st.is_file() else pt}: LoRA factor missing for {broken[0]} (needs both lora_A and lora_B)")
+        self._raw_info = raw_info
+
+    def names(self) -> list[str]:
+        return list(self._pairs) + list(self._dense)
+
+    def info(self, name: str) -> TensorInfo:
+        if name in self._dense:
+            return self._raw_info[self._dense[name]]
+        a, b = (self._raw_info[self._pairs[name][k]] for k in "AB")
+        shape = (b.shape[0], a.shape[1])
+        return TensorInfo(shape[::-1] if self.config.get("fan_in_fan_out") else shape, a.dtype)
+
+    def factors(self, name: str) -> LowRank | None:
+        if name not in self._pairs:
+            return None
+        a = self._get(self._pairs[name]["A"])  # (r, in)
+        b = self._get(self._pairs[name]["B"])  # (out, r)
+        scale = self.scale(name)
+        if self.config.get("fan_in_fan_out"):
+            return LowRank(a.T, b.T, scale)  # (in, r) @ (r, out)
+        return LowRank(b, a, scale)  # (out, r) @ (r, in)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        if name in self._dense:
+            return self._get(self._dense[name])
+        return self.factors(name).dense()
+
+    def scale(self, name: str) -> float:
+        """alpha / r (or alpha / √r with rsLoRA), with rank_pattern / alpha_pattern overrides."""
+        module = name.removesuffix(".weight")
+        r = _pattern_value(self.config.get("rank_pattern") or {}, module, self.config.get("r", 8))
+        alpha = _pattern_value(self.config.get("alpha_pattern") or {}, module, self.config.get("lora_alpha", 8))
+        return alpha / math.sqrt(r) if self.config.get("use_rslora") else alpha / r
+
+    def files(self) -> list[Path]:
+        return list(self._files)
+
+    def release(self) -> None:
+        self._release()
+
+    def lr_log(self) -> list[tuple[int, float]]:
+        state = self.ref.path / STATE_FILE
+        log = read_json(state).get("log_history", []) if state.is_file() else []
+        return [(int(e["step"]), float(e["learning_rate"])) for e in log if "learning_rate" in e and "step" in e]
+
+
+def _pattern_value(patterns: dict, module: str, default):
+    """PEFT's rank/alpha pattern lookup: a key matches when the module name ends with it (or it is a regex)."""
+    for key, value in patterns.items():
+        if module == key or module.endswith("." + key) or re.fullmatch(key, module):
+            return value
+    return default
+
+
+class PeftLayout(HfLayout):
+    """Found like the Trainer's folders (checkpoint-N/ and the run root), opened as adapters."""
+
+    name = "peft"
+    summary = "PEFT / LoRA adapters: checkpoint-N/ with adapter_model.safetensors and adapter_config.json"
+
+    def probe(self, path: Path) -> Candidate | None:
+        if not (path.is_dir() and (path / "adapter_config.json").is_file()):
+            return None
+        if not any((path / f).is_file() for f in ("adapter_model.safetensors", "adapter_model.bin")):
+            return None
+        state = path / STATE_FILE
+        if state.is_file():
+            step = read_json(state).get("global_step")
+            if isinstance(step, int):
+                return Candidate(path, self.name, step, f"{path.name}/{STATE_FILE}:global_step")
+        return Candidate(path, self.name)
+
+    def open(self, ref: CheckpointRef, *, trust_pickles: bool = False) -> Checkpoint:
+        return PeftCheckpoint(ref, trust_pickles=trust_pickles)
