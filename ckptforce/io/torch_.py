@@ -13,7 +13,6 @@ stripped and tied tensors (same storage) are listed once.
 from __future__ import annotations
 
 import pickle
-import zipfile
 from pathlib import Path
 
 import torch
@@ -42,9 +41,11 @@ def load_torch_file(path: Path, *, trust_pickles: bool = False):
             # Legacy (pre-zip) format cannot be memory-mapped: read it plainly.
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        if "weights only" not in str(e).lower():
+            raise CheckpointReadError(_unreadable(path, e)) from e
         if not trust_pickles:
-            first = str(e).strip().splitlines()
-            hint = next((ln.strip() for ln in first if "GLOBAL" in ln or "Unsupported" in ln), "")
+            lines = str(e).strip().splitlines()
+            hint = next((ln.strip() for ln in lines if "GLOBAL" in ln or "Unsupported" in ln), "")
             raise PickleRefusedError(
                 f"{path}: reading this file needs a full unpickle, which can run code from the file"
                 f"{' (' + hint + ')' if hint else ''}; if you trust where it came from, rerun with --trust-pickles"
@@ -53,11 +54,16 @@ def load_torch_file(path: Path, *, trust_pickles: bool = False):
             return torch.load(path, map_location="cpu", weights_only=False)
         except Exception as e2:  # noqa: BLE001 - anything the pickle raises is a read error here
             raise CheckpointReadError(f"{path}: cannot unpickle ({type(e2).__name__}: {e2})") from e2
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        raise CheckpointReadError(
-            f"{path}: not a readable torch.save file ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
-            "it may be truncated or still being written — re-save it or move it out of the run directory"
-        ) from e
+    except Exception as e:  # noqa: BLE001 - torch raises many types for a damaged file
+        raise CheckpointReadError(_unreadable(path, e)) from e
+
+
+def _unreadable(path: Path, e: Exception) -> str:
+    first = (str(e).strip().splitlines() or [""])[0][:160]
+    return (
+        f"{path}: not a readable torch.save file ({type(e).__name__}: {first}); "
+        "it may be truncated or still being written — re-save it or move it out of the run directory"
+    )
 
 
 def split_training_dict(obj) -> tuple[dict, object, int | None, str]:
