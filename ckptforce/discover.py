@@ -150,7 +150,7 @@ def _drop_redundant_final(candidates: list[Candidate], notes: list[str]) -> list
     if not finals:
         return candidates
     final, others = finals[0], [c for c in candidates if not c.is_final]
-    taken = {c.record_step for c in others}
+    taken = {c.record_step if c.record_step is not None else step_from_name(c.path.name) for c in others}
     if final.record_step is None:
         notes.append(f"the model at {final.path} has no recorded step and is not used; the checkpoints are")
         return others
