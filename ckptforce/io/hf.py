@@ -14,7 +14,7 @@ the model on the meta device when ``transformers`` is installed, and checked aga
 from __future__ import annotations
 
 import json
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 import torch
@@ -129,7 +129,7 @@ class HfCheckpoint(Checkpoint):
         names = self.names()
         info = {n: self.info(n) for n in names}
         orders = dict(DEFAULT_ORDERS)
-        exact = trainer_parameter_order(self.config)
+        exact = trainer_parameter_order(json.dumps(self.config, sort_keys=True))
         if exact is not None:
             orders = {"Trainer decay/no-decay groups": lambda _n, _i: [n for n in exact if n in info], **orders}
         state, note = map_optimizer_state(osd, names, info, source=f, orders=orders)
@@ -137,13 +137,16 @@ class HfCheckpoint(Checkpoint):
         return state
 
 
-def trainer_parameter_order(config: dict) -> list[str] | None:
+@lru_cache(maxsize=8)
+def trainer_parameter_order(config_json: str) -> tuple[str, ...] | None:
     """The order in which Hugging Face Trainer hands parameters to its optimizer, or None if unknown.
 
     Trainer.create_optimizer: [decay params in named_parameters order] + [the others], where the no-decay
     set is LayerNorm modules plus names matching bias/layernorm/rmsnorm/norm. The model is built from its
-    config on the meta device (no memory, no download).
+    config (given as JSON, so the result can be cached across checkpoints) on the meta device: no memory,
+    no download.
     """
+    config = json.loads(config_json)
     if not config.get("model_type"):
         return None
     try:
@@ -164,7 +167,7 @@ def trainer_parameter_order(config: dict) -> list[str] | None:
     patterns = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]
     decay = set(get_parameter_names(model, [torch.nn.LayerNorm], patterns))
     named = [n for n, p in model.named_parameters() if p.requires_grad]
-    return [n for n in named if n in decay] + [n for n in named if n not in decay]
+    return tuple([n for n in named if n in decay] + [n for n in named if n not in decay])
 
 
 class HfLayout(Layout):
