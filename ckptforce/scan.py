@@ -87,7 +87,8 @@ def summarise(run: Run, anatomy: Anatomy, *, per_tensor: bool = True) -> dict[st
         "tensors": anatomy.tensor_names,
         "intervals": intervals,
         "optimizers": optimizers,
-        "warnings": list(run.notes) + list(anatomy.warnings),
+        "notes": list(run.notes),
+        "warnings": list(anatomy.warnings),
     }
 
 
@@ -118,6 +119,8 @@ def render(summary: dict[str, Any], console: Console) -> None:
     )
     for w in summary["warnings"]:
         console.print(f"[yellow]warning:[/] {w}")
+    for n in summary["notes"]:
+        console.print(f"[dim]note:[/] {n}")
     by_to = {iv["step_to"]: iv for iv in summary["intervals"]}
     table = Table(show_edge=False, header_style="bold")
     for col in ("step", "from", "checkpoint", "dtype", "size", "‖Δθ‖", "‖Δθ‖/‖θ‖", "cos prev", "zero Δ", "lr"):

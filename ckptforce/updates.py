@@ -184,7 +184,7 @@ def update_anatomy(
         anatomy.warnings = _warnings(anatomy)
         anatomy.optimizers = optimizers
         for c in ckpts:
-            anatomy.warnings.extend(f"{c.ref.label}: {n}" for n in c.notes if "not read" not in n and "mapped" not in n)
+            anatomy.warnings.extend(c.warnings)
         return anatomy
     finally:
         for c in ckpts:

@@ -67,3 +67,13 @@ def test_whole_model_cosine(tmp_path):
     assert anatomy.intervals[1].update_cos == pytest.approx(0.0, abs=1e-7)
     assert anatomy.intervals[1].tensors["x"].update_cos == pytest.approx(1.0)
     assert anatomy.intervals[1].tensors["y"].update_cos == pytest.approx(-1.0)
+
+
+def test_optimizer_state_that_fits_no_order_is_a_warning(tmp_path):
+    for step in (1, 2):
+        opt = {"state": {0: {"exp_avg": torch.ones(3), "step": torch.tensor(1.0)}}, "param_groups": [{"params": [0], "lr": 0.1}]}
+        torch.save({"model": {"w": torch.full((2, 2), float(step))}, "optimizer": opt, "iter_num": step}, tmp_path / f"ckpt_{step}.pt")
+    anatomy = update_anatomy(open_run(tmp_path))
+    assert anatomy.optimizers == []
+    assert any("ckpt_1.pt: optimizer state (1 parameters) does not match" in w for w in anatomy.warnings)
+    assert math.isnan(anatomy.intervals[0].lr)

@@ -93,7 +93,7 @@ class Checkpoint(abc.ABC):
     def __init__(self, ref: CheckpointRef):
         self.ref = ref
         self.aliases: dict[str, str] = {}  # other name of a tied tensor -> the name it is listed under
-        self.notes: list[str] = []  # what the reader noticed (skipped pickles, dropped prefixes, …)
+        self.warnings: list[str] = []  # what the reader found wrong but could read past (an unmatched optimizer state)
 
     # --- the contract -------------------------------------------------------------------------------
     @abc.abstractmethod

@@ -78,9 +78,6 @@ class HfCheckpoint(Checkpoint):
             self._src = StateDictSource.from_state_dict(sd)
             self.aliases = self._src.aliases
             self._raw = {c: c for c in self._src.tensors}
-        for skipped in ("training_args.bin", "rng_state.pth"):
-            if (self.folder / skipped).exists():
-                self.notes.append(f"{skipped} not read (it needs a full unpickle and holds no weights)")
 
     def names(self) -> list[str]:
         return list(self._raw)
@@ -132,8 +129,9 @@ class HfCheckpoint(Checkpoint):
         exact = trainer_parameter_order(json.dumps(self.config, sort_keys=True))
         if exact is not None:
             orders = {"Trainer decay/no-decay groups": lambda _n, _i: [n for n in exact if n in info], **orders}
-        state, note = map_optimizer_state(osd, names, info, source=f, orders=orders)
-        self.notes.append(note)
+        state, problem = map_optimizer_state(osd, names, info, source=f, orders=orders)
+        if problem:
+            self.warnings.append(problem)
         return state
 
 

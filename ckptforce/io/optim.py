@@ -45,8 +45,10 @@ def map_optimizer_state(
     *,
     source: Path,
     orders: dict[str, Order] | None = None,
-) -> tuple[OptimizerState | None, str]:
-    """Match a torch optimizer state dict to tensor names; returns (state or None, a note for the user).
+) -> tuple[OptimizerState | None, str | None]:
+    """Match a torch optimizer state dict to tensor names: (state, None), or (None, what went wrong).
+
+    An empty state (saved before the first step) is (None, None): nothing to map, nothing wrong.
 
     ``names`` are the checkpoint's canonical names in file order; ``info`` their shapes.
     """
@@ -54,7 +56,7 @@ def map_optimizer_state(
         return None, f"{source}: optimizer state has no 'state' / 'param_groups'; not used"
     state: dict = osd["state"]
     if not state:
-        return None, f"{source}: optimizer state is empty (saved before the first step)"
+        return None, None
     groups = [dict(g) for g in osd["param_groups"]]
     positions = [list(g.get("params", [])) for g in groups]
     floating = [n for n in names if info[n].dtype.is_floating_point]
@@ -87,7 +89,7 @@ def map_optimizer_state(
     for g, pos in zip(groups, positions):
         g["names"] = [mapping[p] for p in pos if p in mapping]
         g.pop("params", None)
-    return OptimizerState(source, per_param, groups, how, unmapped), f"optimizer state mapped {how}"
+    return OptimizerState(source, per_param, groups, how, unmapped), None
 
 
 def _assign(order: list[str], info: dict[str, TensorInfo], positions: list[list], shapes: dict) -> tuple[dict, int] | None:

@@ -131,8 +131,9 @@ class TorchCheckpoint(Checkpoint):
         if self._opt_raw is None:
             return None
         names = self.names()
-        state, note = map_optimizer_state(self._opt_raw, names, {n: self.info(n) for n in names}, source=self.ref.path)
-        self.notes.append(note)
+        state, problem = map_optimizer_state(self._opt_raw, names, {n: self.info(n) for n in names}, source=self.ref.path)
+        if problem:
+            self.warnings.append(problem)
         return state
 
     def release(self) -> None:
