@@ -111,7 +111,8 @@ def delta_stats(before: torch.Tensor, after: torch.Tensor, prev: torch.Tensor | 
     dtype = str(after.dtype).removeprefix("torch.")
     a, b = before.float(), after.float()
     delta = b - a  # same shape as the tensor
-    nonfinite = int((~torch.isfinite(b)).sum())
+    # A finite sum means no NaN/Inf (cheap); only otherwise count them exactly.
+    nonfinite = 0 if bool(torch.isfinite(b.sum())) else b.numel() - int(torch.count_nonzero(torch.isfinite(b)))
     norm = float(torch.linalg.vector_norm(delta))
     dot = cos = math.nan
     if prev is not None:
@@ -122,7 +123,7 @@ def delta_stats(before: torch.Tensor, after: torch.Tensor, prev: torch.Tensor | 
         update_norm=norm,
         param_norm=float(torch.linalg.vector_norm(a)),
         update_cos=cos,
-        zero_frac=float((delta == 0).sum()) / max(delta.numel(), 1),
+        zero_frac=(delta.numel() - int(torch.count_nonzero(delta))) / max(delta.numel(), 1),
         nonfinite=nonfinite,
         dtype=dtype,
         dot_prev=dot,

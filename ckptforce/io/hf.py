@@ -96,9 +96,6 @@ class HfCheckpoint(Checkpoint):
     def files(self) -> list[Path]:
         return list(self._files)
 
-    def release(self) -> None:
-        if self._store is not None:
-            self._store.release()
 
     # --- what the trainer saved beside the weights ---------------------------------------------------
     @cached_property

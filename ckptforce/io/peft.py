@@ -37,13 +37,11 @@ class PeftCheckpoint(Checkpoint):
             self._files = [st]
             store = SafetensorsStore([st])
             self._get = store.get
-            self._release = store.release
             raw_info = dict(store.info)
         elif pt.is_file():
             self._files = [pt]
             sd = load_torch_file(pt, trust_pickles=trust_pickles)
             self._get = sd.__getitem__
-            self._release = lambda: None
             raw_info = {k: TensorInfo(tuple(v.shape), v.dtype) for k, v in sd.items()}
         else:
             raise CheckpointReadError(f"{folder}: adapter_config.json without adapter_model.safetensors or .bin")
@@ -96,8 +94,6 @@ class PeftCheckpoint(Checkpoint):
     def files(self) -> list[Path]:
         return list(self._files)
 
-    def release(self) -> None:
-        self._release()
 
     def lr_log(self) -> list[tuple[int, float]]:
         state = self.ref.path / STATE_FILE

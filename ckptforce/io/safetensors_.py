@@ -1,9 +1,10 @@
 """Safetensors: a store over one or more ``.safetensors`` files, and the "directory of bare files" layout.
 
 ``SafetensorsStore`` reads headers once (names, shapes, dtypes) and tensors one at a time through
-``safetensors.safe_open``. A ``safe_open`` handle memory-maps its file and the pages it has touched stay
-resident while it is open, so the store closes a handle once it has read ``budget_bytes`` through it: resident
-memory stays near one tensor plus the budget however large the checkpoint is.
+``safetensors.safe_open``. A ``safe_open`` handle memory-maps its file and every page it has touched stays
+resident while the handle is open, so the store opens the file for each read and closes it at once: the
+returned tensor keeps only its own pages mapped, and resident memory follows the tensors the caller holds,
+not the size or number of checkpoints (``bench/updates.py`` measures both).
 
 Layout ``safetensors``: a directory of ``*.safetensors`` files whose names carry the step
 (``model_step500.safetensors``, ``step_0001000.safetensors``), one checkpoint per file.
@@ -26,20 +27,14 @@ _DTYPES = {
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }  # fmt: skip
 
-DEFAULT_BUDGET = 64 * 2**20
-
-
 class SafetensorsStore:
     """Tensors spread over safetensors files (one file, or the shards of an index), read lazily."""
 
-    def __init__(self, files: list[Path], *, budget_bytes: int = DEFAULT_BUDGET):
+    def __init__(self, files: list[Path]):
         self.files = list(files)
-        self.budget = budget_bytes
         self.where: dict[str, Path] = {}  # on-disk name -> file
         self.info: dict[str, TensorInfo] = {}
         self.metadata: dict[str, str] = {}
-        self._handles: dict[Path, object] = {}
-        self._read_since_open: dict[Path, int] = {}
         for f in self.files:
             with _open(f) as h:
                 self.metadata.update(h.metadata() or {})
@@ -53,27 +48,11 @@ class SafetensorsStore:
 
     def get(self, key: str) -> torch.Tensor:
         f = self.where[key]
-        handle = self._handles.get(f)
-        if handle is None:
-            handle = self._handles[f] = _open(f).__enter__()
-            self._read_since_open[f] = 0
-        try:
-            t = handle.get_tensor(key)
-        except SafetensorError as e:
-            raise CheckpointReadError(f"{f}: cannot read tensor {key!r} ({e}); the file is damaged, re-save it") from e
-        self._read_since_open[f] += self.info[key].nbytes
-        if self._read_since_open[f] >= self.budget:
-            self._close(f)
-        return t
-
-    def release(self) -> None:
-        for f in list(self._handles):
-            self._close(f)
-
-    def _close(self, f: Path) -> None:
-        handle = self._handles.pop(f, None)
-        if handle is not None:
-            handle.__exit__(None, None, None)
+        with _open(f) as handle:
+            try:
+                return handle.get_tensor(key)
+            except SafetensorError as e:
+                raise CheckpointReadError(f"{f}: cannot read tensor {key!r} ({e}); the file is damaged, re-save it") from e
 
 
 def _open(path: Path):
@@ -108,9 +87,6 @@ class SafetensorsCheckpoint(Checkpoint):
 
     def files(self) -> list[Path]:
         return self.store.files
-
-    def release(self) -> None:
-        self.store.release()
 
 
 class SafetensorsDirLayout(Layout):
