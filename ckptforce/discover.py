@@ -34,6 +34,8 @@ _NAMED_STEP = [
     )
 ]
 _SHARD = re.compile(r"-\d+-of-\d+$")
+# accelerate's save_state folders count saves, not steps: checkpoint_0, checkpoint_1, …
+_SAVE_COUNTER = re.compile(r"^checkpoint_\d+$")
 
 
 def natural_key(name: str) -> tuple:
@@ -46,14 +48,14 @@ def step_from_name(name: str) -> int | None:
 
     A named marker wins (``step``, ``checkpoint``, ``iter``, ``ckpt``); otherwise the last number in the
     name, if there is exactly one number, counts. ``epoch=0-step=20`` is 20; ``model-00001-of-00003`` is
-    None (a shard index, not a step).
+    None (a shard index), and so is accelerate's ``checkpoint_3`` (it counts saves, not steps).
     """
     stem = Path(name).name
     for suffix in (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".tar"):
         if stem.endswith(suffix):
             stem = stem[: -len(suffix)]
             break
-    if _SHARD.search(stem):
+    if _SHARD.search(stem) or _SAVE_COUNTER.match(stem):
         return None
     for pattern in _NAMED_STEP:
         hits = pattern.findall(stem)

@@ -26,6 +26,7 @@ from ckptforce.errors import StepError
         ("final.pt", None),
         ("run7.pt", 7),
         ("v2_run7.pt", None),  # two bare numbers: ambiguous
+        ("checkpoint_3", None),  # accelerate counts saves, not steps
     ],
 )
 def test_step_from_name(name, step):

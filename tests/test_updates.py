@@ -77,3 +77,21 @@ def test_optimizer_state_that_fits_no_order_is_a_warning(tmp_path):
     assert anatomy.optimizers == []
     assert any("ckpt_1.pt: optimizer state (1 parameters) does not match" in w for w in anatomy.warnings)
     assert math.isnan(anatomy.intervals[0].lr)
+
+
+def test_torch_checkpoint_reloads_after_release(tmp_path, monkeypatch):
+    """Dropping the memory-mapped dict mid-run (to bound resident memory) changes no number."""
+    import ckptforce.io.torch_ as torch_io
+
+    g = torch.Generator().manual_seed(3)
+    for step in (1, 2, 3):
+        sd = {f"w{i}": torch.randn(32, 32, generator=g) for i in range(4)}
+        opt = {"state": {i: {"exp_avg": torch.ones(32, 32)} for i in range(4)}, "param_groups": [{"params": [0, 1, 2, 3], "lr": 0.5}]}
+        torch.save({"model": sd, "optimizer": opt, "iter_num": step}, tmp_path / f"ckpt_{step}.pt")
+    whole = update_anatomy(open_run(tmp_path))
+    monkeypatch.setattr(torch_io, "RELOAD_BYTES", 1)  # release after every tensor
+    streamed = update_anatomy(open_run(tmp_path))
+    for a, b in zip(whole.intervals, streamed.intervals):
+        assert a.update_norm == b.update_norm and a.update_cos == b.update_cos or math.isnan(a.update_cos)
+        assert a.lr == b.lr == 0.5
+    assert len(streamed.optimizers) == 3

@@ -116,8 +116,8 @@ class HfCheckpoint(Checkpoint):
         ]
 
     def optimizer(self) -> OptimizerState | None:
-        f = self.folder / "optimizer.pt"
-        if not f.is_file():
+        f = next((self.folder / n for n in ("optimizer.pt", "optimizer.bin") if (self.folder / n).is_file()), None)
+        if f is None:
             return None
         osd = load_torch_file(f, trust_pickles=self._trust)
         names = self.names()

@@ -28,6 +28,7 @@ STEP_KEYS = ("iter_num", "global_step", "global_steps", "step", "iteration", "nu
 #: Files a trainer writes beside the model that are not checkpoints of it.
 NOT_MODELS = ("optimizer", "scheduler", "rng_state", "training_args", "trainer_state", "scaler")
 SUFFIXES = (".pt", ".pth", ".bin", ".tar")
+RELOAD_BYTES = 64 * 2**20
 
 
 def load_torch_file(path: Path, *, trust_pickles: bool = False):
@@ -98,6 +99,7 @@ class TorchCheckpoint(Checkpoint):
         self._src: StateDictSource | None = None
         self._opt_raw = None
         self.recorded_step: int | None = None
+        self._read_bytes = 0
         self._load()
 
     def _load(self) -> None:
@@ -122,15 +124,21 @@ class TorchCheckpoint(Checkpoint):
         return TensorInfo(tuple(t.shape), t.dtype)
 
     def tensor(self, name: str) -> torch.Tensor:
-        return self._source.tensors[name]
+        t = self._source.tensors[name]
+        # Pages of the memory-mapped file stay resident while the loaded dict lives: drop it every
+        # RELOAD_BYTES read (the tensor handed out keeps its own pages) so memory does not grow with the run.
+        self._read_bytes += t.numel() * t.element_size()
+        if self._read_bytes >= RELOAD_BYTES:
+            self.release()
+        return t
 
     def files(self) -> list[Path]:
         return [self.ref.path]
 
     def optimizer(self) -> OptimizerState | None:
+        names = self.names()  # (re)loads the file if it was released
         if self._opt_raw is None:
             return None
-        names = self.names()
         state, problem = map_optimizer_state(self._opt_raw, names, {n: self.info(n) for n in names}, source=self.ref.path)
         if problem:
             self.warnings.append(problem)
@@ -139,6 +147,7 @@ class TorchCheckpoint(Checkpoint):
     def release(self) -> None:
         # Dropping the loaded dict unmaps its pages; the next access maps the file again.
         self._obj = self._src = self._opt_raw = None
+        self._read_bytes = 0
 
     @property
     def _source(self) -> StateDictSource:
