@@ -1,23 +1,32 @@
 #!/usr/bin/env python
-"""Benchmark: streamed update anatomy (ckptforce) against whole-file ``safetensors.torch.load_file``.
+"""Benchmark: streamed update anatomy (ckptforce) against loading whole files (``safetensors.torch.load_file``,
+or ``torch.load`` with ``--format pt``).
 
 What is compared (both compute the same per-tensor statistics with ``ckptforce.updates.delta_stats``):
 
 * streaming   ``update_anatomy(open_run(run_dir), optimizer=False)``: tensor-major, each tensor read lazily
-              from every checkpoint in turn.
-* whole-file  the naive way: for each consecutive pair of checkpoints, ``load_file`` BOTH files whole, then
+              from every checkpoint in turn (ckptforce detects the layout itself).
+* whole-file  the naive way: for each consecutive pair of checkpoints, load BOTH files whole, then
               ``delta_stats`` per tensor, keeping the previous interval's dict of deltas for the cosine.
+              ``--format safetensors``: ``load_file``; ``--format pt``: ``torch.load(path, map_location="cpu",
+              weights_only=True)`` (no mmap), taking the state dict under ``"model"``.
 
-Setup: a synthetic, seeded fp32 run of ``--checkpoints`` files ``model_step{100k}.safetensors`` (k = 1..N) with
-a GPT-2-like mix of shapes, built once under ``--workdir`` and reused while the files are intact. Every file
-is read once before measuring, so both methods read from the page cache. Each measurement runs in a fresh
+Setup: a synthetic, seeded fp32 run of ``--checkpoints`` files (k = 1..N) with a GPT-2-like mix of shapes, built
+once and reused while the files are intact:
+
+* ``--format safetensors`` (default): ``model_step{100k}.safetensors``, under ``--workdir`` (WORKDIR/run);
+* ``--format pt``: nanoGPT-style ``torch.save({"model": state_dict, "iter_num": 100k}, "ckpt_{100k:06d}.pt")``,
+  same tensors, sizes and seed, under WORKDIR/pt (WORKDIR/pt/run), so the two formats' caches don't clash.
+
+Every file is read once before measuring, so both methods read from the page cache. Each measurement runs in a fresh
 subprocess (clean peak RSS); the peak RSS of a subprocess that only imports torch + ckptforce + safetensors is
 subtracted to give "above import" figures.
 
 Throughput, identical for both methods: bytes covered = (N − 1) intervals × 2 × file size (each interval
 needs θ_t and θ_{t+1}), divided by the best wall time of ``--repeat`` runs. GB = 1e9 bytes, MiB = 2**20.
 
-Run from the repository root:  python bench/updates.py  [--checkpoints 3] [--size-mb 256] [--repeat 3]
+Run from the repository root:  python bench/updates.py  [--format {safetensors,pt}] [--checkpoints 3] [--size-mb 256]
+[--repeat 3]
 """
 
 from __future__ import annotations
@@ -41,6 +50,9 @@ FORMAT_VERSION = 1  # bump when the synthetic run changes, so cached files are r
 MARKER = "BENCH_RESULT "
 
 HIDDEN, FFN, VOCAB, CONTEXT = 1024, 4096, 8192, 1024
+FORMATS = ("safetensors", "pt")
+LAYOUT_OF = {"safetensors": "safetensors", "pt": "torch"}  # the layout ckptforce must detect for each format
+BASELINE_NAME = {"safetensors": "load_file", "pt": "torch.load"}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -76,8 +88,22 @@ def model_shapes(target_bytes: int) -> list[tuple[str, tuple[int, ...]]]:
     return shapes
 
 
-def ckpt_files(run_dir: Path, n: int) -> list[Path]:
+def ckpt_files(run_dir: Path, n: int, fmt: str = "safetensors") -> list[Path]:
+    if fmt == "pt":  # nanoGPT-style names
+        return [run_dir / f"ckpt_{100 * k:06d}.pt" for k in range(1, n + 1)]
     return [run_dir / f"model_step{100 * k}.safetensors" for k in range(1, n + 1)]
+
+
+def format_workdir(workdir: Path, fmt: str) -> Path:
+    """Where a format's run, manifest and profiles live: WORKDIR itself for safetensors (as before), WORKDIR/pt."""
+    return workdir if fmt == "safetensors" else workdir / fmt
+
+
+def _want(fmt: str, n: int, size_mb: int, seed: int) -> dict:
+    want = {"format": FORMAT_VERSION, "checkpoints": n, "size_mb": size_mb, "seed": seed}
+    if fmt != "safetensors":  # safetensors manifests keep their old shape, so existing caches stay valid
+        want["file_format"] = fmt
+    return want
 
 
 def _manifest_ok(workdir: Path, files: list[Path], want: dict) -> bool:
@@ -89,26 +115,27 @@ def _manifest_ok(workdir: Path, files: list[Path], want: dict) -> bool:
     return (
         manifest.get("params") == want
         and all(f.is_file() and f.stat().st_size == sizes.get(f.name) for f in files)
-        and sorted(p.name for p in (workdir / "run").glob("*.safetensors")) == sorted(f.name for f in files)
+        # nothing else in the run directory: a stray file could change the layout ckptforce detects
+        and sorted(p.name for p in (workdir / "run").iterdir()) == sorted(f.name for f in files)
     )
 
 
-def ensure_run(workdir: Path, n: int, size_mb: int, seed: int) -> list[Path]:
+def ensure_run(workdir: Path, n: int, size_mb: int, seed: int, fmt: str = "safetensors") -> list[Path]:
     """Reuse the synthetic run when its files are intact, else build it in a subprocess.
 
     The build holds ~3 checkpoints in memory; doing it in this (driver) process would raise the driver's peak
     RSS, and on Linux a child's ru_maxrss starts from its parent's peak (it is carried across fork/exec), which
     would swamp every worker's measurement. So the driver never imports torch.
     """
-    files = ckpt_files(workdir / "run", n)
-    want = {"format": FORMAT_VERSION, "checkpoints": n, "size_mb": size_mb, "seed": seed}
+    files = ckpt_files(workdir / "run", n, fmt)
+    want = _want(fmt, n, size_mb, seed)
     if _manifest_ok(workdir, files, want):
         print(f"[setup] reusing the synthetic run in {workdir / 'run'} ({n} files)", flush=True)
         return files
-    print(f"[setup] building {n} checkpoints of ~{size_mb} MiB in {workdir / 'run'} (seed {seed})", flush=True)
+    print(f"[setup] building {n} {fmt} checkpoints of ~{size_mb} MiB in {workdir / 'run'} (seed {seed})", flush=True)
     t0 = time.perf_counter()
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "build", "--workdir", str(workdir),
-           "--checkpoints", str(n), "--size-mb", str(size_mb), "--seed", str(seed)]  # fmt: skip
+           "--checkpoints", str(n), "--size-mb", str(size_mb), "--seed", str(seed), "--format", fmt]  # fmt: skip
     proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900)
     if proc.returncode != 0 or not _manifest_ok(workdir, files, want):
         sys.stderr.write(proc.stdout + proc.stderr)
@@ -117,14 +144,17 @@ def ensure_run(workdir: Path, n: int, size_mb: int, seed: int) -> list[Path]:
     return files
 
 
-def build_run(workdir: Path, n: int, size_mb: int, seed: int) -> None:
-    """Write the synthetic run and its manifest (runs in the ``build`` worker)."""
+def build_run(workdir: Path, n: int, size_mb: int, seed: int, fmt: str = "safetensors") -> None:
+    """Write the synthetic run and its manifest (runs in the ``build`` worker).
+
+    ``workdir`` is the format's own folder (``format_workdir``). The tensors are the same for both formats.
+    """
     import torch
     from safetensors.torch import save_file
 
     run_dir = workdir / "run"
-    files = ckpt_files(run_dir, n)
-    want = {"format": FORMAT_VERSION, "checkpoints": n, "size_mb": size_mb, "seed": seed}
+    files = ckpt_files(run_dir, n, fmt)
+    want = _want(fmt, n, size_mb, seed)
     run_dir.mkdir(parents=True, exist_ok=True)
     (workdir / "manifest.json").unlink(missing_ok=True)
     for stale in run_dir.iterdir():  # only this benchmark writes here (bench/out is git-ignored)
@@ -152,7 +182,10 @@ def build_run(workdir: Path, n: int, size_mb: int, seed: int) -> None:
                 momentum[name] = d
                 t.add_(d)
         tmp = path.with_name(path.name + ".partial")
-        save_file(theta, str(tmp), metadata={"format": "pt", "step": str(100 * (k + 1))})
+        if fmt == "pt":  # nanoGPT's layout (its checkpoints also hold optimizer/model_args; not needed here)
+            torch.save({"model": theta, "iter_num": 100 * (k + 1)}, str(tmp))
+        else:
+            save_file(theta, str(tmp), metadata={"format": "pt", "step": str(100 * (k + 1))})
         tmp.replace(path)
     manifest = {"params": want, "sizes": {f.name: f.stat().st_size for f in files}, "tensors": len(shapes)}
     (workdir / "manifest.json").write_text(json.dumps(manifest, indent=1))
@@ -202,24 +235,37 @@ def _imports():
 
 
 def _step_of(path: Path) -> int:
-    return int(re.search(r"step(\d+)", path.name).group(1))
+    return int(re.search(r"(?:step|ckpt_)(\d+)", path.name).group(1))
 
 
 def _streaming(run_dir: Path, open_run, update_anatomy, delta_stats):
     run = open_run(run_dir)
     anatomy = update_anatomy(run, optimizer=False)
-    return [s for iv in anatomy.intervals for s in iv.tensors.values()], len(anatomy.intervals)
+    return [s for iv in anatomy.intervals for s in iv.tensors.values()], len(anatomy.intervals), run.layout
 
 
 def _wholefile(run_dir: Path, open_run, update_anatomy, delta_stats):
     from safetensors.torch import load_file
 
     files = sorted(run_dir.glob("*.safetensors"), key=_step_of)
+    return *_pairwise(files, lambda f: load_file(str(f)), delta_stats), "whole-file load_file"
+
+
+def _wholefile_pt(run_dir: Path, open_run, update_anatomy, delta_stats):
+    import torch
+
+    files = sorted(run_dir.glob("*.pt"), key=_step_of)
+    load = lambda f: torch.load(f, map_location="cpu", weights_only=True)["model"]  # noqa: E731  (no mmap)
+    return *_pairwise(files, load, delta_stats), "whole-file torch.load"
+
+
+def _pairwise(files: list[Path], load, delta_stats):
+    """Load both files of each consecutive pair whole, then ``delta_stats`` per tensor."""
     stats = []
     prev = None  # previous interval's {name: delta}
     for a, b in zip(files, files[1:]):
-        before = load_file(str(a))
-        after = load_file(str(b))
+        before = load(a)
+        after = load(b)
         deltas = {}
         for name, t in before.items():
             s, d = delta_stats(t, after[name], None if prev is None else prev[name])
@@ -230,7 +276,8 @@ def _wholefile(run_dir: Path, open_run, update_anatomy, delta_stats):
     return stats, len(files) - 1
 
 
-METHODS = {"streaming": _streaming, "wholefile": _wholefile}
+METHODS = {"streaming": _streaming, "wholefile": _wholefile}  # --format safetensors
+METHODS_PT = {"streaming": _streaming, "wholefile": _wholefile_pt}  # --format pt
 
 
 def _checksums(stats) -> dict[str, float]:
@@ -246,19 +293,20 @@ def _checksums(stats) -> dict[str, float]:
     }
 
 
-def worker(method: str, run_dir: Path, profile_out: str | None) -> None:
+def worker(method: str, run_dir: Path, profile_out: str | None, fmt: str = "safetensors") -> None:
     t_imp = time.perf_counter()
     mods = _imports()
     import torch
 
     out = {
         "method": method,
+        "format": fmt,
         "import_s": time.perf_counter() - t_imp,
         "maxrss_after_import_kib": _maxrss_kib(),
         "torch_threads": torch.get_num_threads(),
     }
     if method != "import":
-        fn = METHODS[method]
+        fn = (METHODS_PT if fmt == "pt" else METHODS)[method]
         ru0 = resource.getrusage(resource.RUSAGE_SELF)
         if profile_out:
             import cProfile
@@ -267,7 +315,7 @@ def worker(method: str, run_dir: Path, profile_out: str | None) -> None:
 
             prof = cProfile.Profile()
             t0 = time.perf_counter()
-            stats, intervals = prof.runcall(fn, run_dir, *mods[1:])
+            stats, intervals, layout = prof.runcall(fn, run_dir, *mods[1:])
             wall = time.perf_counter() - t0
             prof.dump_stats(profile_out + ".prof")
             text = io.StringIO()
@@ -277,7 +325,7 @@ def worker(method: str, run_dir: Path, profile_out: str | None) -> None:
             Path(profile_out + ".txt").write_text(text.getvalue())
         else:
             t0 = time.perf_counter()
-            stats, intervals = fn(run_dir, *mods[1:])
+            stats, intervals, layout = fn(run_dir, *mods[1:])
             wall = time.perf_counter() - t0
         ru1 = resource.getrusage(resource.RUSAGE_SELF)
         out.update(
@@ -287,6 +335,7 @@ def worker(method: str, run_dir: Path, profile_out: str | None) -> None:
             minflt=ru1.ru_minflt - ru0.ru_minflt,
             majflt=ru1.ru_majflt - ru0.ru_majflt,
             intervals=intervals,
+            layout=layout,
             checksums=_checksums(stats),
         )
     out["maxrss_kib"] = _maxrss_kib()
@@ -304,8 +353,9 @@ def _env() -> dict[str, str]:
     return env
 
 
-def run_worker(method: str, run_dir: Path, profile_out: Path | None = None) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", method, "--workdir", str(run_dir.parent)]
+def run_worker(method: str, run_dir: Path, profile_out: Path | None = None, fmt: str = "safetensors") -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", method, "--workdir", str(run_dir.parent),
+           "--format", fmt]  # fmt: skip
     if profile_out is not None:
         cmd += ["--profile-out", str(profile_out)]
     proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900)
@@ -330,8 +380,9 @@ def main(argv: list[str] | None = None) -> int:
         prog="bench/updates.py",
         description=(
             "Throughput and peak memory of ckptforce's streamed Δθ statistics (update_anatomy) against the naive "
-            "way (safetensors.torch.load_file of both whole files per consecutive pair, then the same delta_stats "
-            "per tensor). Builds a seeded synthetic fp32 GPT-2-like run once, warms the page cache, then runs "
+            "way (safetensors.torch.load_file, or torch.load(weights_only=True) with --format pt, of both whole "
+            "files per consecutive pair, then the same delta_stats per tensor). Builds a seeded synthetic fp32 "
+            "GPT-2-like run once, warms the page cache, then runs "
             "each method --repeat times, each run in a fresh subprocess, and reports the best time and the peak "
             "RSS (raw and above an import-only subprocess)."
         ),
@@ -341,13 +392,20 @@ def main(argv: list[str] | None = None) -> int:
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    ap.add_argument(
+        "--format", choices=FORMATS, default="safetensors", dest="fmt",
+        help="checkpoint files of the synthetic run: model_step{N}.safetensors, or nanoGPT-style torch.save dicts "
+        "{'model': state_dict, 'iter_num': N} in ckpt_{N:06d}.pt (kept under WORKDIR/pt); the baseline loads them "
+        "with load_file or torch.load respectively",
+    )  # fmt: skip
     ap.add_argument("--checkpoints", type=int, default=3, metavar="N", help="number of checkpoints (N − 1 intervals)")
     ap.add_argument("--size-mb", type=int, default=256, metavar="MB", help="size of each checkpoint in MiB (≥ 200 advised)")
     ap.add_argument("--repeat", type=int, default=3, metavar="R", help="runs per method; the best time is reported")
     ap.add_argument("--seed", type=int, default=0, help="seed of the synthetic run")
     ap.add_argument(
         "--workdir", type=Path, default=DEFAULT_WORKDIR,
-        help="where the synthetic run (WORKDIR/run), its manifest and profiles are kept; rebuilt only when stale",
+        help="where the synthetic run (WORKDIR/run; WORKDIR/pt/run with --format pt), its manifest and profiles "
+        "are kept; rebuilt only when stale",
     )  # fmt: skip
     ap.add_argument(
         "--profile", action="store_true",
@@ -359,19 +417,22 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     workdir = args.workdir if args.workdir.is_absolute() else (Path.cwd() / args.workdir)
-    if args.worker == "build":
-        build_run(workdir, args.checkpoints, args.size_mb, args.seed)
+    fmt = args.fmt
+    if args.worker == "build":  # workers are handed the format's own folder
+        build_run(workdir, args.checkpoints, args.size_mb, args.seed, fmt)
         return 0
     if args.worker:
-        worker(args.worker, workdir / "run", args.profile_out)
+        worker(args.worker, workdir / "run", args.profile_out, fmt)
         return 0
+    workdir = format_workdir(workdir, fmt)
+    baseline = BASELINE_NAME[fmt]
     if args.checkpoints < 2:
         ap.error("--checkpoints must be at least 2 (one interval)")
     if args.repeat < 1:
         ap.error("--repeat must be at least 1")
 
     t_start = time.perf_counter()
-    files = ensure_run(workdir, args.checkpoints, args.size_mb, args.seed)
+    files = ensure_run(workdir, args.checkpoints, args.size_mb, args.seed, fmt)
     run_dir = workdir / "run"
     file_bytes = [f.stat().st_size for f in files]
     size = file_bytes[0]
@@ -385,12 +446,13 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     print(
-        f"[setup] {intervals} intervals, {covered / 1e9:.3f} GB covered per run (2 × {size / MIB:.1f} MiB per interval); "
+        f"[setup] {fmt} files, {intervals} intervals, {covered / 1e9:.3f} GB covered per run "
+        f"(2 × {size / MIB:.1f} MiB per interval); whole-file baseline: {baseline}; "
         f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}",
         flush=True,
     )
 
-    imports = [run_worker("import", run_dir) for _ in range(args.repeat)]
+    imports = [run_worker("import", run_dir, fmt=fmt) for _ in range(args.repeat)]
     base_kib = min(r["maxrss_kib"] for r in imports)
     print(
         f"[import] torch+safetensors+ckptforce only: peak RSS {base_kib / 1024:.0f} MiB (min of {len(imports)}; "
@@ -402,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, list[dict]] = {"streaming": [], "wholefile": []}
     for r in range(args.repeat):
         for method in ("streaming", "wholefile") if r % 2 == 0 else ("wholefile", "streaming"):  # interleaved
-            res = run_worker(method, run_dir)
+            res = run_worker(method, run_dir, fmt=fmt)
             runs[method].append(res)
             print(
                 f"[run {r + 1}/{args.repeat}] {method:9s} wall {res['wall_s']:6.3f} s  user {res['user_s']:6.2f} s  "
@@ -413,6 +475,9 @@ def main(argv: list[str] | None = None) -> int:
             )
 
     s_sum, w_sum = runs["streaming"][0]["checksums"], runs["wholefile"][0]["checksums"]
+    detected = {r["layout"] for r in runs["streaming"]}
+    if detected != {LAYOUT_OF[fmt]}:
+        raise SystemExit(f"ckptforce read the {fmt} run as layout {sorted(detected)}, expected {LAYOUT_OF[fmt]!r}")
     for method, rs in runs.items():  # each method agrees with itself across repeats
         for other in rs[1:]:
             bad = check_agree(rs[0]["checksums"], other["checksums"], rel=1e-9)
@@ -424,14 +489,15 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"[check] both methods agree to rel 1e-5: {int(s_sum['stats'])} tensor-interval statistics, "
         f"Σ‖Δθ‖ = {s_sum['sum_update_norm']:.6f} (whole-file {w_sum['sum_update_norm']:.6f}), "
-        f"Σ‖θ‖ = {s_sum['sum_param_norm']:.4f}, Σcos = {s_sum['sum_update_cos']:.4f}, Σzero_frac = {s_sum['sum_zero_frac']:.4f}",
+        f"Σ‖θ‖ = {s_sum['sum_param_norm']:.4f}, Σcos = {s_sum['sum_update_cos']:.4f}, Σzero_frac = {s_sum['sum_zero_frac']:.4f}; "
+        f"ckptforce detected layout {LAYOUT_OF[fmt]!r}",
         flush=True,
     )
 
     if args.profile:
         for method in ("streaming", "wholefile"):
             out = workdir / f"profile_{method}"
-            res = run_worker(method, run_dir, profile_out=out)
+            res = run_worker(method, run_dir, profile_out=out, fmt=fmt)
             print(f"\n[profile] {method}: wall {res['wall_s']:.3f} s under cProfile; full stats in {out}.prof / {out}.txt")
             print(Path(str(out) + ".txt").read_text())
 
@@ -453,7 +519,7 @@ def main(argv: list[str] | None = None) -> int:
         f"total bench time {time.perf_counter() - t_start:.0f} s"
     )
     print(
-        f"streaming Δθ: {gbps['streaming']:.2f} GB/s  whole-file load_file: {gbps['wholefile']:.2f} GB/s  "
+        f"streaming Δθ: {gbps['streaming']:.2f} GB/s  whole-file {baseline}: {gbps['wholefile']:.2f} GB/s  "
         f"throughput ratio (streaming / whole-file): {gbps['streaming'] / gbps['wholefile']:.2f}  (goal ≥ 0.9)"
     )
     ratio = above["streaming"] / above["wholefile"] if above["wholefile"] > 0 else math.nan

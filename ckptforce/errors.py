@@ -34,3 +34,15 @@ class CheckpointMismatchError(CkptforceError, ValueError):
 
 class StepError(CkptforceError, ValueError):
     """Step numbers are ambiguous (for example two checkpoints claim the same step)."""
+
+
+class ProbeFileError(CkptforceError, ValueError):
+    """A probe file is missing, malformed, or does not fit the model (a response longer than its context)."""
+
+
+class ProbeFileNotFoundError(ProbeFileError, FileNotFoundError):
+    """The probe file given does not exist."""
+
+
+class TokenizerError(CkptforceError, ValueError):
+    """Probe text needs a tokenizer and none was found, or the one found cannot be loaded."""

@@ -121,6 +121,11 @@ class Checkpoint(abc.ABC):
         """The saved optimizer state mapped to tensor names, or None when none was saved."""
         return None
 
+    def model_args(self) -> dict | None:
+        """The model's construction arguments saved with the weights (HF config.json, nanoGPT model_args,
+        Lightning hyper_parameters), or None."""
+        return None
+
     def lr_log(self) -> list[tuple[int, float]]:
         """(step, learning rate) pairs the trainer logged, when it keeps such a log."""
         return []

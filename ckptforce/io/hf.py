@@ -108,6 +108,9 @@ class HfCheckpoint(Checkpoint):
         f = self.folder / "config.json"
         return read_json(f) if f.is_file() else {}
 
+    def model_args(self) -> dict | None:
+        return self.config or None
+
     def lr_log(self) -> list[tuple[int, float]]:
         return [
             (int(e["step"]), float(e["learning_rate"]))

@@ -144,6 +144,14 @@ class TorchCheckpoint(Checkpoint):
             self.warnings.append(problem)
         return state
 
+    def model_args(self) -> dict | None:
+        self.names()  # (re)loads the file if it was released
+        obj = self._obj if isinstance(self._obj, dict) else {}
+        for key in ("model_args", "hyper_parameters", "config", "args"):
+            if isinstance(obj.get(key), dict):
+                return dict(obj[key])
+        return None
+
     def release(self) -> None:
         # Dropping the loaded dict unmaps its pages; the next access maps the file again.
         self._obj = self._src = self._opt_raw = None

@@ -1,0 +1,28 @@
+"""Forces on probes as pure functions: (model function, params, batch, direction) in, tensors out.
+
+No file I/O and no module state here: the model function comes from ``ckptforce.model`` (``BoundModel.logits``),
+batches from ``ckptforce.probes``, parameters and directions from the checkpoints.
+
+    observe(fn, θ, batch)                      log π per token and summed, y*, entropy, top-1, ‖A‖_F²
+    delta_lin(fn, θ, batch, Δθ)                A·J·Δθ by one batched JVP (or double VJP)
+    contributions_by_tensor(fn, θ, batch, Δθ)  the same split by parameter tensor (per-row gradients)
+    delta_path(fn, θ, batch, Δθ, nodes=n)      ∫₀¹ A J(θ + sΔθ) Δθ ds by Gauss–Legendre quadrature
+"""
+
+from .linear import (
+    LinearChange,
+    PathChange,
+    contributions_by_tensor,
+    delta_lin,
+    delta_path,
+    dlogp_from_dlogits,
+    gauss_legendre,
+    jvp_logits,
+    remainder_ratio,
+)
+from .observe import Observed, observe, observe_logits
+
+__all__ = [
+    "LinearChange", "Observed", "PathChange", "contributions_by_tensor", "delta_lin", "delta_path",
+    "dlogp_from_dlogits", "gauss_legendre", "jvp_logits", "observe", "observe_logits", "remainder_ratio",
+]  # fmt: skip

@@ -1,0 +1,209 @@
+"""Model binding: a checkpoint's tensors -> a pure function ``logits(params, batch)``.
+
+The module is built once (a skeleton holding the structure and buffers); every checkpoint is then evaluated
+through ``torch.func.functional_call`` with its own parameter dict, so nothing is rebuilt per checkpoint and
+forward-mode AD (``torch.func.jvp``) composes with it. Two sources:
+
+* a Hugging Face model from the run's ``config.json`` (the default when there is one), offline, built with
+  ``attn_implementation="eager"`` — SDPA / flash kernels implement neither forward-mode AD nor a second
+  derivative (measured: both fail on CPU), eager attention does both;
+* any PyTorch model through ``--model package.module:factory``; the factory is called with the model
+  arguments saved in the checkpoint (nanoGPT ``model_args``, Lightning ``hyper_parameters``) when it takes
+  an argument. Such models run under ``sdpa_kernel(MATH)`` so ``F.scaled_dot_product_attention`` inside
+  them is differentiable both ways.
+
+A PEFT adapter is bound over a local base model (``--base-model``): W = W_base + scale·BA.
+
+``BoundModel.logits`` returns (B, T, V) for language models and (B, 1, V) for classifiers (one "position"),
+so the force code treats both alike.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import inspect
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from .discover import CheckpointRef
+from .errors import CkptforceError
+from .io import Checkpoint
+from .io.base import describe_keys
+from .io.hf import HfLayout
+
+
+class ModelBindError(CkptforceError, ValueError):
+    """The model cannot be built, or a checkpoint's tensors do not fit it."""
+
+
+@dataclass
+class BoundModel:
+    """A model skeleton and how to evaluate it on a parameter dict."""
+
+    module: nn.Module
+    kind: str  # "lm" or "classifier"
+    source: str  # "hf-config:<path>" or "factory:<spec>"
+    attention: str  # how attention is evaluated: "eager", "sdpa (math kernel)", or "none"
+    context: int | None = None  # longest sequence the model takes (n_positions), when known
+    base: dict[str, torch.Tensor] = field(default_factory=dict)  # PEFT: the base weights under the adapter
+    _takes_mask: bool = True
+
+    @property
+    def param_names(self) -> list[str]:
+        return [n for n, _ in self.module.named_parameters()]
+
+    def logits(self, params: dict[str, torch.Tensor], batch) -> torch.Tensor:
+        """Logits of ``batch`` under ``params``: (B, T, V) for a language model, (B, 1, V) for a classifier."""
+        with _math_attention():
+            if self.kind == "classifier":
+                out = functional_call(self.module, params, (batch.x,))
+                return _as_logits(out).unsqueeze(1)  # (B, 1, V)
+            kwargs = {"attention_mask": batch.attention_mask} if self._takes_mask else {}
+            out = functional_call(self.module, params, (batch.input_ids,), kwargs)
+            return _as_logits(out)  # (B, T, V)
+
+    def params_from(self, ckpt: Checkpoint, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        """The checkpoint's tensors as this module's parameter dict (floating tensors cast to ``dtype``)."""
+        own = dict(self.module.named_parameters())
+        buffers = dict(self.module.named_buffers())
+        names = ckpt.names()
+        if ckpt.layout == "peft":
+            return self._peft_params(ckpt, own, device, dtype)
+        unknown = [n for n in names if n not in own and n not in buffers]
+        missing = [n for n in own if n not in names and n not in ckpt.aliases]
+        if unknown or missing:
+            what = f"{describe_keys(missing)} missing from the checkpoint" if missing else f"{describe_keys(unknown)} not in the model"
+            raise ModelBindError(f"{ckpt.path}: its tensors do not fit the model from {self.source} ({what}); pass the right --model")
+        out = {}
+        for n in names:
+            t = ckpt.tensor(n)
+            if own.get(n) is not None and tuple(own[n].shape) != tuple(t.shape):
+                raise ModelBindError(f"{ckpt.path}: tensor {n!r} has shape {list(t.shape)}, the model from {self.source} expects {list(own[n].shape)}")
+            out[n] = t.to(device=device, dtype=dtype if t.dtype.is_floating_point else t.dtype)
+        return out
+
+    def _peft_params(self, ckpt: Checkpoint, own: dict, device, dtype) -> dict[str, torch.Tensor]:
+        if not self.base:
+            raise ModelBindError(f"{ckpt.path}: a LoRA adapter needs its base model; pass --base-model DIR")
+        out = {n: t.to(device=device, dtype=dtype) for n, t in self.base.items()}
+        for n in ckpt.names():
+            if n not in out:
+                raise ModelBindError(f"{ckpt.path}: the adapter changes {n!r}, which the base model does not have")
+            out[n] = out[n] + ckpt.tensor(n).to(device=device, dtype=dtype)
+        return out
+
+
+def _as_logits(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if hasattr(out, "logits"):
+        return out.logits
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise ModelBindError(f"the model returned {type(out).__name__}; it must return logits (or an object with .logits)")
+
+
+@contextlib.contextmanager
+def _math_attention():
+    """Run F.scaled_dot_product_attention with its math kernel: the only one with forward-mode AD."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.MATH]):
+        yield
+
+
+def bind_hf(config_dir: Path, *, base_model: Path | None = None) -> BoundModel:
+    """A Hugging Face causal LM from ``config_dir/config.json``, built offline with eager attention."""
+    try:
+        import transformers
+    except ImportError as e:
+        raise ModelBindError("binding a Hugging Face model needs transformers: pip install 'ckptforce[hf]'") from e
+    cfg_file = config_dir / "config.json"
+    try:
+        cfg = transformers.AutoConfig.from_pretrained(config_dir, local_files_only=True)
+        with _quiet_transformers():
+            module = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
+    except Exception as e:  # noqa: BLE001 - transformers raises many kinds for an unknown config
+        raise ModelBindError(f"{cfg_file}: cannot build the model offline ({type(e).__name__}: {str(e).splitlines()[0][:160]}); pass --model package.module:factory") from e
+    module.eval().requires_grad_(False)
+    context = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
+    bound = BoundModel(module, "lm", f"hf-config:{cfg_file}", "eager", context)
+    if base_model is not None:
+        bound.base = _read_base(base_model)
+    return bound
+
+
+def _read_base(path: Path) -> dict[str, torch.Tensor]:
+    layout = HfLayout()
+    if layout.probe(path) is None:
+        raise ModelBindError(f"{path}: --base-model must be a Hugging Face model folder (config.json + model.safetensors)")
+    with layout.open(CheckpointRef(path, "hf", 0, "init")) as base:
+        return {n: base.tensor(n) for n in base.names()}
+
+
+def load_factory(spec: str) -> Callable[..., nn.Module]:
+    """``package.module:function`` -> the function; the current directory is importable, as for python -m."""
+    if ":" not in spec:
+        raise ModelBindError(f"--model {spec!r}: write it as package.module:function (a function that returns the nn.Module)")
+    mod_name, fn_name = spec.split(":", 1)
+    if "" not in sys.path and str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
+    try:
+        module = importlib.import_module(mod_name)
+    except Exception as e:  # noqa: BLE001 - the user's module may fail in any way on import
+        raise ModelBindError(f"--model {spec}: cannot import {mod_name} ({type(e).__name__}: {e}); check the name and that it is on PYTHONPATH") from e
+    fn = getattr(module, fn_name, None)
+    if not callable(fn):
+        raise ModelBindError(f"--model {spec}: {mod_name} has no function {fn_name!r}")
+    return fn
+
+
+def bind_factory(spec: str, *, kind: str = "lm", model_args: dict | None = None, context: int | None = None) -> BoundModel:
+    """A user's model: ``factory(model_args)`` when it takes an argument, else ``factory()``."""
+    fn = load_factory(spec)
+    takes_args = any(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL) for p in inspect.signature(fn).parameters.values())
+    try:
+        module = fn(model_args or {}) if takes_args else fn()
+    except Exception as e:  # noqa: BLE001
+        raise ModelBindError(f"--model {spec}: the factory failed ({type(e).__name__}: {e})") from e
+    if not isinstance(module, nn.Module):
+        raise ModelBindError(f"--model {spec}: the factory returned {type(module).__name__}, not a torch.nn.Module")
+    module.eval().requires_grad_(False)
+    forward = inspect.signature(module.forward).parameters
+    context = context or (model_args or {}).get("block_size") or (model_args or {}).get("n_positions")
+    return BoundModel(module, kind, f"factory:{spec}", "sdpa (math kernel)", context, _takes_mask="attention_mask" in forward)
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    import transformers
+
+    level = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers.logging.set_verbosity(level)
+
+
+def bind(ckpt: Checkpoint, *, model: str | None = None, kind: str = "lm", base_model: Path | None = None, run_root: Path | None = None) -> BoundModel:
+    """The model for a run: ``--model`` when given, else the Hugging Face config beside the checkpoint."""
+    if model:
+        return bind_factory(model, kind=kind, model_args=ckpt.model_args())
+    for folder in (ckpt.path if ckpt.path.is_dir() else ckpt.path.parent, run_root):
+        if folder is not None and (folder / "config.json").is_file():
+            if ckpt.layout == "peft":
+                if base_model is None:
+                    raise ModelBindError(f"{ckpt.path}: a LoRA adapter needs its base model; pass --base-model DIR")
+                return bind_hf(base_model, base_model=base_model)
+            return bind_hf(folder)
+    if ckpt.layout == "peft" and base_model is not None:
+        return bind_hf(base_model, base_model=base_model)
+    raise ModelBindError(f"{ckpt.path}: no config.json beside the checkpoint or at the run root; pass --model package.module:factory")

@@ -1,0 +1,538 @@
+"""Probe files in, validated and tokenised teacher-forcing batches out.
+
+Language-model probes (DESIGN §3) are JSONL, one object per line, checked against
+``schemas/probe_set.schema.json`` (the authority on the format)::
+
+    {"id": "q17", "prompt": "Q: where does Alice live?\\nA:", "split": "train",
+     "responses": {"chosen": " Alice lives in Paris.", "rejected": " Alice lives in Rome."}}
+
+* ``load_probe_set(path)``          file -> ``ProbeSet`` (``LmProbe`` per line); errors name file:line: field;
+* ``load_tokenizer(explicit, dirs)`` ``--tokenizer`` or the first checkpoint / run directory holding one;
+* ``tokenize(probe_set, tokenizer)`` -> ``TokenizedProbes``: prompt and each response tokenised separately,
+  so the prompt/response boundary is exact; ids given in the file are used as they are;
+* ``make_batch(tokenized, rows)``    -> ``TokenBatch``: right-padded [prompt ; response] rows with the
+  next-token targets of the response positions.
+
+Classification probes are arrays (``.npz`` / ``.pt`` / ``.safetensors``): ``load_class_probes(path)``.
+Every user-facing error is a ``ProbeFileError`` / ``TokenizerError`` with a one-line message.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from .errors import ProbeFileError, ProbeFileNotFoundError, TokenizerError
+
+#: Response types of the LLM paper, in the order reports group and colour them (DESIGN §3).
+RESPONSE_TYPES = ("chosen", "rejected", "rephrase_chosen", "rephrase_rejected", "format_chosen", "format_rejected",
+                  "other_trained", "other_untrained", "irrelevant", "shuffled", "random")  # fmt: skip
+#: Computed along ``chosen`` (the per-position teacher-forced argmax), never given in a file.
+ARGMAX = "argmax"
+#: Top-level fields of one probe line, in the order errors are reported.
+FIELDS = ("id", "prompt", "prompt_ids", "responses", "split", "group")
+SCHEMA_NAME = "probe_set.schema.json"
+_IDS_HINT = "pass --tokenizer DIR, or give token ids in the probe file (prompt_ids, responses as lists of ids)"
+
+
+@dataclass
+class LmProbe:
+    """One line of a probe file: a prompt (text or ids) and named responses (text or ids)."""
+
+    id: str
+    prompt: str | None  # text, or None when prompt_ids are given
+    prompt_ids: list[int] | None
+    responses: dict[str, str | list[int]]  # response type -> text or token ids
+    split: str | None = None  # e.g. "train" / "test"
+    group: str | None = None  # e.g. a domain, for forgetting statistics
+    line: int = 0  # 1-based line in the file, for messages
+
+
+@dataclass
+class ProbeSet:
+    path: Path
+    probes: list[LmProbe]
+
+    @property
+    def response_types(self) -> list[str]:
+        """Known types present (in ``RESPONSE_TYPES`` order), then unknown types in first-seen order."""
+        seen = dict.fromkeys(t for p in self.probes for t in p.responses)
+        return [t for t in RESPONSE_TYPES if t in seen] + [t for t in seen if t not in RESPONSE_TYPES]
+
+    def __len__(self) -> int:
+        return len(self.probes)
+
+
+# --- loading and validation -----------------------------------------------------------------------------
+
+
+def schema_path() -> Path:
+    """Where ``probe_set.schema.json`` lives: ``schemas/`` beside the package (source tree / editable install)."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here.parent / "schemas" / SCHEMA_NAME, here / "schemas" / SCHEMA_NAME):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"{SCHEMA_NAME} not found beside the package (looked in {here.parent / 'schemas'}, "
+                            f"{here / 'schemas'}); reinstall ckptforce from its source tree")  # fmt: skip
+
+
+@lru_cache(maxsize=1)
+def _validator():
+    import jsonschema
+
+    schema = json.loads(schema_path().read_text(encoding="utf-8"))
+    return jsonschema.Draft202012Validator(schema)
+
+
+def load_probe_set(path) -> ProbeSet:
+    """Read and validate a JSONL probe file: path in, ``ProbeSet`` out (one ``LmProbe`` per non-blank line).
+
+    Raises ``ProbeFileError`` with ``"{path}:{line}: {field}: {what is wrong}; {what to do}"`` for the first
+    problem found: bad JSON, a line the schema refuses (unknown field, empty response, prompt and prompt_ids
+    both or neither, ``argmax`` given), a repeated id, an empty file; ``ProbeFileNotFoundError`` when missing.
+    """
+    path = Path(path)
+    if not path.is_file():
+        what = "is a directory, not a probe file" if path.is_dir() else "no such file"
+        raise ProbeFileNotFoundError(f"{path}: {what}; give the JSONL file of probes (one JSON object per line)")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ProbeFileError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save the file as UTF-8") from e
+    validator = _validator()
+    probes: list[LmProbe] = []
+    first_line: dict[str, int] = {}
+    for number, raw in enumerate(text.split("\n"), start=1):
+        if not raw.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            obj = json.loads(raw, object_pairs_hook=_no_repeated_keys)
+        except json.JSONDecodeError as e:
+            raise ProbeFileError(f"{where}: not valid JSON ({e.msg} at column {e.colno}); "
+                                 "write one complete JSON object per line") from e  # fmt: skip
+        except _RepeatedKey as e:
+            raise ProbeFileError(f"{where}: key '{e.args[0]}' is given twice in one object; keep one") from None
+        errors = list(validator.iter_errors(obj))
+        if errors:
+            raise ProbeFileError(f"{where}: {_describe(min(errors, key=_rank), obj)}")
+        if obj["id"] in first_line:
+            raise ProbeFileError(f"{where}: id: '{obj['id']}' is already used on line {first_line[obj['id']]}; "
+                                 "give every probe a unique id")  # fmt: skip
+        first_line[obj["id"]] = number
+        probes.append(LmProbe(
+            id=obj["id"], prompt=obj.get("prompt"),
+            prompt_ids=[int(i) for i in obj["prompt_ids"]] if "prompt_ids" in obj else None,
+            responses={t: v if isinstance(v, str) else [int(i) for i in v] for t, v in obj["responses"].items()},
+            split=obj.get("split"), group=obj.get("group"), line=number,
+        ))  # fmt: skip
+    if not probes:
+        raise ProbeFileError(f"{path}: no probes (the file is empty); write one JSON object per line, e.g. "
+                             '{"id": "q1", "prompt": "Q: ...", "responses": {"chosen": " ..."}}')  # fmt: skip
+    return ProbeSet(path, probes)
+
+
+class _RepeatedKey(Exception):
+    pass
+
+
+def _no_repeated_keys(pairs: list[tuple[str, object]]) -> dict:
+    out: dict = {}
+    for k, v in pairs:
+        if k in out:
+            raise _RepeatedKey(k)
+        out[k] = v
+    return out
+
+
+def _rank(error) -> tuple:
+    """Most useful error first: not an object, a typo'd field, a missing field, prompt XOR prompt_ids, then
+    by field order (``FIELDS``) and depth. (``best_match`` ranks by depth only and descends into ``oneOf``.)"""
+    order = ("type", "additionalProperties", "required", "oneOf")
+    top = error.validator in order and not error.path
+    head = error.path[0] if error.path else ""
+    return (order.index(error.validator) if top else len(order),
+            FIELDS.index(head) if head in FIELDS else len(FIELDS), len(error.path))  # fmt: skip
+
+
+def _field(path) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _json_type(value) -> str:
+    for py, name in ((bool, "boolean"), (dict, "object"), (list, "array"), (str, "string"), (int, "integer")):
+        if isinstance(value, py):
+            return name
+    return "number" if isinstance(value, float) else "null"
+
+
+def _short(value) -> str:
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+_EXPECTED = {"string": "a string", "integer": "an integer token id", "array": "a list of token ids",
+             "object": "an object (response type -> text or token ids)"}  # fmt: skip
+
+
+def _describe(error, obj) -> str:
+    """One jsonschema error rewritten as ``{field}: {what is wrong}; {what to do}``."""
+    v, field, inst = error.validator, _field(error.path), error.instance
+    if v == "type" and not error.path:
+        return f"the line is a JSON {_json_type(inst)}, not an object; write one probe object per line"
+    if v == "additionalProperties":
+        extra = [k for k in inst if k not in FIELDS]
+        names = ", ".join(f"'{k}'" for k in extra)
+        msg = f"field {names} is not allowed (known: {', '.join(FIELDS)})"
+        close = difflib.get_close_matches(extra[0], FIELDS, n=1)
+        return msg + (f"; did you mean '{close[0]}'?" if close else "; remove it")
+    if v == "required":
+        missing = next(k for k in error.validator_value if k not in inst)
+        what = ("give every probe a unique string id" if missing == "id"
+                else 'give at least one response, e.g. "responses": {"chosen": " ..."}')  # fmt: skip
+        return f"{missing}: missing; {what}"
+    if v == "oneOf":
+        if "prompt" in obj and "prompt_ids" in obj:
+            return "prompt, prompt_ids: both given; give the prompt as text or as token ids, not both"
+        return 'prompt: missing; give the prompt as text ("prompt") or as token ids ("prompt_ids")'
+    if "propertyNames" in error.schema_path:
+        if inst == ARGMAX:
+            return (f"responses.{ARGMAX}: '{ARGMAX}' is computed along 'chosen', not given; "
+                    "remove it or rename the response type")  # fmt: skip
+        return "responses: a response type has an empty name; name every response type"
+    if v == "minLength":
+        what = {"id": "empty id; give every probe a unique string id",
+                "prompt": "empty prompt; give the prompt text (something must predict the first response token)"}
+        return f"{field}: " + what.get(field, "empty response; give the response text or remove the entry")
+    if v == "minItems":
+        what = "give at least one token id" + ("" if field == "prompt_ids" else " or remove the entry")
+        return f"{field}: empty token list; {what}"
+    if v == "minProperties":
+        return 'responses: no responses; give at least one, e.g. {"chosen": " ..."}'
+    if v == "minimum":
+        return f"{field}: {_short(inst)} is not a token id; token ids are non-negative integers"
+    if v == "type":
+        want = error.validator_value
+        want = "text or a list of token ids" if isinstance(want, list) else _EXPECTED.get(want, want)
+        return f"{field}: expected {want}, found {_json_type(inst)} {_short(inst)}; see schemas/{SCHEMA_NAME}"
+    return f"{field or 'line'}: {error.message}; see schemas/{SCHEMA_NAME}"
+
+
+# --- tokenizer --------------------------------------------------------------------------------------------
+
+
+def _holds_tokenizer(d: Path) -> bool:
+    return d.is_dir() and ((d / "tokenizer.json").is_file() or (d / "tokenizer_config.json").is_file())
+
+
+def load_tokenizer(explicit: Path | None, candidates: list[Path]):
+    """The tokenizer for probe text: ``explicit`` (``--tokenizer``: a directory, or a ``tokenizer.json`` file)
+    when given, else the first of ``candidates`` (checkpoint directory, run root) holding ``tokenizer.json``
+    or ``tokenizer_config.json``. Loaded offline with ``AutoTokenizer.from_pretrained(dir, local_files_only=True)``.
+
+    Raises ``TokenizerError`` listing the places looked when none is found or the one found cannot be loaded.
+    """
+    if explicit is not None:
+        explicit = Path(explicit)
+        if explicit.is_file() and explicit.suffix == ".json":
+            return _load_tokenizer_at(explicit)
+        if not _holds_tokenizer(explicit):
+            raise TokenizerError(f"--tokenizer {explicit}: no tokenizer.json or tokenizer_config.json there; "
+                                 "give the directory a tokenizer was saved to (save_pretrained), "
+                                 "or give token ids in the probe file")  # fmt: skip
+        return _load_tokenizer_at(explicit)
+    candidates = [Path(c) for c in candidates]
+    for d in candidates:
+        if _holds_tokenizer(d):
+            return _load_tokenizer_at(d)
+    looked = ", ".join(str(d) for d in candidates) or "nowhere: no directory was given"
+    raise TokenizerError(f"no tokenizer found (looked in: {looked}); {_IDS_HINT}")
+
+
+def _load_tokenizer_at(where: Path):
+    try:
+        if where.is_file():
+            from transformers import PreTrainedTokenizerFast
+
+            return PreTrainedTokenizerFast(tokenizer_file=str(where))
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(where), local_files_only=True)
+    except Exception as e:  # noqa: BLE001 -- any loader failure becomes one line for the user
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TokenizerError(f"{where}: the tokenizer there cannot be loaded ({first}); {_IDS_HINT}") from e
+
+
+# --- tokenisation and batches -----------------------------------------------------------------------------
+
+
+@dataclass
+class TokenizedProbes:
+    probe_set: ProbeSet
+    prompt_ids: list[list[int]]  # per probe
+    response_ids: list[dict[str, list[int]]]  # per probe: response type -> ids
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids)
+
+
+def tokenize(probe_set: ProbeSet, tokenizer=None, *, max_length: int | None = None) -> TokenizedProbes:
+    """Token ids for every prompt and response: ``ProbeSet`` (+ tokenizer) in, ``TokenizedProbes`` out.
+
+    Text goes through ``tokenizer(text, add_special_tokens=False)["input_ids"]``, the prompt and each response
+    separately (so the boundary is exact); ids given in the file are kept as they are. With ``max_length``
+    (the model's context) a prompt + response longer than it is an error: responses are never truncated.
+    """
+    prompts: list[list[int]] = []
+    responses: list[dict[str, list[int]]] = []
+    for p in probe_set.probes:
+        where = f"{probe_set.path}:{p.line}"
+        pids = p.prompt_ids if p.prompt_ids is not None else _encode(tokenizer, p.prompt, where, "prompt", p.id)
+        if not pids:
+            raise ProbeFileError(f"{where}: prompt: tokenizes to no tokens (probe '{p.id}'); give a prompt of at "
+                                 "least one token: something must predict the first response token")  # fmt: skip
+        rids: dict[str, list[int]] = {}
+        for rtype, r in p.responses.items():
+            field = f"responses.{rtype}"
+            ids = list(r) if isinstance(r, list) else _encode(tokenizer, r, where, field, p.id)
+            if not ids:
+                raise ProbeFileError(f"{where}: {field}: tokenizes to no tokens (probe '{p.id}'); "
+                                     "give text of at least one token, or token ids")  # fmt: skip
+            if max_length is not None and len(pids) + len(ids) > max_length:
+                raise ProbeFileError(
+                    f"{where}: {field}: probe '{p.id}' prompt + response is {len(pids) + len(ids)} tokens "
+                    f"({len(pids)} + {len(ids)}), the model's context is {max_length}; "
+                    "shorten it — responses are never truncated silently")  # fmt: skip
+            rids[rtype] = ids
+        prompts.append(list(pids))
+        responses.append(rids)
+    return TokenizedProbes(probe_set, prompts, responses)
+
+
+def _encode(tokenizer, text: str, where: str, field: str, probe_id: str) -> list[int]:
+    if tokenizer is None:
+        raise TokenizerError(f"{where}: {field}: probe '{probe_id}' is text and no tokenizer is known; {_IDS_HINT}")
+    return [int(i) for i in tokenizer(text, add_special_tokens=False)["input_ids"]]
+
+
+@dataclass
+class TokenBatch:
+    """Rows of teacher-forced sequences; row b is [prompt ; response] of one probe and one response type.
+
+    With prompt length Lp and response length Lr, the response tokens sit at positions Lp .. Lp+Lr-1, so the
+    logits at t = Lp-1 .. Lp+Lr-2 predict them: there ``target_mask`` is True and ``targets[b, t] =
+    input_ids[b, t+1]``. log π(y|x) of row b = Σ_t target_mask · log_softmax(logits)[b, t, targets[b, t]].
+    """
+
+    input_ids: torch.Tensor  # (B, T) long, right-padded with pad_id
+    attention_mask: torch.Tensor  # (B, T) long, 1 on real tokens
+    targets: torch.Tensor  # (B, T) long: next token where target_mask, else 0
+    target_mask: torch.Tensor  # (B, T) bool: True where the NEXT token is a response token
+    rows: list[tuple[int, str]]  # (probe index, response type) of each row
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def to(self, device) -> "TokenBatch":
+        """The same batch with every tensor on ``device``."""
+        return TokenBatch(self.input_ids.to(device), self.attention_mask.to(device), self.targets.to(device),
+                          self.target_mask.to(device), list(self.rows))  # fmt: skip
+
+    def select(self, index: list[int] | slice) -> "TokenBatch":
+        """Rows ``index`` (a list of row numbers or a slice), padding trimmed to the longest row kept."""
+        every = range(len(self.rows))
+        picked = list(every[index]) if isinstance(index, slice) else [every[int(i)] for i in index]  # IndexError
+        at = torch.tensor(picked, dtype=torch.long, device=self.input_ids.device)
+        mask = self.attention_mask.index_select(0, at)  # (b, T)
+        width = int(mask.sum(1).max()) if picked else 0
+        cut = lambda t: t.index_select(0, at)[:, :width]  # noqa: E731
+        return TokenBatch(cut(self.input_ids), mask[:, :width], cut(self.targets), cut(self.target_mask),
+                          [self.rows[i] for i in picked])  # fmt: skip
+
+
+def _types_in_order(tok: TokenizedProbes) -> list[str]:
+    """``probe_set.response_types``, then types only in ``response_ids`` (e.g. an ``argmax`` added later)."""
+    order = tok.probe_set.response_types
+    extra = dict.fromkeys(t for r in tok.response_ids for t in r if t not in order)
+    return order + list(extra)
+
+
+def make_batch(tok: TokenizedProbes, rows: list[tuple[int, str]] | None = None, *, pad_id: int = 0) -> TokenBatch:
+    """Pack (probe index, response type) rows into one right-padded ``TokenBatch``.
+
+    ``rows=None`` takes every response present, probe-major, types in ``response_types`` order.
+    """
+    if rows is None:
+        order = _types_in_order(tok)
+        rows = [(i, t) for i, r in enumerate(tok.response_ids) for t in order if t in r]
+    rows = [(int(i), t) for i, t in rows]
+    seqs: list[tuple[list[int], list[int]]] = []
+    for i, t in rows:
+        if not 0 <= i < len(tok.prompt_ids):
+            raise IndexError(f"row ({i}, {t!r}): probe index out of range (there are {len(tok.prompt_ids)} probes)")
+        if t not in tok.response_ids[i]:
+            raise KeyError(f"row ({i}, {t!r}): probe {i} has no response '{t}' (it has: "
+                           f"{', '.join(tok.response_ids[i])})")  # fmt: skip
+        if not tok.prompt_ids[i]:
+            p = tok.probe_set.probes[i]
+            raise ProbeFileError(f"{tok.probe_set.path}:{p.line}: prompt: probe '{p.id}' has no prompt tokens; "
+                                 "give at least one: something must predict the first response token")  # fmt: skip
+        seqs.append((tok.prompt_ids[i], tok.response_ids[i][t]))
+    B, T = len(seqs), max((len(p) + len(r) for p, r in seqs), default=0)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)  # (B, T)
+    attention_mask = torch.zeros((B, T), dtype=torch.long)  # (B, T)
+    targets = torch.zeros((B, T), dtype=torch.long)  # (B, T)
+    target_mask = torch.zeros((B, T), dtype=torch.bool)  # (B, T)
+    for b, (p, r) in enumerate(seqs):
+        lp, lr = len(p), len(r)
+        input_ids[b, : lp + lr] = torch.tensor(p + r, dtype=torch.long)
+        attention_mask[b, : lp + lr] = 1
+        targets[b, lp - 1 : lp + lr - 1] = torch.tensor(r, dtype=torch.long)
+        target_mask[b, lp - 1 : lp + lr - 1] = True
+    return TokenBatch(input_ids, attention_mask, targets, target_mask, rows)
+
+
+# --- classification probes --------------------------------------------------------------------------------
+
+CLASS_KEYS = ("x", "y", "labels", "soft", "flipped", "ids")
+CLASS_SUFFIXES = (".npz", ".pt", ".pth", ".safetensors")
+
+
+@dataclass
+class ClassProbeSet:
+    path: Path
+    x: torch.Tensor  # (N, ...) float32 inputs
+    labels: torch.Tensor  # (N,) long
+    soft: torch.Tensor | None  # (N, V) float32, rows sum to 1
+    flipped: torch.Tensor | None  # (N,) bool
+    ids: list[str]  # given ("ids") or "0".."N-1"
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def load_class_probes(path) -> ClassProbeSet:
+    """Classification probes from ``.npz`` / ``.pt`` / ``.safetensors``: keys ``x`` (N, ...), ``y`` or ``labels``
+    (N,) integers ≥ 0, optional ``soft`` (N, V) rows summing to 1, ``flipped`` (N,) bool, ``ids`` (N strings;
+    ``.npz`` and ``.pt`` only). Raises ``ProbeFileError`` naming the file and the key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ProbeFileNotFoundError(f"{path}: no such file; give the array file of classification probes")
+    if path.suffix not in CLASS_SUFFIXES:
+        raise ProbeFileError(f"{path}: unknown format '{path.suffix}'; save the probes as {', '.join(CLASS_SUFFIXES)}")
+    raw = _read_arrays(path)
+    bad = [k for k in raw if k not in CLASS_KEYS]
+    if bad:
+        raise ProbeFileError(f"{path}: key '{bad[0]}' is not known (known: {', '.join(CLASS_KEYS)}); rename or drop it")
+    if "x" not in raw:
+        raise ProbeFileError(f"{path}: x: missing (found: {', '.join(raw) or 'nothing'}); store the inputs under 'x'")
+    if "y" in raw and "labels" in raw:
+        raise ProbeFileError(f"{path}: y, labels: both given; store the labels once, under 'y'")
+    label_key = "y" if "y" in raw else "labels"
+    if label_key not in raw:
+        raise ProbeFileError(f"{path}: y: missing (found: {', '.join(raw)}); store the labels under 'y'")
+    x = _numeric(path, "x", raw["x"])
+    if x.dim() == 0 or len(x) == 0:
+        raise ProbeFileError(f"{path}: x: no probes (shape {tuple(x.shape)}); store inputs as (N, ...) with N ≥ 1")
+    n = len(x)
+    labels = _numeric(path, label_key, raw[label_key])
+    _check_len(path, label_key, labels, n, 1)
+    if labels.is_floating_point() and not bool((labels == labels.round()).all()):
+        raise ProbeFileError(f"{path}: {label_key}: labels are not integers ({labels.dtype}); store class indices")
+    labels = labels.long()
+    if bool((labels < 0).any()):
+        i = int((labels < 0).nonzero()[0])
+        raise ProbeFileError(f"{path}: {label_key}[{i}]: negative label {int(labels[i])}; "
+                             "labels are class indices ≥ 0")  # fmt: skip
+    soft = flipped = None
+    if "soft" in raw:
+        soft = _numeric(path, "soft", raw["soft"]).float()
+        _check_len(path, "soft", soft, n, 2)
+        sums = soft.double().sum(1)  # (N,)
+        bad = ~((sums - 1).abs() <= 1e-4) | (soft < 0).any(1) | soft.isnan().any(1)  # (N,); NaN sums are bad
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0])
+            raise ProbeFileError(f"{path}: soft[{i}]: not a distribution (sum {float(sums[i]):.6g}, min "
+                                 f"{float(soft[i].min()):.6g}); soft labels are rows ≥ 0 summing to 1")  # fmt: skip
+        if int(labels.max()) >= soft.shape[1]:
+            raise ProbeFileError(f"{path}: {label_key}: label {int(labels.max())} but soft has {soft.shape[1]} "
+                                 "classes; make the labels and soft labels agree")  # fmt: skip
+    if "flipped" in raw:
+        flipped = _numeric(path, "flipped", raw["flipped"])
+        _check_len(path, "flipped", flipped, n, 1)
+        if not bool(((flipped == 0) | (flipped == 1)).all()):
+            raise ProbeFileError(f"{path}: flipped: values other than true/false (0/1); store a boolean array")
+        flipped = flipped.bool()
+    ids = [str(i) for i in range(n)]
+    if "ids" in raw:
+        ids = raw["ids"]
+        if len(ids) != n:
+            raise ProbeFileError(f"{path}: ids: {len(ids)} ids for {n} probes (x); give one id per probe")
+        if len(set(ids)) != n:
+            dup = next(i for i in ids if ids.count(i) > 1)
+            raise ProbeFileError(f"{path}: ids: '{dup}' is used more than once; give every probe a unique id")
+    return ClassProbeSet(path, x.float(), labels, soft, flipped, ids)
+
+
+def _read_arrays(path: Path) -> dict:
+    """{key: tensor or numpy array}, ``ids`` as a list of str; nothing is unpickled."""
+    try:
+        if path.suffix == ".npz":
+            import numpy as np
+
+            out: dict = {}
+            with np.load(path, allow_pickle=False) as z:
+                for k in z.files:
+                    try:
+                        out[k] = z[k]
+                    except ValueError as e:  # object arrays need pickle
+                        raise ProbeFileError(f"{path}: {k}: holds Python objects, which would need unpickling; "
+                                             "store numbers, or strings as np.array(ids, dtype=str)") from e
+            if "ids" in out:
+                if out["ids"].dtype.kind not in "US" or out["ids"].ndim != 1:
+                    raise ProbeFileError(f"{path}: ids: expected a 1-D string array, found {out['ids'].dtype}; "
+                                         "store np.array(ids, dtype=str)")  # fmt: skip
+                out["ids"] = [str(s) for s in out["ids"].tolist()]
+            return out
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return dict(load_file(str(path)))
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except ProbeFileError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- unreadable file: one line for the user
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ProbeFileError(f"{path}: cannot be read as {path.suffix} ({first}); save a dict of tensors "
+                             "(torch.save / safetensors.torch.save_file / numpy.savez)") from e  # fmt: skip
+    if not isinstance(obj, dict):
+        raise ProbeFileError(f"{path}: holds a {type(obj).__name__}, not a dict of tensors; "
+                             "save {'x': ..., 'y': ...}")  # fmt: skip
+    if "ids" in obj and not (isinstance(obj["ids"], (list, tuple)) and all(isinstance(s, str) for s in obj["ids"])):
+        raise ProbeFileError(f"{path}: ids: expected a list of strings, found {type(obj['ids']).__name__}")
+    return {k: (list(v) if k == "ids" else v) for k, v in obj.items()}
+
+
+def _numeric(path: Path, key: str, value) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value
+    try:
+        return torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError) as e:
+        kind = getattr(getattr(value, "dtype", None), "name", type(value).__name__)
+        raise ProbeFileError(f"{path}: {key}: not a numeric array ({kind}); store numbers") from e
+
+
+def _check_len(path: Path, key: str, t: torch.Tensor, n: int, dims: int) -> None:
+    if t.dim() != dims or len(t) != n:
+        want = "(N,)" if dims == 1 else "(N, V)"
+        raise ProbeFileError(f"{path}: {key}: shape {tuple(t.shape)}, expected {want} with N = {n} (the length "
+                             "of x); give one row per probe")  # fmt: skip
