@@ -29,6 +29,8 @@ from .io.base import describe_keys
 
 #: Share of exactly-zero update entries in a 16-bit tensor above which the update is called quantised.
 BF16_ZERO_WARN = 0.25
+#: Resident memory the open checkpoints may keep mapped, together, while streaming.
+RESIDENT_BUDGET = 128 * 2**20
 
 
 @dataclass
@@ -166,6 +168,8 @@ def update_anatomy(
     """Update statistics for every interval of the run; see the module docstring for the quantities."""
     refs = run.checkpoints
     ckpts = [run.open(r) for r in refs]
+    for c in ckpts:  # all are open at once: share one budget so memory does not grow with the run
+        c.resident_budget = max(8 * 2**20, RESIDENT_BUDGET // len(ckpts))
     try:
         names = _common_names(ckpts)
         intervals = [Interval(a.step, b.step) for a, b in zip(refs, refs[1:])]

@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import save_file
 
 from ckptforce import open_run, update_anatomy
-from ckptforce.io import LowRank
+from ckptforce import updates
+from ckptforce.io import Checkpoint, LowRank
 from ckptforce.updates import delta_stats, lowrank_delta, lowrank_inner
 
 
@@ -81,15 +82,14 @@ def test_optimizer_state_that_fits_no_order_is_a_warning(tmp_path):
 
 def test_torch_checkpoint_reloads_after_release(tmp_path, monkeypatch):
     """Dropping the memory-mapped dict mid-run (to bound resident memory) changes no number."""
-    import ckptforce.io.torch_ as torch_io
-
     g = torch.Generator().manual_seed(3)
     for step in (1, 2, 3):
         sd = {f"w{i}": torch.randn(32, 32, generator=g) for i in range(4)}
         opt = {"state": {i: {"exp_avg": torch.ones(32, 32)} for i in range(4)}, "param_groups": [{"params": [0, 1, 2, 3], "lr": 0.5}]}
         torch.save({"model": sd, "optimizer": opt, "iter_num": step}, tmp_path / f"ckpt_{step}.pt")
     whole = update_anatomy(open_run(tmp_path))
-    monkeypatch.setattr(torch_io, "RELOAD_BYTES", 1)  # release after every tensor
+    monkeypatch.setattr(Checkpoint, "resident_budget", 1)  # release after every tensor
+    monkeypatch.setattr(updates, "RESIDENT_BUDGET", 1)
     streamed = update_anatomy(open_run(tmp_path))
     for a, b in zip(whole.intervals, streamed.intervals):
         assert a.update_norm == b.update_norm and a.update_cos == b.update_cos or math.isnan(a.update_cos)

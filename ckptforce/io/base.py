@@ -89,6 +89,9 @@ class Checkpoint(abc.ABC):
     """One checkpoint: lazily read tensors, canonical names, and what the trainer saved beside them."""
 
     layout: str = ""
+    #: Bytes a reader may keep memory-mapped and resident before it lets go of them (readers whose pages
+    #: outlive a read, like torch's mmap loads, honour it); a caller holding many checkpoints open lowers it.
+    resident_budget: int = 64 * 2**20
 
     def __init__(self, ref: CheckpointRef):
         self.ref = ref

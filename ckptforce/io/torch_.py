@@ -28,7 +28,6 @@ STEP_KEYS = ("iter_num", "global_step", "global_steps", "step", "iteration", "nu
 #: Files a trainer writes beside the model that are not checkpoints of it.
 NOT_MODELS = ("optimizer", "scheduler", "rng_state", "training_args", "trainer_state", "scaler")
 SUFFIXES = (".pt", ".pth", ".bin", ".tar")
-RELOAD_BYTES = 64 * 2**20
 
 
 def load_torch_file(path: Path, *, trust_pickles: bool = False):
@@ -125,10 +124,10 @@ class TorchCheckpoint(Checkpoint):
 
     def tensor(self, name: str) -> torch.Tensor:
         t = self._source.tensors[name]
-        # Pages of the memory-mapped file stay resident while the loaded dict lives: drop it every
-        # RELOAD_BYTES read (the tensor handed out keeps its own pages) so memory does not grow with the run.
+        # Pages of the memory-mapped file stay resident while the loaded dict lives: drop it after every
+        # ``resident_budget`` bytes read (the tensor handed out keeps its own pages).
         self._read_bytes += t.numel() * t.element_size()
-        if self._read_bytes >= RELOAD_BYTES:
+        if self._read_bytes >= self.resident_budget:
             self.release()
         return t
 
