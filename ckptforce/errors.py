@@ -36,6 +36,10 @@ class StepError(CkptforceError, ValueError):
     """Step numbers are ambiguous (for example two checkpoints claim the same step)."""
 
 
+class ModelBindError(CkptforceError, ValueError):
+    """The model cannot be built (a bad --model, no config.json), or a checkpoint's tensors do not fit it."""
+
+
 class ProbeFileError(CkptforceError, ValueError):
     """A probe file is missing, malformed, or does not fit the model (a response longer than its context)."""
 

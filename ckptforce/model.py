@@ -33,14 +33,10 @@ from torch import nn
 from torch.func import functional_call
 
 from .discover import CheckpointRef
-from .errors import CkptforceError
+from .errors import ModelBindError
 from .io import Checkpoint
 from .io.base import describe_keys
 from .io.hf import HfLayout
-
-
-class ModelBindError(CkptforceError, ValueError):
-    """The model cannot be built, or a checkpoint's tensors do not fit it."""
 
 
 @dataclass
@@ -58,6 +54,12 @@ class BoundModel:
     @property
     def param_names(self) -> list[str]:
         return [n for n, _ in self.module.named_parameters()]
+
+    def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> "BoundModel":
+        """Move the skeleton (its buffers matter) and the PEFT base weights; returns self."""
+        self.module.to(device=device, dtype=dtype)
+        self.base = {n: t.to(device=device, dtype=dtype or t.dtype) for n, t in self.base.items()}
+        return self
 
     def logits(self, params: dict[str, torch.Tensor], batch) -> torch.Tensor:
         """Logits of ``batch`` under ``params``: (B, T, V) for a language model, (B, 1, V) for a classifier."""
@@ -100,6 +102,10 @@ class BoundModel:
         return out
 
 
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [""])[0][:200]
+
+
 def _as_logits(out: Any) -> torch.Tensor:
     if isinstance(out, torch.Tensor):
         return out
@@ -131,7 +137,7 @@ def bind_hf(config_dir: Path, *, base_model: Path | None = None) -> BoundModel:
         with _quiet_transformers():
             module = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
     except Exception as e:  # noqa: BLE001 - transformers raises many kinds for an unknown config
-        raise ModelBindError(f"{cfg_file}: cannot build the model offline ({type(e).__name__}: {str(e).splitlines()[0][:160]}); pass --model package.module:factory") from e
+        raise ModelBindError(f"{cfg_file}: cannot build the model offline ({type(e).__name__}: {_first_line(e)}); pass --model package.module:factory") from e
     module.eval().requires_grad_(False)
     context = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
     bound = BoundModel(module, "lm", f"hf-config:{cfg_file}", "eager", context)
@@ -158,7 +164,7 @@ def load_factory(spec: str) -> Callable[..., nn.Module]:
     try:
         module = importlib.import_module(mod_name)
     except Exception as e:  # noqa: BLE001 - the user's module may fail in any way on import
-        raise ModelBindError(f"--model {spec}: cannot import {mod_name} ({type(e).__name__}: {e}); check the name and that it is on PYTHONPATH") from e
+        raise ModelBindError(f"--model {spec}: cannot import {mod_name} ({type(e).__name__}: {_first_line(e)}); check the name and that it is on PYTHONPATH") from e
     fn = getattr(module, fn_name, None)
     if not callable(fn):
         raise ModelBindError(f"--model {spec}: {mod_name} has no function {fn_name!r}")
@@ -172,7 +178,7 @@ def bind_factory(spec: str, *, kind: str = "lm", model_args: dict | None = None,
     try:
         module = fn(model_args or {}) if takes_args else fn()
     except Exception as e:  # noqa: BLE001
-        raise ModelBindError(f"--model {spec}: the factory failed ({type(e).__name__}: {e})") from e
+        raise ModelBindError(f"--model {spec}: the factory failed ({type(e).__name__}: {_first_line(e)})") from e
     if not isinstance(module, nn.Module):
         raise ModelBindError(f"--model {spec}: the factory returned {type(module).__name__}, not a torch.nn.Module")
     module.eval().requires_grad_(False)
@@ -194,16 +200,20 @@ def _quiet_transformers():
 
 
 def bind(ckpt: Checkpoint, *, model: str | None = None, kind: str = "lm", base_model: Path | None = None, run_root: Path | None = None) -> BoundModel:
-    """The model for a run: ``--model`` when given, else the Hugging Face config beside the checkpoint."""
+    """The model for a run: ``--model`` when given; for a LoRA adapter, its base model (``--base-model``, or
+    the local folder its adapter_config.json names); else the Hugging Face config beside the checkpoint."""
     if model:
         return bind_factory(model, kind=kind, model_args=ckpt.model_args())
+    if ckpt.layout == "peft":
+        named = (getattr(ckpt, "config", None) or {}).get("base_model_name_or_path")
+        base = base_model or (Path(named) if named and Path(named, "config.json").is_file() else None)
+        if base is None:
+            raise ModelBindError(
+                f"{ckpt.path}: a LoRA adapter needs its base model (adapter_config.json names {named!r}, "
+                "not a local folder); pass --base-model DIR"
+            )
+        return bind_hf(Path(base), base_model=Path(base))
     for folder in (ckpt.path if ckpt.path.is_dir() else ckpt.path.parent, run_root):
         if folder is not None and (folder / "config.json").is_file():
-            if ckpt.layout == "peft":
-                if base_model is None:
-                    raise ModelBindError(f"{ckpt.path}: a LoRA adapter needs its base model; pass --base-model DIR")
-                return bind_hf(base_model, base_model=base_model)
             return bind_hf(folder)
-    if ckpt.layout == "peft" and base_model is not None:
-        return bind_hf(base_model, base_model=base_model)
     raise ModelBindError(f"{ckpt.path}: no config.json beside the checkpoint or at the run root; pass --model package.module:factory")

@@ -15,7 +15,6 @@ the arithmetic stages cast to float32.
 from __future__ import annotations
 
 import abc
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -226,9 +225,6 @@ def tied_groups(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
         else:
             first[key] = name
     return aliases
-
-
-_NUMBER = re.compile(r"\d+")
 
 
 def describe_keys(keys: Iterable[str], limit: int = 4) -> str:
