@@ -210,3 +210,18 @@ def test_classifier_full_distribution_equals_explicit_akv():
         a_term = torch.eye(4, dtype=pi.dtype) - torch.ones(4, 1, dtype=pi.dtype) @ pi[None, :]  # (V, V)
         torch.testing.assert_close(lin.full[b], a_term @ dz, rtol=1e-10, atol=1e-12)
         assert float(lin.total[b]) == pytest.approx(float((a_term @ dz)[batch.targets[b, 0]]), rel=1e-10)
+
+
+def test_interval_forces_ties_the_pieces_together(batch):
+    from ckptforce.forces import interval_forces
+
+    model = _gpt2()
+    before = _params(model)
+    step = _direction(before, 0.002, seed=7)
+    after = {n: p + step[n] for n, p in before.items()}
+    res = interval_forces(model.logits, before, after, batch, nodes=4, by_tensor=True)
+    torch.testing.assert_close(res.dlogp_obs, observe(model.logits, after, batch).logp - observe(model.logits, before, batch).logp)
+    torch.testing.assert_close(res.lin_by_tensor.sum(1), res.dlogp_lin, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(res.path_by_tensor.sum(1), res.dlogp_path, rtol=1e-9, atol=1e-12)
+    assert float(res.path_gap.abs().max()) < 1e-7 < float(res.remainder.abs().max())
+    assert 0 < res.remainder_ratio < 1

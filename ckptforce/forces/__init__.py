@@ -7,6 +7,7 @@ batches from ``ckptforce.probes``, parameters and directions from the checkpoint
     delta_lin(fn, θ, batch, Δθ)                A·J·Δθ by one batched JVP (or double VJP)
     contributions_by_tensor(fn, θ, batch, Δθ)  the same split by parameter tensor (per-row gradients)
     delta_path(fn, θ, batch, Δθ, nodes=n)      ∫₀¹ A J(θ + sΔθ) Δθ ds by Gauss–Legendre quadrature
+    interval_forces(fn, θ_t, θ_t+1, batch)     all of it for one checkpoint interval
 """
 
 from .linear import (
@@ -20,9 +21,10 @@ from .linear import (
     jvp_logits,
     remainder_ratio,
 )
+from .interval import DEFAULT_NODES, IntervalForces, interval_forces
 from .observe import Observed, observe, observe_logits
 
 __all__ = [
-    "LinearChange", "Observed", "PathChange", "contributions_by_tensor", "delta_lin", "delta_path",
+    "DEFAULT_NODES", "IntervalForces", "interval_forces", "LinearChange", "Observed", "PathChange", "contributions_by_tensor", "delta_lin", "delta_path",
     "dlogp_from_dlogits", "gauss_legendre", "jvp_logits", "observe", "observe_logits", "remainder_ratio",
 ]  # fmt: skip

@@ -1,0 +1,91 @@
+"""One checkpoint interval, all first-order quantities at once: the pure function the pipeline maps over pairs.
+
+In: the model function, θ_t and θ_{t+1} (dicts over the same names), a batch. Out: ``IntervalForces`` —
+
+    Δ_obs  = log π(y|x; θ_{t+1}) − log π(y|x; θ_t)          observed
+    Δ_lin  = A·J(θ_t)·Δθ                                    first-order prediction (one JVP)
+    Δ_path = Σ_i w_i A·J(θ_t + s_iΔθ)·Δθ                     complete attribution, gap Δ_obs − Δ_path reported
+    split of Δ_lin and Δ_path by parameter tensor           (optional; per-row gradients)
+
+for every row, and the same for the argmax response y* of each row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .linear import contributions_by_tensor, delta_lin, delta_path, remainder_ratio
+from .observe import Fn, Observed, observe
+
+#: Gauss–Legendre nodes used by default (bench/forces.py measures the accuracy / cost trade-off).
+DEFAULT_NODES = 3
+
+
+@dataclass
+class IntervalForces:
+    before: Observed
+    after: Observed
+    dlogp_obs: torch.Tensor  # (B,)
+    dlogp_lin: torch.Tensor  # (B,)
+    dlogp_lin_tok: torch.Tensor  # (B, T)
+    dlogp_path: torch.Tensor | None  # (B,)
+    argmax_obs: torch.Tensor  # (B,) change of log π(y*) (y* re-taken at each end)
+    argmax_lin: torch.Tensor  # (B,)
+    tensor_names: list[str]
+    lin_by_tensor: torch.Tensor | None  # (B, K)
+    path_by_tensor: torch.Tensor | None  # (B, K)
+    method: str
+    nodes: int
+
+    @property
+    def remainder(self) -> torch.Tensor:
+        """Δ_obs − Δ_lin: what the first-order prediction misses (the O(η²) part)."""
+        return self.dlogp_obs - self.dlogp_lin
+
+    @property
+    def remainder_ratio(self) -> float:
+        return remainder_ratio(self.dlogp_obs, self.dlogp_lin)
+
+    @property
+    def path_gap(self) -> torch.Tensor | None:
+        """Δ_obs − Δ_path: the quadrature error of the attribution (its error bound, measured)."""
+        return None if self.dlogp_path is None else self.dlogp_obs - self.dlogp_path
+
+
+def interval_forces(
+    fn: Fn,
+    before: dict,
+    after: dict,
+    batch,
+    *,
+    nodes: int = DEFAULT_NODES,
+    by_tensor: bool = False,
+    method: str = "auto",
+    chunk_size: int | None = None,
+) -> IntervalForces:
+    """Everything first-order about one interval; ``nodes=0`` skips the path integral."""
+    step = {n: after[n] - before[n] for n, p in before.items() if p.is_floating_point()}
+    obs_a = observe(fn, before, batch, chunk_size=chunk_size)
+    obs_b = observe(fn, after, batch, chunk_size=chunk_size)
+    lin = delta_lin(fn, before, batch, step, method=method, chunk_size=chunk_size)
+    names, lin_split = list(step), None
+    if by_tensor:
+        names, lin_split, _ = contributions_by_tensor(fn, before, batch, step, chunk_size=chunk_size)
+    path = delta_path(fn, before, batch, step, nodes=nodes, method=method, chunk_size=chunk_size, by_tensor=by_tensor) if nodes else None
+    return IntervalForces(
+        before=obs_a,
+        after=obs_b,
+        dlogp_obs=obs_b.logp - obs_a.logp,
+        dlogp_lin=lin.total,
+        dlogp_lin_tok=lin.tok,
+        dlogp_path=None if path is None else path.total,
+        argmax_obs=obs_b.argmax_logp - obs_a.argmax_logp,
+        argmax_lin=lin.argmax,
+        tensor_names=names,
+        lin_by_tensor=lin_split,
+        path_by_tensor=None if path is None else path.by_tensor,
+        method=lin.method,
+        nodes=nodes,
+    )
