@@ -1,0 +1,193 @@
+"""THE data model: every result lands in one labelled ``xarray.Dataset``, saved as HDF5 (netCDF4 via h5netcdf).
+
+The names of DESIGN §6 are declared once here (``DIMS``, ``VARS``) with their dimensions, ``long_name`` and
+``units``; builders turn plain arrays from the stages into a Dataset, ``save`` / ``open_cube`` write and read
+it (gzip, chunked; the final file is replaced atomically), and ``validate`` explains what is wrong with a
+foreign or damaged file. Nothing here imports torch: a user needs only xarray to read a cube::
+
+    ds = xarray.open_dataset("cube.h5", engine="h5netcdf")
+    ds.dlogp_obs.sel(response="chosen").mean("probe")
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import xarray as xr
+
+from .errors import CkptforceError
+
+SCHEMA_VERSION = 1
+ENGINE = "h5netcdf"
+
+
+class CubeError(CkptforceError, ValueError):
+    """A file is not a ckptforce cube, is damaged, or was written by a newer version."""
+
+
+@dataclass(frozen=True)
+class Var:
+    dims: tuple[str, ...]
+    long_name: str
+    units: str = ""
+
+
+#: Dimensions, and what one element of each is.
+DIMS = {
+    "checkpoint": "a saved checkpoint, in step order",
+    "interval": "a pair of consecutive checkpoints",
+    "probe": "a probe example (its id)",
+    "response": "a response type (chosen, rejected, …, argmax)",
+    "tensor": "a parameter tensor (canonical name)",
+    "token": "a response position",
+    "source": "a training example or other source of force",
+    "class": "a class of a classifier",
+}
+
+#: Coordinates and data variables: name -> dims, long_name, units. Declared once; builders and readers use these.
+VARS: dict[str, Var] = {
+    # coordinates
+    "step": Var(("checkpoint",), "training step of the checkpoint"),
+    "step_source": Var(("checkpoint",), "where the step came from (record, name, order, init)"),
+    "checkpoint_path": Var(("checkpoint",), "checkpoint file or folder"),
+    "step_from": Var(("interval",), "step at the start of the interval"),
+    "step_to": Var(("interval",), "step at the end of the interval"),
+    "lr": Var(("interval",), "learning rate over the interval", "1"),
+    "probe_split": Var(("probe",), "split of the probe (train / test / …)"),
+    "probe_group": Var(("probe",), "group (domain) of the probe"),
+    # probes at each checkpoint
+    "logp": Var(("checkpoint", "probe", "response"), "log-probability of the response, summed over its tokens", "nat"),
+    "logp_tok": Var(("checkpoint", "probe", "response", "token"), "log-probability of each response token", "nat"),
+    "entropy": Var(("checkpoint", "probe", "response", "token"), "entropy of the next-token distribution", "nat"),
+    "top1": Var(("checkpoint", "probe", "response", "token"), "probability of the most likely next token", "1"),
+    "peakiness": Var(("checkpoint", "probe", "response", "token"), "‖A‖_F² = V‖π‖² + V − 2 of the next-token distribution", "1"),
+    "logp_class": Var(("checkpoint", "probe", "class"), "log-probability of each class (classifiers)", "nat"),
+    # changes over each interval
+    "dlogp_obs": Var(("interval", "probe", "response"), "observed change of log π(y|x)", "nat"),
+    "dlogp_lin": Var(("interval", "probe", "response"), "first-order prediction A·J·Δθ of the change", "nat"),
+    "dlogp_path": Var(("interval", "probe", "response"), "path-integrated prediction (Gauss–Legendre)", "nat"),
+    "dlogp_lin_tok": Var(("interval", "probe", "response", "token"), "first-order prediction per response token", "nat"),
+    "dlogp_lin_tensor": Var(("interval", "probe", "response", "tensor"), "first-order prediction split by parameter tensor", "nat"),
+    "dlogp_path_tensor": Var(("interval", "probe", "response", "tensor"), "path-integrated change split by parameter tensor", "nat"),
+    "remainder_ratio": Var(("interval",), "‖Δ_obs − Δ_lin‖ / ‖Δ_obs‖ over probes and responses", "1"),
+    # update anatomy
+    "update_norm": Var(("interval", "tensor"), "‖Δθ‖₂ of the tensor over the interval"),
+    "param_norm": Var(("interval", "tensor"), "‖θ‖₂ of the tensor at the start of the interval"),
+    "update_cos": Var(("interval", "tensor"), "cosine of the tensor's update with the previous interval's", "1"),
+    "zero_frac": Var(("interval", "tensor"), "share of exactly-zero update entries", "1"),
+    # training-example forces (a later stage fills these)
+    "force": Var(("interval", "probe", "response", "source"), "force of each source on each probe", "nat"),
+    "kernel": Var(("checkpoint", "probe", "source"), "⟨∇θ log π(y_o|x_o), ∇θ L(x_u)⟩"),
+    "kernel_cos": Var(("checkpoint", "probe", "source"), "cosine of the two gradients", "1"),
+}
+
+COORDS = ("step", "step_source", "checkpoint_path", "step_from", "step_to", "lr", "probe_split", "probe_group")
+
+
+def build(
+    *,
+    index: Mapping[str, list],
+    data: Mapping[str, np.ndarray],
+    coords: Mapping[str, np.ndarray | list] | None = None,
+    attrs: Mapping[str, Any] | None = None,
+) -> xr.Dataset:
+    """A cube from plain arrays: ``index`` gives the labels of each dimension used (``probe`` ids, ``response``
+    types, ``tensor`` names …), ``data`` and ``coords`` arrays keyed by names of ``VARS``; their dims follow."""
+    unknown = [n for n in [*data, *(coords or {})] if n not in VARS]
+    if unknown:
+        raise KeyError(f"not cube names: {unknown}; declare them in ckptforce.cube.VARS")
+    ds = xr.Dataset(coords={dim: list(labels) for dim, labels in index.items()})
+    for name, values in (coords or {}).items():
+        ds = ds.assign_coords({name: (VARS[name].dims, np.asarray(values))})
+    for name, values in data.items():
+        ds[name] = (VARS[name].dims, np.asarray(values))
+    return describe(ds.assign_attrs(dict(attrs or {})))
+
+
+def describe(ds: xr.Dataset) -> xr.Dataset:
+    """Attach ``long_name`` / ``units`` to every known variable and coordinate (CF style)."""
+    for name in [*ds.data_vars, *ds.coords]:
+        var = VARS.get(name)
+        if var is not None:
+            ds[name].attrs.update({"long_name": var.long_name, **({"units": var.units} if var.units else {})})
+        elif name in DIMS:
+            ds[name].attrs["long_name"] = DIMS[name]
+    ds.attrs.setdefault("ckptforce_schema", SCHEMA_VERSION)
+    ds.attrs.setdefault("Conventions", "CF-1.10")
+    return ds
+
+
+def provenance(**fields: Any) -> dict[str, str | int | float]:
+    """HDF5-safe attributes: strings and numbers as they are, anything structured as a JSON string."""
+    out: dict[str, str | int | float] = {}
+    for key, value in fields.items():
+        out[key] = value if isinstance(value, (str, int, float)) and not isinstance(value, bool) else json.dumps(value, sort_keys=True, default=str)
+    return out
+
+
+def save(ds: xr.Dataset, path: str | Path, *, compress: bool = True) -> Path:
+    """Write ``ds`` to ``path`` atomically: a temporary file beside it, then ``os.replace``."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise CubeError(f"{path.parent}: no such directory for the output; create it or choose another -o path")
+    encoding = {}
+    if compress:
+        for name, var in ds.data_vars.items():
+            if var.dtype.kind in "fiub" and var.ndim:
+                encoding[name] = {"compression": "gzip", "compression_opts": 4, "chunksizes": _chunks(var)}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    os.close(fd)
+    try:
+        ds.to_netcdf(tmp, engine=ENGINE, encoding=encoding)
+        os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise CubeError(f"{path}: cannot write ({e.strerror or e}); check the disk and the directory's permissions") from e
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _chunks(var: xr.DataArray) -> tuple[int, ...]:
+    """One interval / checkpoint per chunk along the leading dim, whole along the others (they are small)."""
+    return tuple(1 if i == 0 and var.ndim > 1 else s for i, s in enumerate(var.shape))
+
+
+def open_cube(path: str | Path) -> xr.Dataset:
+    """Open and validate a cube (loaded into memory; the file is closed)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CubeError(f"{path}: no such file; give a cube written by ckptforce analyze")
+    try:
+        with xr.open_dataset(path, engine=ENGINE) as ds:
+            ds = ds.load()
+    except Exception as e:  # noqa: BLE001 - h5py / h5netcdf raise many kinds for a damaged file
+        raise CubeError(f"{path}: not a readable HDF5 cube ({type(e).__name__}: {str(e).splitlines()[0][:120]}); it may be truncated") from e
+    problems = validate(ds)
+    if problems:
+        raise CubeError(f"{path}: {problems[0]}")
+    return ds
+
+
+def validate(ds: xr.Dataset) -> list[str]:
+    """What is wrong with ``ds`` as a cube (empty when nothing is)."""
+    problems = []
+    version = ds.attrs.get("ckptforce_schema")
+    if version is None:
+        return ["not a ckptforce cube (no 'ckptforce_schema' attribute); it was written by another tool"]
+    if int(version) > SCHEMA_VERSION:
+        return [f"written by a newer ckptforce (cube schema {version}, this one reads ≤ {SCHEMA_VERSION}); upgrade ckptforce"]
+    for name, var in ds.variables.items():
+        want = VARS.get(name)
+        if want is not None and tuple(var.dims) != want.dims:
+            problems.append(f"variable {name!r} has dims {tuple(var.dims)}, expected {want.dims}; the file was altered")
+    if "step" in ds.coords and ds.sizes.get("checkpoint", 0) > 1 and not bool((np.diff(ds["step"].values) > 0).all()):
+        problems.append("steps are not increasing along 'checkpoint'; the file was altered")
+    return problems
