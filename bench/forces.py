@@ -27,7 +27,7 @@ and, for n = 0 (the tangent Δ_lin) and n = 1..6 (Δ_path), the max and mean gap
 relative to one forward. Ends with ``suggested default nodes: N`` — the smallest n whose max relative gap is
 < 1e-3 on both pairs.
 
-Run from the repository root:  python bench/forces.py  [--device cuda] [--repeat 3] [--probes 32] [--by-tensor]
+Run from the repository root:  python bench/forces.py  [--device cuda] [--repeat 3] [--probes 24] [--by-tensor]
 """
 
 from __future__ import annotations
@@ -195,22 +195,38 @@ def worker_measure(args) -> dict:
     run = _method_fn(args.worker, model, params, batch, direction, args.chunk_size)
     # delta_path's warm-up is delta_path(nodes=1): the same code and kernels as n nodes, at the cost of one node
     warm = _method_fn("path1", model, params, batch, direction, args.chunk_size) if args.worker.startswith("path") else run
-    times = []
-    result = None
-    for i in range(args.repeat + 1):  # the first is the warm-up
-        result = None  # the previous run's output is freed first: the peak is one call's
+    # Every worker but the forward's also times a plain forward, interleaved with its own runs: its ratio divides
+    # by the forward measured alongside it, which holds up when other processes come and go on the CPUs.
+    fwd = None if args.worker == "forward" else _method_fn("forward", model, params, batch, direction, args.chunk_size)
+
+    def timed(f):
         _sync(torch, device)
         t0 = time.perf_counter()
-        result = run() if i > 0 else warm()
+        r = f()
         _sync(torch, device)
-        if i > 0:
-            times.append(time.perf_counter() - t0)
+        return time.perf_counter() - t0, r
+
+    times, fwd_times = [], []
+    result = None
+    for i in range(args.repeat + 1):  # round 0 is the warm-up
+        result = None  # the previous run's output is freed first: the peak is one call's
+        t, result = timed(warm if i == 0 else run)
+        if i == 0:
+            out["warmup_s"] = t
         else:
-            out["warmup_s"] = time.perf_counter() - t0
-    out["times"] = times
+            times.append(t)
+        if i == (1 if warm is not run else 0):  # right after the method's first call: one call's peak
+            out["peak_kib"] = _maxrss_kib()
+            if device.type == "cuda":
+                out["cuda_peak"] = torch.cuda.max_memory_allocated(device)
+        if fwd is not None:  # (result is small for every method but the forward, which has no twin)
+            t, _ = timed(fwd)
+            if i > 0:
+                fwd_times.append(t)
+    out["times"], out["fwd_times"] = times, fwd_times
     out["maxrss_kib"], out["vmhwm_kib"] = _maxrss_kib(), _vmhwm_kib()
     if device.type == "cuda":
-        out["cuda_peak"] = torch.cuda.max_memory_allocated(device)
+        out["cuda_peak_all"] = torch.cuda.max_memory_allocated(device)
     if args.worker in ("jvp", "double_vjp"):
         m = batch.target_mask
         out["method_used"] = result.method
@@ -363,12 +379,16 @@ def _common_args(args) -> list[str]:
 
 def run_worker(kind: str, args, timeout: int = 1800) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, *_common_args(args)]
+    t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+    wall = time.perf_counter() - t0
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(MARKER)]
     if proc.returncode != 0 or not lines:
         sys.stderr.write(proc.stdout[-8000:] + proc.stderr[-8000:])
         raise SystemExit(f"worker {kind!r} failed (exit {proc.returncode})")
-    return json.loads(lines[-1][len(MARKER) :])
+    out = json.loads(lines[-1][len(MARKER) :])
+    out["worker_wall_s"] = wall
+    return out
 
 
 def _max_rel_diff(a: list[float], b: list[float]) -> float:
@@ -401,7 +421,7 @@ def _fmt_ratio(x: float) -> str:
 
 def print_quad(q: dict, jvp_ratio: float | None) -> int | None:
     print(
-        f"\n[nodes] real run {SAMPLE_RUN.relative_to(REPO)} (checkpoints at steps {q['steps']}), float64, "
+        f"\n[nodes] ({q['worker_wall_s']:.0f} s) real run {SAMPLE_RUN.relative_to(REPO)} (checkpoints at steps {q['steps']}), float64, "
         f"vocab {q['vocab']}, context {q['context']}: {q['rows']} rows ({q['probes']} random probes × {q['responses']} "
         f"responses, prompt {q['prompt_len'][0]}-{q['prompt_len'][1]}, responses {q['response_len'][0]}-{q['response_len'][1]} tokens), T = {q['T']}, {q['response_tokens']} response tokens"
     )
@@ -456,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--embd", type=int, default=256, help="synthetic GPT-2: n_embd (hidden size)")
     ap.add_argument("--heads", type=int, default=4, help="synthetic GPT-2: n_head (must divide --embd)")
     ap.add_argument("--vocab", type=int, default=4096, help="synthetic GPT-2: vocab_size (the logits are rows × T × vocab)")
-    ap.add_argument("--probes", type=int, default=32,
+    ap.add_argument("--probes", type=int, default=24,
                     help="synthetic probes (random token ids, prompt 12-20 and responses 6-16 tokens); rows = probes × responses")  # fmt: skip
     ap.add_argument("--responses", type=int, default=8, help="response types per probe (also used for the quadrature table)")
     ap.add_argument("--chunk-size", type=int, default=None, metavar="ROWS",
@@ -529,7 +549,7 @@ def main(argv: list[str] | None = None) -> int:
                    f"above setup {(r['maxrss_kib'] - r['maxrss_after_setup_kib']) / 1024:6.0f} (VmHWM {r['vmhwm_kib'] / 1024:.0f})")  # fmt: skip
         times = " ".join(f"{t:.3f}" for t in r["times"])
         print(f"[{m:10s}] best {best:7.3f} s  = {_fmt_ratio(ratio):>7s} forward   (warm-up {r['warmup_s']:.3f}, runs {times})  {mem}"
-              + (f"  [spread {spread:.2f}×: CPUs busy?]" if spread > 1.5 else ""), flush=True)  # fmt: skip
+              + f"  [worker {r['worker_wall_s']:.0f} s]" + (f"  [spread {spread:.2f}×: CPUs busy?]" if spread > 1.5 else ""), flush=True)  # fmt: skip
 
     rel = check_jvp_vs_double_vjp(res["jvp"], res["double_vjp"])
     print(f"[check] Δ_lin jvp vs double vjp agree: max|diff|/max|Δ| = total {rel['total']:.1e}, per token {rel['tok']:.1e}, "

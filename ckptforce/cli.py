@@ -95,17 +95,71 @@ def scan(run_dir: Path, init: Path | None, layout: str | None, trust_pickles: bo
         render(summary, Console(width=None if sys.stdout.isatty() else 160))
 
 
-class _progress_bar:
-    """A rich progress bar over tensors, on stderr, as a progress callback."""
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--probes", required=True, type=click.Path(path_type=Path), help="Probe file (JSONL, schemas/probe_set.schema.json).")
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="The cube to write (HDF5, e.g. cube.h5); parts go to OUT.parts/ until it is done.")
+@_run_options
+@click.option("--model", "model", help="package.module:factory returning the nn.Module (default: the run's config.json).")
+@click.option("--base-model", type=click.Path(path_type=Path), help="Base model folder under a LoRA adapter (default: the local folder adapter_config.json names).")
+@click.option("--tokenizer", type=click.Path(path_type=Path), help="Tokenizer folder (default: the checkpoint's, then the run root's).")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, or cuda:N.")
+@click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True, help="Arithmetic dtype of the forces.")
+@click.option("--nodes", type=click.IntRange(0, 16), default=None, help="Gauss–Legendre nodes of the path attribution (0: skip it).  [default: 3]")
+@click.option("--no-by-tensor", is_flag=True, help="Skip the split of the changes by parameter tensor (faster).")
+@click.option("--method", type=click.Choice(["auto", "jvp", "double_vjp"]), default="auto", show_default=True, help="How J·Δθ is computed.")
+@click.option("--chunk-size", type=click.IntRange(1), default=64, show_default=True, help="Probe rows per forward / JVP (lower it if memory runs out).")
+@click.option("--workers", type=click.IntRange(1), help="Run checkpoint pairs on a local Dask cluster of N worker processes.")
+@click.option("--scheduler", help="Run checkpoint pairs on an existing Dask cluster (tcp://host:8786).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def analyze(run_dir, probes, out, init, layout, trust_pickles, model, base_model, tokenizer, device, dtype, nodes, no_by_tensor, method, chunk_size, workers, scheduler, quiet):
+    """Measure how every probe's log-probability moves between consecutive checkpoints of RUN_DIR, and why:
+    the observed change, the first-order prediction A·J·Δθ, the path-integrated attribution and its split
+    by parameter tensor, plus the update anatomy. Writes one labelled cube (open it with
+    xarray.open_dataset(OUT, engine="h5netcdf")).
 
-    def __init__(self):
+    Each checkpoint pair is saved as a part as soon as it is done: rerun the same command after an
+    interruption and it resumes. Nothing is written into RUN_DIR.
+
+    \b
+    Examples:
+      ckptforce analyze out/ --probes probes.jsonl -o cube.h5
+      ckptforce analyze dpo/ --init sft/checkpoint-500 --probes probes.jsonl -o dpo.h5 --workers 2
+    """
+    import shlex
+
+    from .forces import DEFAULT_NODES
+    from .pipeline import AnalysisConfig
+    from .pipeline import analyze as run_analysis
+
+    if workers and scheduler:
+        raise click.UsageError("give --workers or --scheduler, not both")
+    config = AnalysisConfig.for_run(
+        run_dir, probes, init=init, model=model, base_model=base_model, tokenizer=tokenizer, layout=layout,
+        nodes=DEFAULT_NODES if nodes is None else nodes, by_tensor=not no_by_tensor, method=method, dtype=dtype,
+        chunk_size=chunk_size, trust_pickles=trust_pickles,
+    )  # fmt: skip
+    bar = None if (quiet or not sys.stderr.isatty()) else _progress_bar("analysing", "intervals")
+    try:
+        final = run_analysis(config, out, device=device, workers=workers, scheduler=scheduler, progress=bar, command=shlex.join(["ckptforce", *sys.argv[1:]]))
+    finally:
+        if bar is not None:
+            bar.close()
+    if not quiet:
+        click.echo(f"wrote {final}")
+
+
+class _progress_bar:
+    """A rich progress bar with ETA, on stderr, as a progress callback."""
+
+    def __init__(self, what: str = "reading updates", unit: str = "tensors"):
         from rich.console import Console
         from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-        self._p = Progress(TextColumn("reading updates"), BarColumn(), TextColumn("{task.completed}/{task.total} tensors"), TimeRemainingColumn(), console=Console(stderr=True), transient=True)
+        self._p = Progress(TextColumn(what), BarColumn(), TextColumn(f"{{task.completed}}/{{task.total}} {unit}"), TimeRemainingColumn(), console=Console(stderr=True), transient=True)
         self._task = None
 
-    def __call__(self, done: int, total: int, name: str) -> None:
+    def __call__(self, done: int, total: int, name: str = "") -> None:
         if self._task is None:
             self._p.start()
             self._task = self._p.add_task("", total=total)

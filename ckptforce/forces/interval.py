@@ -33,8 +33,10 @@ class IntervalForces:
     dlogp_path: torch.Tensor | None  # (B,)
     argmax_obs: torch.Tensor  # (B,) change of log π(y*) (y* re-taken at each end)
     argmax_lin: torch.Tensor  # (B,)
+    argmax_path: torch.Tensor | None  # (B,)
     tensor_names: list[str]
     lin_by_tensor: torch.Tensor | None  # (B, K)
+    argmax_lin_by_tensor: torch.Tensor | None  # (B, K)
     path_by_tensor: torch.Tensor | None  # (B, K)
     method: str
     nodes: int
@@ -70,9 +72,9 @@ def interval_forces(
     obs_a = observe(fn, before, batch, chunk_size=chunk_size)
     obs_b = observe(fn, after, batch, chunk_size=chunk_size)
     lin = delta_lin(fn, before, batch, step, method=method, chunk_size=chunk_size)
-    names, lin_split = list(step), None
+    names, lin_split, star_split = list(step), None, None
     if by_tensor:
-        names, lin_split, _ = contributions_by_tensor(fn, before, batch, step, chunk_size=chunk_size)
+        names, lin_split, star_split = contributions_by_tensor(fn, before, batch, step, chunk_size=chunk_size)
     path = delta_path(fn, before, batch, step, nodes=nodes, method=method, chunk_size=chunk_size, by_tensor=by_tensor) if nodes else None
     return IntervalForces(
         before=obs_a,
@@ -83,8 +85,10 @@ def interval_forces(
         dlogp_path=None if path is None else path.total,
         argmax_obs=obs_b.argmax_logp - obs_a.argmax_logp,
         argmax_lin=lin.argmax,
+        argmax_path=None if path is None else path.argmax,
         tensor_names=names,
         lin_by_tensor=lin_split,
+        argmax_lin_by_tensor=star_split,
         path_by_tensor=None if path is None else path.by_tensor,
         method=lin.method,
         nodes=nodes,

@@ -1,0 +1,378 @@
+"""The only wiring: run → updates → forces → cube, resumable, serial or on a Dask cluster.
+
+    analyze(config, out)        every checkpoint pair is one independent unit of work; each unit's result
+                                is a small part file written atomically into ``OUT.parts/`` (temporary
+                                name, then ``os.replace``); a re-run computes only the parts that are
+                                missing and refuses parts made with other settings; at the end the parts
+                                are consolidated into one cube that replaces ``OUT`` atomically.
+
+Locally the pairs run in order; with ``workers`` (a local cluster) or ``scheduler`` (an existing one) the same
+function is mapped over the pairs with Dask distributed. Each worker prepares the run once (probes, tokenizer,
+model skeleton) and keeps it for all its tasks; it loads only its own pair of checkpoints; the client is the
+only writer. Memory per unit: two checkpoints' parameters and their difference, whatever the run's length.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import xarray as xr
+
+from . import __version__, cube
+from .errors import CkptforceError
+from .forces import DEFAULT_NODES, interval_forces
+from .io import Run, open_run
+from .model import BoundModel, bind
+from .probes import ARGMAX, TokenBatch, load_probe_set, load_tokenizer, make_batch, tokenize
+from .updates import update_anatomy
+
+PARTS_SUFFIX = ".parts"
+POOR_LINEARISATION = 0.5  # remainder ratio above which first-order attribution is flagged
+
+
+class ConfigMismatchError(CkptforceError, ValueError):
+    """Existing parts were computed with other settings than this run asks for."""
+
+
+def _help(text: str):
+    return field(metadata={"help": text})
+
+
+@dataclass(frozen=True)
+class AnalysisConfig:
+    """Every setting that changes the numbers; stored in the cube and checked when a run resumes."""
+
+    run_dir: str = _help("the run directory")
+    probes: str = _help("the probe file")
+    probes_sha256: str = _help("hash of the probe file's bytes")
+    init: str | None = dataclasses.field(default=None, metadata={"help": "model the run started from (--init)"})
+    model: str | None = dataclasses.field(default=None, metadata={"help": "package.module:factory (--model)"})
+    base_model: str | None = dataclasses.field(default=None, metadata={"help": "base model under a LoRA adapter"})
+    tokenizer: str | None = dataclasses.field(default=None, metadata={"help": "tokenizer folder (--tokenizer)"})
+    layout: str | None = dataclasses.field(default=None, metadata={"help": "forced checkpoint layout"})
+    nodes: int = dataclasses.field(default=DEFAULT_NODES, metadata={"help": "Gauss–Legendre nodes of Δ_path (0: none)"})
+    by_tensor: bool = dataclasses.field(default=True, metadata={"help": "split Δ_lin and Δ_path by tensor"})
+    method: str = dataclasses.field(default="auto", metadata={"help": "J·v by jvp, double_vjp or auto"})
+    dtype: str = dataclasses.field(default="float32", metadata={"help": "arithmetic dtype of the forces"})
+    chunk_size: int = dataclasses.field(default=64, metadata={"help": "probe rows per forward / JVP"})
+    trust_pickles: bool = dataclasses.field(default=False, metadata={"help": "allow full unpickling"})
+
+    @classmethod
+    def for_run(cls, run_dir, probes, **kw) -> "AnalysisConfig":
+        probes = Path(probes)
+        if not probes.is_file():
+            raise CkptforceError(f"{probes}: no such probe file; give the JSONL file of probes with --probes")
+        digest = hashlib.sha256(probes.read_bytes()).hexdigest()
+        clean = {k: (str(Path(v).resolve()) if k in ("init", "base_model", "tokenizer") and v else v) for k, v in kw.items()}
+        return cls(str(Path(run_dir).resolve()), str(probes.resolve()), digest, **clean)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    def differences(self, other: dict) -> list[str]:
+        mine = dataclasses.asdict(self)
+        return [f"{k}: {other.get(k)!r} (existing parts) vs {mine[k]!r} (now)" for k in mine if other.get(k) != mine[k]]
+
+
+@dataclass
+class Prepared:
+    """What a worker builds once and keeps for all its tasks."""
+
+    config: AnalysisConfig
+    run: Run
+    model: BoundModel
+    batch: TokenBatch
+    probe_ids: list[str]
+    responses: list[str]  # response types incl. argmax
+    splits: list[str]
+    groups: list[str]
+    device: str
+
+
+_PREPARED: dict[tuple[str, str], Prepared] = {}
+
+
+def prepare(config: AnalysisConfig, device: str = "cpu") -> Prepared:
+    """Open the run, bind the model, tokenise the probes (cached per process and config)."""
+    key = (config.to_json(), device)
+    if key in _PREPARED:
+        return _PREPARED[key]
+    run = open_run(config.run_dir, init=config.init, layout=config.layout, trust_pickles=config.trust_pickles)
+    if len(run.checkpoints) < 2:
+        raise CkptforceError(f"{run.root}: one checkpoint only; forces need two (add --init with the starting model)")
+    first = run.checkpoints[-1]
+    with run.open(first) as ckpt:
+        model = bind(ckpt, model=config.model, base_model=Path(config.base_model) if config.base_model else None, run_root=run.root)
+    dtype = getattr(torch, config.dtype)
+    model.to(device, dtype=dtype)
+    probe_set = load_probe_set(config.probes)
+    needs_text = any(p.prompt_ids is None or any(isinstance(r, str) for r in p.responses.values()) for p in probe_set.probes)
+    tokenizer = None
+    if needs_text:
+        folder = first.path if first.path.is_dir() else first.path.parent
+        tokenizer = load_tokenizer(Path(config.tokenizer) if config.tokenizer else None, [folder, run.root])
+    tok = tokenize(probe_set, tokenizer, max_length=model.context)
+    pad = getattr(tokenizer, "pad_token_id", None) or 0
+    batch = make_batch(tok, pad_id=pad).to(device)
+    responses = list(probe_set.response_types) + ([ARGMAX] if "chosen" in probe_set.response_types else [])
+    prepared = Prepared(
+        config, run, model, batch, [p.id for p in probe_set.probes], responses,
+        [p.split or "" for p in probe_set.probes], [p.group or "" for p in probe_set.probes], device,
+    )  # fmt: skip
+    _PREPARED[key] = prepared
+    return prepared
+
+
+def compute_part(config_json: str, k: int, device: str = "cpu") -> xr.Dataset:
+    """The part of interval k (checkpoints k and k+1): probes observed at both ends and the forces between."""
+    config = AnalysisConfig(**json.loads(config_json))
+    p = prepare(config, device)
+    refs = p.run.checkpoints[k : k + 2]
+    dtype = getattr(torch, config.dtype)
+    with p.run.open(refs[0]) as a, p.run.open(refs[1]) as b:
+        before = p.model.params_from(a, device=device, dtype=dtype)
+        after = p.model.params_from(b, device=device, dtype=dtype)
+    res = interval_forces(p.model.logits, before, after, p.batch, nodes=config.nodes, by_tensor=config.by_tensor, method=config.method, chunk_size=config.chunk_size)
+    grid = _Grid(p)
+    data = {
+        "logp": np.stack([grid.rows(res.before.logp, res.before.argmax_logp), grid.rows(res.after.logp, res.after.argmax_logp)]),
+        "dlogp_obs": grid.rows(res.dlogp_obs, res.argmax_obs)[None],
+        "dlogp_lin": grid.rows(res.dlogp_lin, res.argmax_lin)[None],
+        "remainder_ratio": np.array([res.remainder_ratio]),
+    }
+    for name in ("logp_tok", "entropy", "top1", "peakiness"):
+        # y* shares the chosen row's distributions; only its log-probability per token differs
+        data[name] = np.stack(
+            [grid.tokens(getattr(o, name), o.argmax_logp_tok if name == "logp_tok" else getattr(o, name)) for o in (res.before, res.after)]
+        )
+    data["dlogp_lin_tok"] = grid.tokens(res.dlogp_lin_tok, None)[None]
+    if res.dlogp_path is not None:
+        data["dlogp_path"] = grid.rows(res.dlogp_path, res.argmax_path)[None]
+    index = {"checkpoint": [k, k + 1], "interval": [k], "probe": p.probe_ids, "response": p.responses, "token": list(range(grid.width))}
+    if config.by_tensor:
+        index["tensor"] = res.tensor_names
+        data["dlogp_lin_tensor"] = grid.rows(res.lin_by_tensor, res.argmax_lin_by_tensor)[None]
+        if res.path_by_tensor is not None:
+            data["dlogp_path_tensor"] = grid.rows(res.path_by_tensor, None)[None]
+    coords = {
+        "step": [r.step for r in refs], "step_source": [r.step_source for r in refs], "checkpoint_path": [str(r.path) for r in refs],
+        "step_from": [refs[0].step], "step_to": [refs[1].step], "probe_split": p.splits, "probe_group": p.groups,
+    }  # fmt: skip
+    return cube.build(index=index, data=data, coords=coords, attrs={"jvp_method": res.method})
+
+
+class _Grid:
+    """Scatter batch rows (probe, response type) into (probe, response[, …]) arrays, NaN where absent."""
+
+    def __init__(self, p: Prepared):
+        self.p = p
+        self.shape = (len(p.probe_ids), len(p.responses))
+        self.where = [(i, p.responses.index(t)) for i, t in p.batch.rows]
+        self.chosen = [(i, b) for b, (i, t) in enumerate(p.batch.rows) if t == "chosen"]
+        mask = p.batch.target_mask.cpu()
+        self.positions = [mask[b].nonzero().flatten() for b in range(len(p.batch))]  # response positions per row
+        self.width = max(len(x) for x in self.positions)
+
+    def _empty(self, *extra: int) -> np.ndarray:
+        return np.full((*self.shape, *extra), np.nan)
+
+    def rows(self, values: torch.Tensor, argmax: torch.Tensor | None) -> np.ndarray:
+        """(B,) or (B, K) per row -> (P, R) or (P, R, K); y* is read from the chosen row."""
+        out = self._empty(*values.shape[1:])
+        v = values.detach().double().cpu().numpy()
+        for b, (i, j) in enumerate(self.where):
+            out[i, j] = v[b]
+        if argmax is not None and ARGMAX in self.p.responses:
+            a = argmax.detach().double().cpu().numpy()
+            for i, b in self.chosen:
+                out[i, self.p.responses.index(ARGMAX)] = a[b]
+        return out
+
+    def tokens(self, values: torch.Tensor, argmax: torch.Tensor | None) -> np.ndarray:
+        out = self._empty(self.width)
+        v = values.detach().double().cpu()
+        for b, (i, j) in enumerate(self.where):
+            pos = self.positions[b]
+            out[i, j, : len(pos)] = v[b, pos].numpy()
+        if argmax is not None and ARGMAX in self.p.responses:
+            a = argmax.detach().double().cpu()
+            for i, b in self.chosen:
+                pos = self.positions[b]
+                out[i, self.p.responses.index(ARGMAX), : len(pos)] = a[b, pos].numpy()
+        return out
+
+
+
+# --- parts on disk ---------------------------------------------------------------------------------------
+
+
+def parts_dir(out: Path) -> Path:
+    return out.with_name(out.name + PARTS_SUFFIX)
+
+
+def part_path(out: Path, k: int) -> Path:
+    return parts_dir(out) / f"interval-{k:06d}.h5"
+
+
+def check_or_write_config(out: Path, config: AnalysisConfig) -> None:
+    """Refuse to mix settings into existing parts; record the settings for a new analysis."""
+    folder = parts_dir(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    marker = folder / "config.json"
+    if marker.is_file():
+        diffs = config.differences(json.loads(marker.read_text()))
+        if diffs:
+            raise ConfigMismatchError(
+                f"{folder} holds parts computed with other settings ({'; '.join(diffs)}); rerun with the same "
+                f"settings to resume, or delete {folder} (or choose another -o) to start over"
+            )
+        return
+    tmp = marker.with_suffix(".json.partial")
+    tmp.write_text(config.to_json())
+    tmp.replace(marker)
+
+
+def missing_parts(out: Path, n_intervals: int) -> list[int]:
+    """Intervals without a complete part (a part is complete once its final name exists)."""
+    return [k for k in range(n_intervals) if not part_path(out, k).is_file()]
+
+
+def consolidate(out: Path, n_intervals: int, anatomy_ds: xr.Dataset, attrs: dict) -> Path:
+    """Merge the parts and the update anatomy into the final cube; replace ``out`` atomically."""
+    parts = []
+    for k in range(n_intervals):
+        with xr.open_dataset(part_path(out, k), engine=cube.ENGINE) as ds:
+            parts.append(ds.load())
+    per_ckpt = [n for n, v in parts[0].data_vars.items() if "checkpoint" in v.dims]
+    per_iv = [n for n, v in parts[0].data_vars.items() if "interval" in v.dims]
+    ckpt = xr.concat([d[per_ckpt] for d in parts], dim="checkpoint", coords="minimal", compat="override", join="outer")
+    ckpt = ckpt.drop_duplicates("checkpoint")
+    iv = xr.concat([d[per_iv] for d in parts], dim="interval", coords="minimal", compat="override", join="outer")
+    merged = xr.merge([ckpt, iv, anatomy_ds], compat="override", join="outer", combine_attrs="drop")
+    merged = cube.describe(merged.assign_attrs(attrs))
+    return cube.save(merged, out)
+
+
+def anatomy_dataset(run: Run) -> tuple[xr.Dataset, list[str]]:
+    """Update statistics of the whole run (streamed), as cube variables, and their warnings."""
+    anatomy = update_anatomy(run)
+    names = anatomy.tensor_names
+    stats = {name: np.array([[getattr(iv.tensors[n], name) for n in names] for iv in anatomy.intervals]) for name in ("update_norm", "param_norm", "update_cos", "zero_frac")}
+    lr = np.array([iv.lr for iv in anatomy.intervals])
+    ds = cube.build(index={"interval": list(range(len(anatomy.intervals))), "tensor": names}, data=stats, coords={"lr": lr})
+    return ds, list(anatomy.warnings)
+
+
+def fingerprint(path: Path, edge: int = 16 * 2**20) -> str:
+    """size + sha256 of the first and last ``edge`` bytes of each file of a checkpoint (cheap for big files)."""
+    files = sorted(path.rglob("*")) if path.is_dir() else [path]
+    h = hashlib.sha256()
+    for f in (f for f in files if f.is_file()):
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode())
+        with f.open("rb") as fh:
+            h.update(fh.read(edge))
+            if size > 2 * edge:
+                fh.seek(size - edge)
+                h.update(fh.read(edge))
+    return h.hexdigest()
+
+
+def analyze(
+    config: AnalysisConfig,
+    out: str | Path,
+    *,
+    device: str = "cpu",
+    workers: int | None = None,
+    scheduler: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    command: str = "",
+) -> Path:
+    """Compute every missing part, then consolidate the cube at ``out``. Returns its path."""
+    out = Path(out).resolve()
+    if not out.parent.is_dir():
+        raise CkptforceError(f"{out.parent}: no such directory for the output; create it or choose another -o")
+    prepared = prepare(config, device)
+    run = prepared.run
+    if Path(run.root).resolve() in out.parents or Path(run.root).resolve() == out.parent:
+        raise CkptforceError(f"{out}: the output would be written into the run directory {run.root}; choose an -o outside it")
+    n = len(run.checkpoints) - 1
+    check_or_write_config(out, config)
+    todo = missing_parts(out, n)
+    done = n - len(todo)
+    if progress:
+        progress(done, n)
+    for k, part in _map_parts(config, todo, device, workers, scheduler):
+        cube.save(part, part_path(out, k))
+        done += 1
+        if progress:
+            progress(done, n)
+    anatomy_ds, warnings = anatomy_dataset(run)
+    first = xr.open_dataset(part_path(out, 0), engine=cube.ENGINE)
+    method = first.attrs.get("jvp_method", "")
+    first.close()
+    attrs = cube.provenance(
+        tool_version=__version__, history=command, run_dir=str(run.root), layout=run.layout, config=config.to_json(),
+        device=device, jvp_method=method, step_source=",".join(r.step_source for r in run.checkpoints),
+        checkpoint_fingerprints={str(r.path): fingerprint(r.path) for r in run.checkpoints},
+        warnings=run.notes + warnings + _linearisation_warnings(out, n), attention=prepared.model.attention,
+        model_source=prepared.model.source,
+    )  # fmt: skip
+    final = consolidate(out, n, anatomy_ds, attrs)
+    shutil.rmtree(parts_dir(out))
+    return final
+
+
+def _linearisation_warnings(out: Path, n: int) -> list[str]:
+    warnings = []
+    for k in range(n):
+        with xr.open_dataset(part_path(out, k), engine=cube.ENGINE) as ds:
+            ratio = float(ds["remainder_ratio"].values[0])
+            span = (int(ds["step_from"].values[0]), int(ds["step_to"].values[0]))
+        if ratio > POOR_LINEARISATION:
+            warnings.append(
+                f"step {span[0]}→{span[1]}: first-order prediction misses {ratio:.0%} of the observed change "
+                "(remainder ratio); attribute with dlogp_path, or use checkpoints closer together"
+            )
+    return warnings
+
+
+def _map_parts(config: AnalysisConfig, todo: list[int], device: str, workers: int | None, scheduler: str | None):
+    """(k, part) as each is computed: in order locally, as completed on a Dask cluster."""
+    if not todo:
+        return
+    if not workers and not scheduler:
+        for k in todo:
+            yield k, compute_part(config.to_json(), k, device)
+        return
+    try:
+        from distributed import Client, LocalCluster, as_completed
+    except ImportError as e:
+        raise CkptforceError("--workers / --scheduler need Dask distributed: pip install 'ckptforce[parallel]'") from e
+    cluster = None
+    if scheduler:
+        client = Client(scheduler)
+    else:
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
+        client = Client(cluster)
+    try:
+        futures = {client.submit(_remote_part, config.to_json(), k, device, pure=False): k for k in todo}
+        for future in as_completed(futures):
+            yield futures[future], future.result()
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+def _remote_part(config_json: str, k: int, device: str) -> xr.Dataset:
+    torch.set_num_threads(1)
+    return compute_part(config_json, k, device)

@@ -1,0 +1,123 @@
+"""``ckptforce analyze`` end to end on a real Trainer run: the cube's names and numbers, resume after SIGKILL,
+Dask workers against serial, and the refusals (other settings, output inside the run)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xarray as xr
+from click.testing import CliRunner
+
+from ckptforce.cli import main
+from conftest import tree_digest
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+@pytest.fixture(scope="module")
+def probes(tmp_path_factory) -> Path:
+    rng = np.random.default_rng(0)
+
+    def ids(k):
+        return rng.integers(0, 64, k).tolist()
+
+    lines = [
+        {"id": f"q{i}", "prompt_ids": ids(4), "split": "train" if i < 3 else "test", "group": "g" + str(i % 2),
+         "responses": {"chosen": ids(3), "rejected": ids(5), "random": ids(2)}}
+        for i in range(5)
+    ]  # fmt: skip
+    path = tmp_path_factory.mktemp("probes") / "probes.jsonl"
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    return path
+
+
+def _analyze(*args) -> "object":
+    return CliRunner().invoke(main, ["analyze", *map(str, args)])
+
+
+def _data(ds: xr.Dataset) -> xr.Dataset:
+    return ds.drop_attrs(deep=False)
+
+
+@pytest.fixture(scope="module")
+def serial_cube(runs, probes, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("serial") / "cube.h5"
+    before = tree_digest(runs["hf"].root)
+    result = _analyze(runs["hf"].root, "--probes", probes, "-o", out, "--quiet")
+    assert result.exit_code == 0, result.output
+    assert tree_digest(runs["hf"].root) == before, "analyze wrote into the run directory"
+    return out
+
+
+def test_cube_has_the_documented_names_and_consistent_numbers(serial_cube, runs):
+    with xr.open_dataset(serial_cube, engine="h5netcdf") as ds:
+        assert list(ds["step"].values) == runs["hf"].steps
+        assert list(ds["response"].values) == ["chosen", "rejected", "random", "argmax"]
+        for name in ("logp", "dlogp_obs", "dlogp_lin", "dlogp_path", "update_norm", "param_norm", "update_cos", "dlogp_lin_tensor"):
+            assert name in ds, name
+        obs = ds["logp"].diff("checkpoint").values
+        np.testing.assert_allclose(ds["dlogp_obs"].values, obs, rtol=1e-6, atol=1e-6)
+        # the path integral is complete for smooth log π; y* switches tokens along the path (kinks), so only finite
+        given = ds.drop_sel(response="argmax")
+        np.testing.assert_allclose(given["dlogp_path"].values, given["dlogp_obs"].values, atol=1e-4)
+        assert np.isfinite(ds["dlogp_path"].sel(response="argmax").values).all()
+        np.testing.assert_allclose(ds["dlogp_lin_tensor"].sum("tensor").values, ds["dlogp_lin"].values, rtol=1e-4, atol=1e-6)
+        assert (ds["logp"].sel(response="argmax") >= ds["logp"].sel(response="chosen") - 1e-6).all()
+        assert float(ds["lr"][0]) > 0 and json.loads(ds.attrs["config"])["nodes"] == 3
+        assert set(json.loads(ds.attrs["checkpoint_fingerprints"])) == {str(p) for p in runs["hf"].checkpoints}
+    assert not Path(str(serial_cube) + ".parts").exists()
+
+
+def test_sigkill_then_resume_gives_the_same_cube(serial_cube, runs, probes, tmp_path):
+    out = tmp_path / "cube.h5"
+    parts = Path(str(out) + ".parts")
+    cmd = [sys.executable, "-m", "ckptforce.cli", "analyze", str(runs["hf"].root), "--probes", str(probes), "-o", str(out), "-q"]
+    proc = subprocess.Popen(cmd, cwd=Path(__file__).parents[1], start_new_session=True)
+    deadline = time.time() + 120
+    while not (parts / "interval-000000.h5").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    if out.exists():
+        pytest.skip("the run finished before the kill landed")
+    assert (parts / "interval-000000.h5").exists() and not (parts / "interval-000001.h5").exists()
+    result = _analyze(runs["hf"].root, "--probes", probes, "-o", out, "--quiet")
+    assert result.exit_code == 0, result.output
+    with xr.open_dataset(out, engine="h5netcdf") as resumed, xr.open_dataset(serial_cube, engine="h5netcdf") as serial:
+        xr.testing.assert_allclose(_data(resumed), _data(serial), rtol=1e-6, atol=1e-7)
+
+
+def test_dask_workers_equal_serial(serial_cube, runs, probes, tmp_path):
+    out = tmp_path / "cube.h5"
+    result = _analyze(runs["hf"].root, "--probes", probes, "-o", out, "--quiet", "--workers", "2")
+    assert result.exit_code == 0, result.output
+    with xr.open_dataset(out, engine="h5netcdf") as par, xr.open_dataset(serial_cube, engine="h5netcdf") as serial:
+        xr.testing.assert_allclose(_data(par), _data(serial), rtol=1e-6, atol=1e-7)
+
+
+def test_other_settings_are_not_mixed_into_existing_parts(runs, probes, tmp_path):
+    out = tmp_path / "cube.h5"
+    parts = Path(str(out) + ".parts")
+    parts.mkdir()
+    (parts / "config.json").write_text(json.dumps({"nodes": 2}))
+    result = _analyze(runs["hf"].root, "--probes", probes, "-o", out)
+    assert result.exit_code == 2
+    assert "holds parts computed with other settings" in result.stderr and "nodes: 2 (existing parts) vs 3 (now)" in result.stderr
+
+
+def test_output_inside_the_run_is_refused(runs, probes, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(runs["hf"].root, run)
+    result = _analyze(run, "--probes", probes, "-o", run / "cube.h5")
+    assert result.exit_code == 2 and "would be written into the run directory" in result.stderr
+    missing = _analyze(run, "--probes", probes, "-o", tmp_path / "nope" / "cube.h5")
+    assert missing.exit_code == 2 and "no such directory for the output" in missing.stderr
