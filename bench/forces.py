@@ -40,6 +40,7 @@ import resource
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -86,8 +87,8 @@ def _imports():
     import transformers  # noqa: F401
     from transformers import GPT2Config, GPT2LMHeadModel  # noqa: F401  (the lazy module loads the model code)
 
-    import ckptforce.forces  # noqa: F401
-    import ckptforce.model  # noqa: F401
+    import ckptforce.forces
+    import ckptforce.model
     import ckptforce.probes  # noqa: F401
 
     return torch
@@ -98,7 +99,9 @@ def _sync(torch, device) -> None:
         torch.cuda.synchronize(device)
 
 
-def random_batch(n_probes: int, n_responses: int, vocab: int, prompt_len: tuple[int, int], response_len: tuple[int, int], seed: int):
+def random_batch(
+    n_probes: int, n_responses: int, vocab: int, prompt_len: tuple[int, int], response_len: tuple[int, int], seed: int
+):
     """``n_probes`` probes of random token ids with ``n_responses`` response types each -> a TokenBatch."""
     import random
 
@@ -194,7 +197,9 @@ def worker_measure(args) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     run = _method_fn(args.worker, model, params, batch, direction, args.chunk_size)
     # delta_path's warm-up is delta_path(nodes=1): the same code and kernels as n nodes, at the cost of one node
-    warm = _method_fn("path1", model, params, batch, direction, args.chunk_size) if args.worker.startswith("path") else run
+    warm = (
+        _method_fn("path1", model, params, batch, direction, args.chunk_size) if args.worker.startswith("path") else run
+    )
     # Every worker but the forward's also times a plain forward, interleaved with its own runs: its ratio divides
     # by the forward measured alongside it, which holds up when other processes come and go on the CPUs.
     fwd = None if args.worker == "forward" else _method_fn("forward", model, params, batch, direction, args.chunk_size)
@@ -248,11 +253,13 @@ def worker_profile(args) -> dict:
     from ckptforce.forces import delta_lin, dlogp_from_dlogits, jvp_logits
 
     device = torch.device(args.device)
-    model, params, batch, direction, info = build_synthetic(args, torch, device)
+    model, params, batch, direction, _ = build_synthetic(args, torch, device)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     fwd = _method_fn("forward", model, params, batch, direction, None)
-    lin = lambda: delta_lin(model.logits, params, batch, direction, method="jvp")  # noqa: E731
+
+    def lin():
+        return delta_lin(model.logits, params, batch, direction, method="jvp")
 
     def best(f, k=2):
         f()
@@ -266,11 +273,14 @@ def worker_profile(args) -> dict:
         return min(ts), r
 
     t_fwd, _ = best(fwd)
-    t_jl, (logits, dz, _) = best(lambda: jvp_logits(model.logits, params, batch, direction, method="jvp"))
-    t_dl, _ = best(lambda: dlogp_from_dlogits(logits, dz, batch.targets, batch.target_mask))
-    del logits, dz
-    text = [f"whole batch, no chunking: forward {t_fwd:.3f} s; delta_lin(jvp) = jvp_logits {t_jl:.3f} s "
-            f"({t_jl / t_fwd:.2f}× forward) + dlogp_from_dlogits {t_dl:.3f} s ({t_dl / t_fwd:.2f}× forward)"]  # fmt: skip
+    t_jl, pair = best(lambda: jvp_logits(model.logits, params, batch, direction, method="jvp"))
+    t_dl, _ = best(lambda: dlogp_from_dlogits(pair[0], pair[1], batch.targets, batch.target_mask))
+    pair = None
+    head = (
+        f"whole batch, no chunking: forward {t_fwd:.3f} s; delta_lin(jvp) = jvp_logits {t_jl:.3f} s "
+        f"({t_jl / t_fwd:.2f}× forward) + dlogp_from_dlogits {t_dl:.3f} s ({t_dl / t_fwd:.2f}× forward)"
+    )
+    text = [head]
     for name, f in (("forward", fwd), ("delta_lin(jvp)", lin)):
         with profile(activities=acts) as prof:
             f()
@@ -307,15 +317,22 @@ def worker_quad(args) -> dict:
     batch = random_batch(args.quad_probes, args.responses, vocab, p_len, r_len, args.seed + 3).to(device)
     fn = model.logits
 
-    def timed(f):  # the caller's first call was the warm-up
-        ts = []
+    def once(f):
+        _sync(torch, device)
+        t0 = time.perf_counter()
+        f()
+        _sync(torch, device)
+        return time.perf_counter() - t0
+
+    def cost(f, p):  # the caller's first call of f was its warm-up; a forward is timed alongside each run
+        ts, fs = [], []
         for _ in range(args.quad_repeat):
-            _sync(torch, device)
-            t0 = time.perf_counter()
-            f()
-            _sync(torch, device)
-            ts.append(time.perf_counter() - t0)
-        return min(ts)
+            ts.append(once(f))
+            fs.append(once(lambda: fwd(p)))
+        fwd_best.append(min(fs))
+        return min(ts) / min(fs)
+
+    fwd_best: list[float] = []
 
     def fwd(p):
         with torch.no_grad():
@@ -330,26 +347,26 @@ def worker_quad(args) -> dict:
     for a, b in pairs:
         pa, pb = thetas[a], thetas[b]
         step = {n: pb[n] - pa[n] for n in pa}
-        rel_step = math.sqrt(sum(float(d.pow(2).sum()) for d in step.values())) / math.sqrt(sum(float(p.pow(2).sum()) for p in pa.values()))
+        rel_step = math.sqrt(sum(float(d.pow(2).sum()) for d in step.values())) / math.sqrt(
+            sum(float(p.pow(2).sum()) for p in pa.values())
+        )
         obs = observe(fn, pb, batch).logp - observe(fn, pa, batch).logp
-        if not costs:
-            fwd(pa)
-            t_fwd = timed(lambda: fwd(pa))
+        fwd(pa)  # warm-up
         denom_max = float(obs.abs().max())
         denom_mean = float(obs.abs().mean())
         rows = []
-        for n in range(0, QUAD_MAX_NODES + 1):
+        for n in range(QUAD_MAX_NODES + 1):
             if n == 0:
-                f = lambda: delta_lin(fn, pa, batch, step, method="jvp").total  # noqa: E731
+                f = partial(lambda p, v: delta_lin(fn, p, batch, v, method="jvp").total, pa, step)
             else:
-                f = lambda n=n: delta_path(fn, pa, batch, step, nodes=n, method="jvp").total  # noqa: E731
+                f = partial(lambda p, v, k: delta_path(fn, p, batch, v, nodes=k, method="jvp").total, pa, step, n)
             pred = f()  # also the warm-up for the timing
             gap = (pred - obs).abs()
             if n not in costs:
-                costs[n] = timed(f) / t_fwd
+                costs[n] = cost(f, pa)
             rows.append({"n": n, "max_rel": float(gap.max()) / denom_max, "mean_rel": float(gap.mean()) / denom_mean,
                          "cost": costs[n]})  # fmt: skip
-        result["forward_s"] = t_fwd
+        result["forward_s"] = min(fwd_best)
         result["pairs"].append({"a": a, "b": b, "rel_step": rel_step, "obs_max": denom_max, "obs_mean": denom_mean,
                                 "rows": rows})  # fmt: skip
     return result
@@ -380,7 +397,7 @@ def _common_args(args) -> list[str]:
 def run_worker(kind: str, args, timeout: int = 1800) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, *_common_args(args)]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, check=False, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
     wall = time.perf_counter() - t0
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(MARKER)]
     if proc.returncode != 0 or not lines:
@@ -399,7 +416,9 @@ def _max_rel_diff(a: list[float], b: list[float]) -> float:
 
 def check_jvp_vs_double_vjp(jvp: dict, dvjp: dict) -> dict[str, float]:
     if jvp.get("method_used") != "jvp" or dvjp.get("method_used") != "double_vjp":
-        raise SystemExit(f"delta_lin used {jvp.get('method_used')!r} / {dvjp.get('method_used')!r}, asked for jvp / double_vjp")
+        raise SystemExit(
+            f"delta_lin used {jvp.get('method_used')!r} / {dvjp.get('method_used')!r}, asked for jvp / double_vjp"
+        )
     rel = {}
     for key in ("total", "tok", "argmax"):
         a, b = jvp["values"][key], dvjp["values"][key]
@@ -415,6 +434,35 @@ def check_jvp_vs_double_vjp(jvp: dict, dvjp: dict) -> dict[str, float]:
     return rel
 
 
+def ratio_of(r: dict) -> float:
+    """Best time / best plain forward timed alongside it in the same worker (1 for the forward itself)."""
+    return min(r["times"]) / min(r["fwd_times"]) if r["fwd_times"] else 1.0
+
+
+def peak_mib(r: dict, base_kib: int, cuda: bool) -> float:
+    """One call's peak: CUDA max_memory_allocated, or the worker's ru_maxrss above the import-only worker's."""
+    return r["cuda_peak"] / MIB if cuda else (r["peak_kib"] - base_kib) / 1024
+
+
+def fmt_measure(r: dict, forward: dict, base_kib: int, cuda: bool) -> str:
+    best = min(r["times"])
+    times = " ".join(f"{t:.3f}" for t in r["times"])
+    line = f"[{r['method']:10s}] best {best:7.3f} s = {_fmt_ratio(ratio_of(r)):>6s} forward"
+    if r["fwd_times"]:
+        line += f" (forward alongside: best {min(r['fwd_times']):.3f} s; vs the forward worker's {best / min(forward['times']):.2f}×)"
+    line += f"  runs {times}, warm-up {r['warmup_s']:.3f}"
+    if cuda:
+        line += (f"  peak allocated {r['cuda_peak'] / MIB:.1f} MiB (after setup {r['cuda_after_setup'] / MIB:.1f}, "
+                 f"after all runs {r['cuda_peak_all'] / MIB:.1f})")  # fmt: skip
+    else:
+        line += (f"  peak RSS above import {(r['peak_kib'] - base_kib) / 1024:.0f} MiB (above setup "
+                 f"{(r['peak_kib'] - r['maxrss_after_setup_kib']) / 1024:.0f}; after all runs {(r['maxrss_kib'] - base_kib) / 1024:.0f}, "
+                 f"VmHWM {r['vmhwm_kib'] / 1024:.0f} raw)")  # fmt: skip
+    line += f"  [worker {r['worker_wall_s']:.0f} s]"
+    spread = max(r["times"]) / best
+    return line + (f"  [spread {spread:.2f}×: CPUs busy?]" if spread > 1.5 else "")
+
+
 def _fmt_ratio(x: float) -> str:
     return f"{x:.2f}×" if x < 10 else f"{x:.1f}×"
 
@@ -426,11 +474,13 @@ def print_quad(q: dict, jvp_ratio: float | None) -> int | None:
         f"responses, prompt {q['prompt_len'][0]}-{q['prompt_len'][1]}, responses {q['response_len'][0]}-{q['response_len'][1]} tokens), T = {q['T']}, {q['response_tokens']} response tokens"
     )
     print("  gap = |Δ_pred − Δ_obs| per row; max rel = max gap / max|Δ_obs|, mean rel = mean gap / mean|Δ_obs|;"
-          " cost = best time / best plain forward of the same batch\n"
+          " cost = best time / best plain forward of the same batch, timed alternately\n"
           f"  (forward {q['forward_s'] * 1e3:.0f} ms; costs timed on the first pair and shown for both; on a model this small, allocation"
           " and per-op overhead dominate)")  # fmt: skip
     if jvp_ratio is not None:
-        print(f"  'bench-size cost' ≈ n × the synthetic model's Δ_lin (jvp) ratio ({jvp_ratio:.2f}×): what n nodes cost there")
+        print(
+            f"  'bench-size cost' ≈ n × the synthetic model's Δ_lin (jvp) ratio ({jvp_ratio:.2f}×): what n nodes cost there"
+        )
     ok_nodes = None
     passing = {n: True for n in range(1, QUAD_MAX_NODES + 1)}
     for pair in q["pairs"]:
@@ -470,21 +520,39 @@ def main(argv: list[str] | None = None) -> int:
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    ap.add_argument("--device", default="cpu", help="torch device: cpu or cuda (cuda[:k]); CUDA timings synchronize before and after each run")
-    ap.add_argument("--repeat", type=int, default=3, metavar="R", help="timed runs per measurement after one warm-up; the best is reported")
+    ap.add_argument(
+        "--device",
+        default="cpu",
+        help="torch device: cpu or cuda (cuda[:k]); CUDA timings synchronize before and after each run",
+    )
+    ap.add_argument(
+        "--repeat",
+        type=int,
+        default=3,
+        metavar="R",
+        help="timed runs per measurement after one warm-up; the best is reported",
+    )
     ap.add_argument("--layers", type=int, default=4, help="synthetic GPT-2: n_layer")
     ap.add_argument("--embd", type=int, default=256, help="synthetic GPT-2: n_embd (hidden size)")
     ap.add_argument("--heads", type=int, default=4, help="synthetic GPT-2: n_head (must divide --embd)")
-    ap.add_argument("--vocab", type=int, default=4096, help="synthetic GPT-2: vocab_size (the logits are rows × T × vocab)")
+    ap.add_argument(
+        "--vocab", type=int, default=4096, help="synthetic GPT-2: vocab_size (the logits are rows × T × vocab)"
+    )
     ap.add_argument("--probes", type=int, default=24,
                     help="synthetic probes (random token ids, prompt 12-20 and responses 6-16 tokens); rows = probes × responses")  # fmt: skip
-    ap.add_argument("--responses", type=int, default=8, help="response types per probe (also used for the quadrature table)")
+    ap.add_argument(
+        "--responses", type=int, default=8, help="response types per probe (also used for the quadrature table)"
+    )
     ap.add_argument("--chunk-size", type=int, default=None, metavar="ROWS",
                     help="rows per call for forward, observe, delta_lin and delta_path alike (default: the whole batch at once)")  # fmt: skip
-    ap.add_argument("--path-nodes", default="2,4", metavar="N,N", help="quadrature node counts for the delta_path timings")
+    ap.add_argument(
+        "--path-nodes", default="2,4", metavar="N,N", help="quadrature node counts for the delta_path timings"
+    )
     ap.add_argument("--by-tensor", action="store_true",
                     help="also time contributions_by_tensor (per-row gradients, chunk_size 16); off by default: it is slow")  # fmt: skip
-    ap.add_argument("--quad-probes", type=int, default=64, metavar="P", help="probes for the quadrature table on the sample run")
+    ap.add_argument(
+        "--quad-probes", type=int, default=64, metavar="P", help="probes for the quadrature table on the sample run"
+    )
     ap.add_argument("--quad-repeat", type=int, default=2, metavar="R",
                     help="timed runs per cost in the quadrature table, after the run that computes the values; best reported")  # fmt: skip
     ap.add_argument("--no-quad", action="store_true", help="skip the quadrature-node table on the sample run")
@@ -525,9 +593,16 @@ def main(argv: list[str] | None = None) -> int:
     mem_note = ("peak = torch.cuda.max_memory_allocated of the worker" if cuda else
                 f"import-only peak RSS {base_kib / 1024:.0f} MiB (VmHWM {imp['vmhwm_kib'] / 1024:.0f}); "
                 f"driver peak RSS {_maxrss_kib() / 1024:.0f} MiB")  # fmt: skip
-    print(f"[import] torch {imp['torch']}, torch threads {imp['torch_threads']}, import {imp['import_s']:.1f} s; {mem_note}", flush=True)
+    print(
+        f"[import] torch {imp['torch']}, torch threads {imp['torch_threads']}, import {imp['import_s']:.1f} s; {mem_note}",
+        flush=True,
+    )
 
-    methods = ["forward", "observe", "jvp", "double_vjp"] + [f"path{n}" for n in nodes] + (["by_tensor"] if args.by_tensor else [])
+    methods = (
+        ["forward", "observe", "jvp", "double_vjp"]
+        + [f"path{n}" for n in nodes]
+        + (["by_tensor"] if args.by_tensor else [])
+    )
     res: dict[str, dict] = {}
     for m in methods:
         r = run_worker(m, args)
@@ -539,17 +614,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['response_tokens']} response tokens); "
                   + (f"chunks of {args.chunk_size} rows" if args.chunk_size else "whole batch in one call (no chunking)"),
                   flush=True)  # fmt: skip
-        best = min(r["times"])
-        ratio = best / min(res["forward"]["times"])
-        spread = max(r["times"]) / best
-        if cuda:
-            mem = f"peak allocated {r['cuda_peak'] / MIB:7.1f} MiB (setup {r['cuda_after_setup'] / MIB:.1f})"
-        else:
-            mem = (f"peak RSS {r['maxrss_kib'] / 1024:6.0f} MiB, above import {(r['maxrss_kib'] - base_kib) / 1024:6.0f}, "
-                   f"above setup {(r['maxrss_kib'] - r['maxrss_after_setup_kib']) / 1024:6.0f} (VmHWM {r['vmhwm_kib'] / 1024:.0f})")  # fmt: skip
-        times = " ".join(f"{t:.3f}" for t in r["times"])
-        print(f"[{m:10s}] best {best:7.3f} s  = {_fmt_ratio(ratio):>7s} forward   (warm-up {r['warmup_s']:.3f}, runs {times})  {mem}"
-              + f"  [worker {r['worker_wall_s']:.0f} s]" + (f"  [spread {spread:.2f}×: CPUs busy?]" if spread > 1.5 else ""), flush=True)  # fmt: skip
+        print(fmt_measure(r, res["forward"], base_kib, cuda), flush=True)
 
     rel = check_jvp_vs_double_vjp(res["jvp"], res["double_vjp"])
     print(f"[check] Δ_lin jvp vs double vjp agree: max|diff|/max|Δ| = total {rel['total']:.1e}, per token {rel['tok']:.1e}, "
@@ -561,18 +626,20 @@ def main(argv: list[str] | None = None) -> int:
         print("\n[profile]\n" + prof_text, flush=True)
 
     t_fwd = min(res["forward"]["times"])
-    ratio = {m: min(r["times"]) / t_fwd for m, r in res.items()}
+    ratio = {m: ratio_of(r) for m, r in res.items()}
     suggested = None
     if not args.no_quad:
         q = run_worker("quad", args)
         suggested = print_quad(q, ratio["jvp"])
 
-    if cuda:
-        mem = {m: r["cuda_peak"] / MIB for m, r in res.items()}
-    else:
-        mem = {m: (r["maxrss_kib"] - base_kib) / 1024 for m, r in res.items()}
-    print(f"\n[summary] best of {args.repeat}, forward {t_fwd:.3f} s; total bench time {time.perf_counter() - t_start:.0f} s"
-          f"; load average now {os.getloadavg()[0]:.2f}")  # fmt: skip
+    mem = {m: peak_mib(r, base_kib, cuda) for m, r in res.items()}
+    spread = [label(m) for m, r in res.items() if max(r["times"]) > 1.5 * min(r["times"])]
+    print(f"\n[summary] best of {args.repeat}; forward {t_fwd:.3f} s; ratios divide by the forward timed in the same worker; "
+          f"total bench time {time.perf_counter() - t_start:.0f} s; load average now {os.getloadavg()[0]:.2f}")  # fmt: skip
+    if spread:
+        print(
+            f"[warn] run times spread > 1.5× for {', '.join(spread)}: other processes were using the CPUs; rerun if in doubt"
+        )
     paths = "  ".join(f"n={m[4:]}: {_fmt_ratio(ratio[m])}" for m in methods if m.startswith("path"))
     line = (f"Δ_lin (jvp): {ratio['jvp']:.2f}× forward  (goal ≤ {GOAL_JVP}×)   Δ_lin (double vjp): {ratio['double_vjp']:.2f}× forward"
             f"   Δ_path {paths}   observe: {ratio['observe']:.2f}× forward")  # fmt: skip
