@@ -112,11 +112,7 @@ class HfCheckpoint(Checkpoint):
         return self.config or None
 
     def lr_log(self) -> list[tuple[int, float]]:
-        return [
-            (int(e["step"]), float(e["learning_rate"]))
-            for e in self.trainer_state.get("log_history", [])
-            if "learning_rate" in e and "step" in e
-        ]
+        return trainer_lr_log(self.folder)
 
     def optimizer(self) -> OptimizerState | None:
         f = next((self.folder / n for n in ("optimizer.pt", "optimizer.bin") if (self.folder / n).is_file()), None)
@@ -177,12 +173,7 @@ class HfLayout(Layout):
             return None
         if not any((path / n).is_file() for n in WEIGHT_FILES):
             return None
-        state = path / STATE_FILE
-        if state.is_file():
-            step = read_json(state).get("global_step")
-            if isinstance(step, int):
-                return Candidate(path, self.name, step, f"{path.name}/{STATE_FILE}:global_step")
-        return Candidate(path, self.name)
+        return trainer_candidate(path, self.name)
 
     def find(self, root: Path) -> list[Candidate]:
         found = [c for p in sorted(root.iterdir()) if (c := self.probe(p)) is not None]
@@ -193,6 +184,23 @@ class HfLayout(Layout):
 
     def open(self, ref: CheckpointRef, *, trust_pickles: bool = False) -> Checkpoint:
         return HfCheckpoint(ref, trust_pickles=trust_pickles)
+
+
+def trainer_candidate(path: Path, layout: str) -> Candidate:
+    """A Trainer folder as a candidate, with ``trainer_state.json``'s ``global_step`` when it has one."""
+    state = path / STATE_FILE
+    if state.is_file():
+        step = read_json(state).get("global_step")
+        if isinstance(step, int):
+            return Candidate(path, layout, step, f"{path.name}/{STATE_FILE}:global_step")
+    return Candidate(path, layout)
+
+
+def trainer_lr_log(folder: Path) -> list[tuple[int, float]]:
+    """(step, learning rate) from ``trainer_state.json``'s ``log_history``, when the folder has one."""
+    state = folder / STATE_FILE
+    log = read_json(state).get("log_history", []) if state.is_file() else []
+    return [(int(e["step"]), float(e["learning_rate"])) for e in log if "learning_rate" in e and "step" in e]
 
 
 def final_model_candidate(final: Candidate, checkpoints: list[Candidate]) -> Candidate:

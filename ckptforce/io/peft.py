@@ -18,7 +18,7 @@ import torch
 from ..discover import Candidate, CheckpointRef
 from ..errors import CheckpointReadError
 from .base import Checkpoint, LowRank, TensorInfo, canonical_names
-from .hf import STATE_FILE, HfLayout, read_json
+from .hf import HfLayout, read_json, trainer_candidate, trainer_lr_log
 from .safetensors_ import SafetensorsStore
 from .torch_ import load_torch_file
 
@@ -96,9 +96,7 @@ class PeftCheckpoint(Checkpoint):
 
 
     def lr_log(self) -> list[tuple[int, float]]:
-        state = self.ref.path / STATE_FILE
-        log = read_json(state).get("log_history", []) if state.is_file() else []
-        return [(int(e["step"]), float(e["learning_rate"])) for e in log if "learning_rate" in e and "step" in e]
+        return trainer_lr_log(self.ref.path)
 
 
 def _pattern_value(patterns: dict, module: str, default):
@@ -120,12 +118,7 @@ class PeftLayout(HfLayout):
             return None
         if not any((path / f).is_file() for f in ("adapter_model.safetensors", "adapter_model.bin")):
             return None
-        state = path / STATE_FILE
-        if state.is_file():
-            step = read_json(state).get("global_step")
-            if isinstance(step, int):
-                return Candidate(path, self.name, step, f"{path.name}/{STATE_FILE}:global_step")
-        return Candidate(path, self.name)
+        return trainer_candidate(path, self.name)
 
     def open(self, ref: CheckpointRef, *, trust_pickles: bool = False) -> Checkpoint:
         return PeftCheckpoint(ref, trust_pickles=trust_pickles)
