@@ -13,10 +13,17 @@ Part 1 — cost and memory on a synthetic GPT-2 (random init, ``attn_implementat
 
 All of them see the same batch and the same chunking (``--chunk-size``; default: the whole batch in one call).
 Each measurement runs in a fresh subprocess that builds the model, the batch and Δθ itself, runs the method
-once as a warm-up, then ``--repeat`` timed runs; the best time is reported. Peak memory: on CPU the worker's
-``ru_maxrss`` minus that of a subprocess that only imports (torch, transformers, ckptforce); on CUDA
-``torch.cuda.max_memory_allocated`` (nothing is allocated on the GPU at import). The driver never imports torch:
-on Linux a child's ru_maxrss starts at its parent's peak.
+once as a warm-up (``delta_path`` warms up with ``nodes=1``: the same code at the cost of one node), then
+``--repeat`` timed runs; the best time is reported. Each worker also times a plain forward after every run of
+its method, and its ratio is best(method) / best(forward alongside): that holds up better than dividing by the
+forward worker's time when other processes come and go on the CPUs (the cross-check against the forward
+worker is printed too, as is the share of the CPUs other processes took during each worker).
+
+Peak memory is one call's: read right after the method's first call (later calls can only add allocator
+fragmentation). On CPU the worker's ``ru_maxrss`` minus that of a subprocess that only imports (torch,
+transformers, ckptforce), so it includes the model, batch and Δθ; on CUDA ``torch.cuda.max_memory_allocated``
+(nothing is allocated on the GPU at import). The driver never imports torch: on Linux a child's ru_maxrss
+starts at its parent's peak.
 
 Correctness check: the jvp and double_vjp workers return Δ_lin per row (total, per token, argmax); the driver
 fails unless max|jvp − double_vjp| / max|double_vjp| ≤ 1e-4 for each (fp32).
@@ -24,7 +31,7 @@ fails unless max|jvp − double_vjp| / max|double_vjp| ≤ 1e-4 for each (fp32).
 Part 2 — quadrature nodes on a real run (``sample_runs/tiny-gpt2-trainer``, Hugging Face Trainer checkpoints
 2, 4, 6), in float64: for the pairs 2→4 and 2→6 (a "large step"), Δ_obs = observe(θ_b).logp − observe(θ_a).logp
 and, for n = 0 (the tangent Δ_lin) and n = 1..6 (Δ_path), the max and mean gap relative to Δ_obs and the cost
-relative to one forward. Ends with ``suggested default nodes: N`` — the smallest n whose max relative gap is
+relative to one forward (timed on the first pair; the cost does not depend on Δθ). Ends with ``suggested default nodes: N`` — the smallest n whose max relative gap is
 < 1e-3 on both pairs.
 
 Run from the repository root:  python bench/forces.py  [--device cuda] [--repeat 3] [--probes 24] [--by-tensor]
@@ -50,6 +57,7 @@ MIB = 2**20
 MARKER = "BENCH_RESULT "
 CHECK_REL = 1e-4  # jvp vs double vjp, fp32
 GOAL_JVP = 3.3
+CONTENTION = 0.10  # warn when other processes took more than this share of the CPUs during a measurement
 QUAD_MAX_NODES = 6
 QUAD_TOL = 1e-3
 PROMPT_LEN = (12, 20)  # synthetic probes: prompt and response lengths (inclusive), random ids
@@ -184,6 +192,8 @@ def worker_measure(args) -> dict:
     out = {"method": args.worker, "import_s": time.perf_counter() - t_imp, "maxrss_after_import_kib": _maxrss_kib(),
            "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "device": str(device)}  # fmt: skip
     if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit(f"--device {args.device}: torch {torch.__version__} sees no CUDA device")
         out["device_name"] = torch.cuda.get_device_name(device)
     if args.worker == "import":
         out["maxrss_kib"], out["vmhwm_kib"] = _maxrss_kib(), _vmhwm_kib()
@@ -204,18 +214,25 @@ def worker_measure(args) -> dict:
     # by the forward measured alongside it, which holds up when other processes come and go on the CPUs.
     fwd = None if args.worker == "forward" else _method_fn("forward", model, params, batch, direction, args.chunk_size)
 
-    def timed(f):
+    ru_runs: list[tuple[float, float, int]] = []  # (user s, sys s, minor page faults) of each timed run
+
+    def timed(f, keep=None):
         _sync(torch, device)
+        ru0 = resource.getrusage(resource.RUSAGE_SELF)
         t0 = time.perf_counter()
         r = f()
         _sync(torch, device)
-        return time.perf_counter() - t0, r
+        t = time.perf_counter() - t0
+        ru1 = resource.getrusage(resource.RUSAGE_SELF)
+        if keep is not None:
+            keep.append((ru1.ru_utime - ru0.ru_utime, ru1.ru_stime - ru0.ru_stime, ru1.ru_minflt - ru0.ru_minflt))
+        return t, r
 
     times, fwd_times = [], []
     result = None
     for i in range(args.repeat + 1):  # round 0 is the warm-up
         result = None  # the previous run's output is freed first: the peak is one call's
-        t, result = timed(warm if i == 0 else run)
+        t, result = timed(warm if i == 0 else run, None if i == 0 else ru_runs)
         if i == 0:
             out["warmup_s"] = t
         else:
@@ -229,6 +246,8 @@ def worker_measure(args) -> dict:
             if i > 0:
                 fwd_times.append(t)
     out["times"], out["fwd_times"] = times, fwd_times
+    best = min(range(len(times)), key=times.__getitem__)
+    out["user_s"], out["sys_s"], out["minflt"] = ru_runs[best]  # of the best run
     out["maxrss_kib"], out["vmhwm_kib"] = _maxrss_kib(), _vmhwm_kib()
     if device.type == "cuda":
         out["cuda_peak_all"] = torch.cuda.max_memory_allocated(device)
@@ -255,7 +274,7 @@ def worker_profile(args) -> dict:
     device = torch.device(args.device)
     model, params, batch, direction, _ = build_synthetic(args, torch, device)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     fwd = _method_fn("forward", model, params, batch, direction, None)
 
     def lin():
@@ -394,17 +413,37 @@ def _common_args(args) -> list[str]:
     return out
 
 
+def _cpu_busy_s() -> float:
+    """CPU seconds the whole machine has spent busy (all processes, plus steal), from /proc/stat; −1 if unknown."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    except (OSError, ValueError, IndexError):
+        return -1.0
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def _children_cpu_s() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
 def run_worker(kind: str, args, timeout: int = 1800) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, *_common_args(args)]
+    busy0, own0 = _cpu_busy_s(), _children_cpu_s()
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, check=False, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
     wall = time.perf_counter() - t0
+    busy1, own1 = _cpu_busy_s(), _children_cpu_s()
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(MARKER)]
     if proc.returncode != 0 or not lines:
         sys.stderr.write(proc.stdout[-8000:] + proc.stderr[-8000:])
         raise SystemExit(f"worker {kind!r} failed (exit {proc.returncode})")
     out = json.loads(lines[-1][len(MARKER) :])
     out["worker_wall_s"] = wall
+    # the share of the machine's CPU time that other processes took while this worker ran (0 = it had them all)
+    other = (busy1 - busy0) - (own1 - own0)
+    out["other_load"] = max(0.0, other / (wall * (os.cpu_count() or 1))) if busy0 >= 0 and wall > 0 else float("nan")
     return out
 
 
@@ -445,22 +484,27 @@ def peak_mib(r: dict, base_kib: int, cuda: bool) -> float:
 
 
 def fmt_measure(r: dict, forward: dict, base_kib: int, cuda: bool) -> str:
+    """Two lines per measurement: times and ratio; then memory, rusage of the best run and CPU contention."""
     best = min(r["times"])
     times = " ".join(f"{t:.3f}" for t in r["times"])
-    line = f"[{r['method']:10s}] best {best:7.3f} s = {_fmt_ratio(ratio_of(r)):>6s} forward"
+    line = f"[{r['method']:10s}] best {best:7.3f} s = {_fmt_ratio(ratio_of(r)):>6s} forward   runs {times} (warm-up {r['warmup_s']:.3f})"
     if r["fwd_times"]:
-        line += f" (forward alongside: best {min(r['fwd_times']):.3f} s; vs the forward worker's {best / min(forward['times']):.2f}×)"
-    line += f"  runs {times}, warm-up {r['warmup_s']:.3f}"
-    if cuda:
-        line += (f"  peak allocated {r['cuda_peak'] / MIB:.1f} MiB (after setup {r['cuda_after_setup'] / MIB:.1f}, "
-                 f"after all runs {r['cuda_peak_all'] / MIB:.1f})")  # fmt: skip
-    else:
-        line += (f"  peak RSS above import {(r['peak_kib'] - base_kib) / 1024:.0f} MiB (above setup "
-                 f"{(r['peak_kib'] - r['maxrss_after_setup_kib']) / 1024:.0f}; after all runs {(r['maxrss_kib'] - base_kib) / 1024:.0f}, "
-                 f"VmHWM {r['vmhwm_kib'] / 1024:.0f} raw)")  # fmt: skip
-    line += f"  [worker {r['worker_wall_s']:.0f} s]"
+        line += f"; forward alongside {min(r['fwd_times']):.3f} s (vs the forward worker's: {best / min(forward['times']):.2f}×)"
     spread = max(r["times"]) / best
-    return line + (f"  [spread {spread:.2f}×: CPUs busy?]" if spread > 1.5 else "")
+    if spread > 1.5:
+        line += f"  [spread {spread:.2f}×: CPUs busy?]"
+    if cuda:
+        mem = (f"peak allocated {r['cuda_peak'] / MIB:.1f} MiB (after setup {r['cuda_after_setup'] / MIB:.1f}, "
+               f"after all runs {r['cuda_peak_all'] / MIB:.1f})")  # fmt: skip
+    else:
+        mem = (f"peak RSS above import {(r['peak_kib'] - base_kib) / 1024:.0f} MiB (above setup "
+               f"{(r['peak_kib'] - r['maxrss_after_setup_kib']) / 1024:.0f}; after all runs "
+               f"{(r['maxrss_kib'] - base_kib) / 1024:.0f}, VmHWM {r['vmhwm_kib'] / 1024:.0f} raw)")  # fmt: skip
+    line += (
+        f"\n{'':13s}{mem}; best run: user {r['user_s']:.2f} s, sys {r['sys_s']:.2f} s, {r['minflt'] / 1e3:.0f}k minor faults;"
+        f" worker {r['worker_wall_s']:.0f} s, other processes {100 * r['other_load']:.0f}% of the CPUs"
+    )
+    return line
 
 
 def _fmt_ratio(x: float) -> str:
@@ -468,15 +512,15 @@ def _fmt_ratio(x: float) -> str:
 
 
 def print_quad(q: dict, jvp_ratio: float | None) -> int | None:
-    print(
-        f"\n[nodes] ({q['worker_wall_s']:.0f} s) real run {SAMPLE_RUN.relative_to(REPO)} (checkpoints at steps {q['steps']}), float64, "
-        f"vocab {q['vocab']}, context {q['context']}: {q['rows']} rows ({q['probes']} random probes × {q['responses']} "
-        f"responses, prompt {q['prompt_len'][0]}-{q['prompt_len'][1]}, responses {q['response_len'][0]}-{q['response_len'][1]} tokens), T = {q['T']}, {q['response_tokens']} response tokens"
-    )
+    (p0, p1), (r0, r1) = q["prompt_len"], q["response_len"]
+    print(f"\n[nodes] real run {SAMPLE_RUN.relative_to(REPO)} (checkpoints at steps {q['steps']}), float64, vocab "
+          f"{q['vocab']}, context {q['context']}: {q['rows']} rows ({q['probes']} random probes × {q['responses']} responses,"
+          f" prompt {p0}-{p1}, responses {r0}-{r1} tokens), T = {q['T']}, {q['response_tokens']} response tokens")  # fmt: skip
     print("  gap = |Δ_pred − Δ_obs| per row; max rel = max gap / max|Δ_obs|, mean rel = mean gap / mean|Δ_obs|;"
           " cost = best time / best plain forward of the same batch, timed alternately\n"
-          f"  (forward {q['forward_s'] * 1e3:.0f} ms; costs timed on the first pair and shown for both; on a model this small, allocation"
-          " and per-op overhead dominate)")  # fmt: skip
+          f"  (forward {q['forward_s'] * 1e3:.0f} ms; costs timed on the first pair and shown for both; on a model this"
+          " small, allocation and per-op overhead dominate;"
+          f" worker {q['worker_wall_s']:.0f} s, other processes {100 * q['other_load']:.0f}% of the CPUs)")  # fmt: skip
     if jvp_ratio is not None:
         print(
             f"  'bench-size cost' ≈ n × the synthetic model's Δ_lin (jvp) ratio ({jvp_ratio:.2f}×): what n nodes cost there"
@@ -590,6 +634,8 @@ def main(argv: list[str] | None = None) -> int:
           f"each measurement in a fresh subprocess: 1 warm-up + {args.repeat} timed runs, best reported", flush=True)  # fmt: skip
     imp = run_worker("import", args)
     base_kib = imp["maxrss_kib"]
+    if cuda:
+        print(f"[device] {imp.get('device_name', '?')}", flush=True)
     mem_note = ("peak = torch.cuda.max_memory_allocated of the worker" if cuda else
                 f"import-only peak RSS {base_kib / 1024:.0f} MiB (VmHWM {imp['vmhwm_kib'] / 1024:.0f}); "
                 f"driver peak RSS {_maxrss_kib() / 1024:.0f} MiB")  # fmt: skip
@@ -634,8 +680,15 @@ def main(argv: list[str] | None = None) -> int:
 
     mem = {m: peak_mib(r, base_kib, cuda) for m, r in res.items()}
     spread = [label(m) for m, r in res.items() if max(r["times"]) > 1.5 * min(r["times"])]
+    busy = [f"{label(m)} {100 * r['other_load']:.0f}%" for m, r in res.items() if r["other_load"] > CONTENTION]
     print(f"\n[summary] best of {args.repeat}; forward {t_fwd:.3f} s; ratios divide by the forward timed in the same worker; "
           f"total bench time {time.perf_counter() - t_start:.0f} s; load average now {os.getloadavg()[0]:.2f}")  # fmt: skip
+    if busy:
+        print(
+            f"[warn] other processes took > {100 * CONTENTION:.0f}% of the CPUs during: {', '.join(busy)}; with 2 OpenMP "
+            "threads per worker a busy CPU slows the parallel regions unevenly, so times and ratios are unreliable: "
+            "rerun on a quiet machine"
+        )
     if spread:
         print(
             f"[warn] run times spread > 1.5× for {', '.join(spread)}: other processes were using the CPUs; rerun if in doubt"

@@ -105,6 +105,7 @@ def prepare(config: AnalysisConfig, device: str = "cpu") -> Prepared:
     key = (config.to_json(), device)
     if key in _PREPARED:
         return _PREPARED[key]
+    _check_device(device)
     run = open_run(config.run_dir, init=config.init, layout=config.layout, trust_pickles=config.trust_pickles)
     if len(run.checkpoints) < 2:
         raise CkptforceError(f"{run.root}: one checkpoint only; forces need two (add --init with the starting model)")
@@ -129,6 +130,17 @@ def prepare(config: AnalysisConfig, device: str = "cpu") -> Prepared:
     )  # fmt: skip
     _PREPARED[key] = prepared
     return prepared
+
+
+def _check_device(device: str) -> None:
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise CkptforceError(f"--device {device!r} is not a device; use cpu, cuda or cuda:N") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CkptforceError(f"--device {device}: this machine has no CUDA GPU that torch can use; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise CkptforceError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) here; use cuda:0 … cuda:{torch.cuda.device_count() - 1}")
 
 
 def compute_part(config_json: str, k: int, device: str = "cpu") -> xr.Dataset:

@@ -121,3 +121,9 @@ def test_output_inside_the_run_is_refused(runs, probes, tmp_path):
     assert result.exit_code == 2 and "would be written into the run directory" in result.stderr
     missing = _analyze(run, "--probes", probes, "-o", tmp_path / "nope" / "cube.h5")
     assert missing.exit_code == 2 and "no such directory for the output" in missing.stderr
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_cuda_without_a_gpu_is_a_clear_error(runs, probes, tmp_path):
+    result = _analyze(runs["hf"].root, "--probes", probes, "-o", tmp_path / "c.h5", "--device", "cuda")
+    assert result.exit_code == 2 and "no CUDA GPU" in result.stderr and "--device cpu" in result.stderr
