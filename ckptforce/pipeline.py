@@ -239,7 +239,7 @@ def check_or_write_config(out: Path, config: AnalysisConfig) -> None:
     folder = parts_dir(out)
     folder.mkdir(parents=True, exist_ok=True)
     marker = folder / "config.json"
-    if marker.is_file():
+    if marker.is_file() and any(folder.glob("interval-*.h5")):  # no part yet: nothing to mix, start afresh
         diffs = config.differences(json.loads(marker.read_text()))
         if diffs:
             raise ConfigMismatchError(

@@ -109,6 +109,7 @@ def test_other_settings_are_not_mixed_into_existing_parts(runs, probes, tmp_path
     parts = Path(str(out) + ".parts")
     parts.mkdir()
     (parts / "config.json").write_text(json.dumps({"nodes": 2}))
+    (parts / "interval-000000.h5").write_bytes(b"")
     result = _analyze(runs["hf"].root, "--probes", probes, "-o", out)
     assert result.exit_code == 2
     assert "holds parts computed with other settings" in result.stderr and "nodes: 2 (existing parts) vs 3 (now)" in result.stderr
