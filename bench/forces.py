@@ -395,8 +395,13 @@ def worker_quad(args) -> dict:
 # the driver (never imports torch)
 
 
-def _env() -> dict[str, str]:
+MALLOC_KEEP = {"MALLOC_MMAP_THRESHOLD_": str(2**30), "MALLOC_TRIM_THRESHOLD_": str(2**33)}
+
+
+def _env(malloc_keep: bool = False) -> dict[str, str]:
     env = dict(os.environ)
+    if malloc_keep:  # glibc keeps freed memory (no mmap per big tensor, no trimming): no page-fault zero-fill
+        env.update(MALLOC_KEEP)
     env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.setdefault("TRANSFORMERS_VERBOSITY", "error")
     env.setdefault("HF_HUB_OFFLINE", "1")
@@ -432,7 +437,8 @@ def run_worker(kind: str, args, timeout: int = 1800) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, *_common_args(args)]
     busy0, own0 = _cpu_busy_s(), _children_cpu_s()
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, check=False, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+    env = _env(args.malloc_keep)
+    proc = subprocess.run(cmd, check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     wall = time.perf_counter() - t0
     busy1, own1 = _cpu_busy_s(), _children_cpu_s()
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(MARKER)]
@@ -602,6 +608,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-quad", action="store_true", help="skip the quadrature-node table on the sample run")
     ap.add_argument("--profile", action="store_true",
                     help="also profile one forward and one delta_lin(jvp) with torch.profiler (printed; saved to bench/out/forces/profile_jvp.txt)")  # fmt: skip
+    ap.add_argument(
+        "--malloc-keep",
+        action="store_true",
+        help="run the workers with MALLOC_MMAP_THRESHOLD_=1GiB and MALLOC_TRIM_THRESHOLD_=8GiB: glibc then keeps freed "
+        "memory instead of mapping every big tensor afresh, which removes the kernel's page-fault zero-fill from "
+        "the timings (CPU; compare with a default run to see how much of a ratio is the allocator)",
+    )
     ap.add_argument("--seed", type=int, default=0, help="seed of the model, probes and Δθ")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -630,6 +643,8 @@ def main(argv: list[str] | None = None) -> int:
 
     t_start = time.perf_counter()
     load = os.getloadavg()[0]
+    if args.malloc_keep:
+        print("[setup] --malloc-keep: workers run with " + " ".join(f"{k}={v}" for k, v in MALLOC_KEEP.items()))
     print(f"[setup] device {args.device}; python {sys.version.split()[0]}, {os.cpu_count()} CPUs, load average {load:.2f}; "
           f"each measurement in a fresh subprocess: 1 warm-up + {args.repeat} timed runs, best reported", flush=True)  # fmt: skip
     imp = run_worker("import", args)

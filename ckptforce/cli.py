@@ -105,7 +105,7 @@ def scan(run_dir: Path, init: Path | None, layout: str | None, trust_pickles: bo
 @click.option("--tokenizer", type=click.Path(path_type=Path), help="Tokenizer folder (default: the checkpoint's, then the run root's).")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, or cuda:N.")
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True, help="Arithmetic dtype of the forces.")
-@click.option("--nodes", type=click.IntRange(0, 16), default=None, help="Gauss–Legendre nodes of the path attribution (0: skip it).  [default: 3]")
+@click.option("--nodes", type=click.IntRange(0, 16), default=None, help="Gauss–Legendre nodes of the path attribution (0: skip it).  [default: 2]")
 @click.option("--no-by-tensor", is_flag=True, help="Skip the split of the changes by parameter tensor (faster).")
 @click.option("--method", type=click.Choice(["auto", "jvp", "double_vjp"]), default="auto", show_default=True, help="How J·Δθ is computed.")
 @click.option("--chunk-size", type=click.IntRange(1), default=64, show_default=True, help="Probe rows per forward / JVP (lower it if memory runs out).")

@@ -149,6 +149,24 @@ def test_split_by_tensor_sums_to_whole_and_matches_restricted_jvp(batch):
         torch.testing.assert_close(contrib[:, k], only.total, rtol=1e-9, atol=1e-12, msg=names[k])
 
 
+def test_split_by_tensor_fallback_without_vmap_agrees(batch, monkeypatch):
+    """A model vmap cannot trace takes the batched-backward path; the numbers are the same."""
+    from ckptforce.forces import linear
+
+    model = _gpt2()
+    params = _params(model)
+    v = _direction(params, 1.0, seed=8)
+    _, fast, fast_star = contributions_by_tensor(model.logits, params, batch, v)
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("vmap: data-dependent control flow")
+
+    monkeypatch.setattr(linear, "_vmapped_row_grads", refuse)
+    _, slow, slow_star = contributions_by_tensor(model.logits, params, batch, v, chunk_size=2)
+    torch.testing.assert_close(slow, fast, rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(slow_star, fast_star, rtol=1e-10, atol=1e-13)
+
+
 def test_path_attribution_converges_to_observed_change(batch):
     model = _gpt2()
     params = _params(model)

@@ -18,6 +18,7 @@ import xarray as xr
 from click.testing import CliRunner
 
 from ckptforce.cli import main
+from ckptforce.forces import DEFAULT_NODES
 from conftest import tree_digest
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -72,7 +73,7 @@ def test_cube_has_the_documented_names_and_consistent_numbers(serial_cube, runs)
         assert np.isfinite(ds["dlogp_path"].sel(response="argmax").values).all()
         np.testing.assert_allclose(ds["dlogp_lin_tensor"].sum("tensor").values, ds["dlogp_lin"].values, rtol=1e-4, atol=1e-6)
         assert (ds["logp"].sel(response="argmax") >= ds["logp"].sel(response="chosen") - 1e-6).all()
-        assert float(ds["lr"][0]) > 0 and json.loads(ds.attrs["config"])["nodes"] == 3
+        assert float(ds["lr"][0]) > 0 and json.loads(ds.attrs["config"])["nodes"] == DEFAULT_NODES
         assert set(json.loads(ds.attrs["checkpoint_fingerprints"])) == {str(p) for p in runs["hf"].checkpoints}
     assert not Path(str(serial_cube) + ".parts").exists()
 
@@ -108,11 +109,11 @@ def test_other_settings_are_not_mixed_into_existing_parts(runs, probes, tmp_path
     out = tmp_path / "cube.h5"
     parts = Path(str(out) + ".parts")
     parts.mkdir()
-    (parts / "config.json").write_text(json.dumps({"nodes": 2}))
+    (parts / "config.json").write_text(json.dumps({"nodes": 5}))
     (parts / "interval-000000.h5").write_bytes(b"")
     result = _analyze(runs["hf"].root, "--probes", probes, "-o", out)
     assert result.exit_code == 2
-    assert "holds parts computed with other settings" in result.stderr and "nodes: 2 (existing parts) vs 3 (now)" in result.stderr
+    assert "holds parts computed with other settings" in result.stderr and f"nodes: 5 (existing parts) vs {DEFAULT_NODES} (now)" in result.stderr
 
 
 def test_output_inside_the_run_is_refused(runs, probes, tmp_path):

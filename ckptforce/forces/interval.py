@@ -19,8 +19,11 @@ import torch
 from .linear import contributions_by_tensor, delta_lin, delta_path, remainder_ratio
 from .observe import Fn, Observed, observe
 
-#: Gauss–Legendre nodes used by default (bench/forces.py measures the accuracy / cost trade-off).
-DEFAULT_NODES = 3
+#: Gauss–Legendre nodes used by default. Measured by bench/forces.py on the sample Trainer run (float64):
+#: max |Δ_path − Δ_obs| / max |Δ_obs| is 1.2e-1 (tangent), 7.5e-3, 5.7e-5, 4.8e-7, 3.8e-9 for n = 0…4 on
+#: steps 2→4 and 1.6e-1, 1.2e-2, 1.7e-4, 2.0e-6, 2.3e-8 on steps 2→6; each node costs one JVP (≈3.3× a
+#: forward). n = 2 is the smallest below 1e-3 on both; the gap is measured and stored for every interval.
+DEFAULT_NODES = 2
 
 
 @dataclass

@@ -8,8 +8,8 @@ teacher-forced rows, and a direction v (a dict over some of θ's names; in pract
     Δ_lin       = Σ_m δ log π_m(y_m) = A·J·Δθ          first-order prediction of Δ log π(y|x)
     Δ_path      = ∫₀¹ A J(θ + sΔθ) Δθ ds = Δ_obs       exact on the straight path; Gauss–Legendre, n nodes
 
-The split by parameter tensor uses per-row gradients g_b = ∇θ log π(y_b|x_b) from one batched backward
-(``is_grads_batched``): Δ_lin,b,k = ⟨g_b,k, v_k⟩, and Σ_k Δ_lin,b,k = Δ_lin,b.
+The split by parameter tensor uses per-row gradients g_b = ∇θ log π(y_b|x_b) (``vmap`` over rows):
+Δ_lin,b,k = ⟨g_b,k, v_k⟩, and Σ_k Δ_lin,b,k = Δ_lin,b.
 
 JVP (forward mode) and double VJP (reverse over reverse: J v = ∂/∂w ⟨Jᵀ w, v⟩) give the same numbers;
 ``method="auto"`` tries the JVP and falls back to the double VJP on an operator without a forward-mode rule.
@@ -111,23 +111,54 @@ def _cat_changes(parts: list[LinearChange]) -> LinearChange:
 def contributions_by_tensor(fn: Fn, params: dict, batch, direction: dict, *, chunk_size: int | None = 16) -> tuple[list[str], torch.Tensor, torch.Tensor]:
     """(names, C (B, K), C* (B, K)): C[b, k] = ⟨∇_{θ_k} log π(y_b|x_b), v_k⟩, and C* the same for y*.
 
-    Rows are independent, so one forward and one batched backward per chunk give every row's gradient;
-    memory is chunk_size × |θ|.
+    Per-row gradients by ``torch.func.vmap`` over rows of ``jacrev`` of (log π(y), log π(y*)) — each row a
+    batch of one, so padding never mixes rows; memory is chunk_size × 2 × |θ|. Models that vmap cannot trace
+    (data-dependent Python control flow) fall back to one batched backward per chunk.
     """
     moving, fixed, tangents = _split(params, direction)
     names = list(moving)
     rows, rows_star = [], []
     for sub in chunks(batch, chunk_size):
-        with torch.enable_grad():
-            leaves = {n: p.detach().requires_grad_(True) for n, p in moving.items()}
-            logp = torch.log_softmax(_wide(fn({**fixed, **leaves}, sub)), dim=-1)  # (b, T, V)
-            m = sub.target_mask.to(logp.dtype)
-            s = (logp.gather(-1, sub.targets.unsqueeze(-1)).squeeze(-1) * m).sum(-1)  # (b,)
-            s_star = (logp.max(-1).values * m).sum(-1)  # (b,)
-            for out, sink in ((s, rows), (s_star, rows_star)):
-                grads = _batched_grads(out, list(leaves.values()))
-                sink.append(torch.stack([(g * tangents[n]).flatten(1).sum(1) for g, n in zip(grads, names)], dim=1))
+        try:
+            grads = _vmapped_row_grads(fn, fixed, moving, sub)  # name -> (b, 2, *shape)
+        except Exception:  # noqa: BLE001 - vmap refuses many constructs; the slow path handles all
+            grads = _autograd_row_grads(fn, fixed, moving, sub)
+        c = torch.stack([(grads[n] * tangents[n].unsqueeze(0).unsqueeze(0)).flatten(2).sum(2) for n in names], dim=-1)  # (b, 2, K)
+        rows.append(c[:, 0])
+        rows_star.append(c[:, 1])
     return names, torch.cat(rows), torch.cat(rows_star)
+
+
+def _row_scores(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(…, 2): Σ_t log π_t(y_t) and Σ_t max_v log π_t(v) over the masked positions."""
+    logp = torch.log_softmax(_wide(logits), dim=-1)  # (…, T, V)
+    m = mask.to(logp.dtype)
+    s = (logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1) * m).sum(-1)
+    s_star = (logp.max(-1).values * m).sum(-1)
+    return torch.stack([s, s_star], dim=-1)
+
+
+def _vmapped_row_grads(fn: Fn, fixed: dict, moving: dict, sub) -> dict[str, torch.Tensor]:
+    from types import SimpleNamespace
+
+    from torch.func import jacrev, vmap
+
+    fields = {k: v for k, v in vars(sub).items() if isinstance(v, torch.Tensor)}
+
+    def one_row(p, row):
+        single = SimpleNamespace(**{k: v.unsqueeze(0) for k, v in row.items()})  # a batch of one
+        return _row_scores(fn({**fixed, **p}, single), single.targets, single.target_mask)[0]  # (2,)
+
+    with torch.enable_grad():
+        return vmap(jacrev(one_row), in_dims=(None, 0))(moving, fields)
+
+
+def _autograd_row_grads(fn: Fn, fixed: dict, moving: dict, sub) -> dict[str, torch.Tensor]:
+    with torch.enable_grad():
+        leaves = {n: p.detach().requires_grad_(True) for n, p in moving.items()}
+        scores = _row_scores(fn({**fixed, **leaves}, sub), sub.targets, sub.target_mask)  # (b, 2)
+        per_output = [_batched_grads(scores[:, j], list(leaves.values())) for j in range(2)]
+    return {n: torch.stack([per_output[0][i], per_output[1][i]], dim=1) for i, n in enumerate(leaves)}
 
 
 def _batched_grads(out: torch.Tensor, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -160,7 +191,7 @@ class PathChange:
     method: str = ""
 
 
-def delta_path(fn: Fn, params: dict, batch, direction: dict, *, nodes: int = 3, method: str = "auto", chunk_size: int | None = None, by_tensor: bool = False) -> PathChange:
+def delta_path(fn: Fn, params: dict, batch, direction: dict, *, nodes: int = 2, method: str = "auto", chunk_size: int | None = None, by_tensor: bool = False) -> PathChange:
     """Δ_path = Σ_i w_i · A J(θ + s_iΔθ) Δθ, Gauss–Legendre nodes s_i on [0, 1].
 
     Exact when log π is a polynomial of degree ≤ 2n − 1 along the path; the gap to the observed change
