@@ -19,6 +19,10 @@ import torch
 from .linear import contributions_by_tensor, delta_lin, delta_path, remainder_ratio
 from .observe import Fn, Observed, observe
 
+#: Rows per chunk of the per-tensor split: its memory is rows × 2 × |θ| (per-row gradients), so it stays small
+#: whatever chunk the forward / JVP uses.
+SPLIT_CHUNK = 8
+
 #: Gauss–Legendre nodes used by default. Measured by bench/forces.py on the sample Trainer run (float64):
 #: max |Δ_path − Δ_obs| / max |Δ_obs| is 1.2e-1 (tangent), 7.5e-3, 5.7e-5, 4.8e-7, 3.8e-9 for n = 0…4 on
 #: steps 2→4 and 1.6e-1, 1.2e-2, 1.7e-4, 2.0e-6, 2.3e-8 on steps 2→6; each node costs one JVP (≈3.3× a
@@ -77,8 +81,12 @@ def interval_forces(
     lin = delta_lin(fn, before, batch, step, method=method, chunk_size=chunk_size)
     names, lin_split, star_split = list(step), None, None
     if by_tensor:
-        names, lin_split, star_split = contributions_by_tensor(fn, before, batch, step, chunk_size=chunk_size)
-    path = delta_path(fn, before, batch, step, nodes=nodes, method=method, chunk_size=chunk_size, by_tensor=by_tensor) if nodes else None
+        names, lin_split, star_split = contributions_by_tensor(fn, before, batch, step, chunk_size=SPLIT_CHUNK)
+    path = (
+        delta_path(fn, before, batch, step, nodes=nodes, method=method, chunk_size=chunk_size, by_tensor=by_tensor, split_chunk=SPLIT_CHUNK)
+        if nodes
+        else None
+    )
     return IntervalForces(
         before=obs_a,
         after=obs_b,

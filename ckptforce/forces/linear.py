@@ -108,7 +108,7 @@ def _cat_changes(parts: list[LinearChange]) -> LinearChange:
     )
 
 
-def contributions_by_tensor(fn: Fn, params: dict, batch, direction: dict, *, chunk_size: int | None = 16) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+def contributions_by_tensor(fn: Fn, params: dict, batch, direction: dict, *, chunk_size: int | None = 8) -> tuple[list[str], torch.Tensor, torch.Tensor]:
     """(names, C (B, K), C* (B, K)): C[b, k] = ⟨∇_{θ_k} log π(y_b|x_b), v_k⟩, and C* the same for y*.
 
     Per-row gradients by ``torch.func.vmap`` over rows of ``jacrev`` of (log π(y), log π(y*)) — each row a
@@ -191,7 +191,10 @@ class PathChange:
     method: str = ""
 
 
-def delta_path(fn: Fn, params: dict, batch, direction: dict, *, nodes: int = 2, method: str = "auto", chunk_size: int | None = None, by_tensor: bool = False) -> PathChange:
+def delta_path(
+    fn: Fn, params: dict, batch, direction: dict, *, nodes: int = 2, method: str = "auto", chunk_size: int | None = None,
+    by_tensor: bool = False, split_chunk: int | None = 8,
+) -> PathChange:
     """Δ_path = Σ_i w_i · A J(θ + s_iΔθ) Δθ, Gauss–Legendre nodes s_i on [0, 1].
 
     Exact when log π is a polynomial of degree ≤ 2n − 1 along the path; the gap to the observed change
@@ -209,7 +212,7 @@ def delta_path(fn: Fn, params: dict, batch, direction: dict, *, nodes: int = 2, 
         tok = w * lin.tok if tok is None else _padded_add(tok, w * lin.tok)
         argmax = w * lin.argmax if argmax is None else argmax + w * lin.argmax
         if by_tensor:
-            names, c, _ = contributions_by_tensor(fn, point, batch, direction, chunk_size=chunk_size)
+            names, c, _ = contributions_by_tensor(fn, point, batch, direction, chunk_size=split_chunk)
             split = w * c if split is None else split + w * c
     return PathChange(total, tok, argmax, split, names, nodes, used)
 
