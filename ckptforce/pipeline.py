@@ -4,7 +4,7 @@
                                 is a small part file written atomically into ``OUT.parts/`` (temporary
                                 name, then ``os.replace``); a re-run computes only the parts that are
                                 missing and refuses parts made with other settings; at the end the parts
-                                are consolidated into one cube that replaces ``OUT`` atomically.
+                                are merged into one cube that replaces ``OUT`` atomically.
 
 Locally the pairs run in order; with ``workers`` (a local cluster) or ``scheduler`` (an existing one) the same
 function is mapped over the pairs with Dask distributed. Each worker prepares the run once (probes, tokenizer,
@@ -257,8 +257,8 @@ def missing_parts(out: Path, n_intervals: int) -> list[int]:
     return [k for k in range(n_intervals) if not part_path(out, k).is_file()]
 
 
-def consolidate(out: Path, n_intervals: int, anatomy_ds: xr.Dataset, attrs: dict) -> Path:
-    """Merge the parts and the update anatomy into the final cube; replace ``out`` atomically."""
+def merge_parts(out: Path, n_intervals: int, anatomy_ds: xr.Dataset) -> xr.Dataset:
+    """The parts (each read once) and the update anatomy as one dataset; the parts' attributes are dropped."""
     parts = []
     for k in range(n_intervals):
         with xr.open_dataset(part_path(out, k), engine=cube.ENGINE) as ds:
@@ -269,8 +269,7 @@ def consolidate(out: Path, n_intervals: int, anatomy_ds: xr.Dataset, attrs: dict
     ckpt = ckpt.drop_duplicates("checkpoint")
     iv = xr.concat([d[per_iv] for d in parts], dim="interval", coords="minimal", compat="override", join="outer")
     merged = xr.merge([ckpt, iv, anatomy_ds], compat="override", join="outer", combine_attrs="drop")
-    merged = cube.describe(merged.assign_attrs(attrs))
-    return cube.save(merged, out)
+    return merged.assign_attrs(jvp_method=parts[0].attrs.get("jvp_method", ""))
 
 
 def anatomy_dataset(run: Run) -> tuple[xr.Dataset, list[str]]:
@@ -328,33 +327,27 @@ def analyze(
         if progress:
             progress(done, n)
     anatomy_ds, warnings = anatomy_dataset(run)
-    first = xr.open_dataset(part_path(out, 0), engine=cube.ENGINE)
-    method = first.attrs.get("jvp_method", "")
-    first.close()
+    merged = merge_parts(out, n, anatomy_ds)
     attrs = cube.provenance(
         tool_version=__version__, history=command, run_dir=str(run.root), layout=run.layout, config=config.to_json(),
-        device=device, jvp_method=method, step_source=",".join(r.step_source for r in run.checkpoints),
+        device=device, jvp_method=merged.attrs["jvp_method"], step_source=",".join(r.step_source for r in run.checkpoints),
         checkpoint_fingerprints={str(r.path): fingerprint(r.path) for r in run.checkpoints},
-        warnings=run.notes + warnings + _linearisation_warnings(out, n), attention=prepared.model.attention,
+        warnings=run.notes + warnings + _linearisation_warnings(merged), attention=prepared.model.attention,
         model_source=prepared.model.source,
     )  # fmt: skip
-    final = consolidate(out, n, anatomy_ds, attrs)
+    final = cube.save(cube.describe(merged.assign_attrs(attrs)), out)
     shutil.rmtree(parts_dir(out))
     return final
 
 
-def _linearisation_warnings(out: Path, n: int) -> list[str]:
-    warnings = []
-    for k in range(n):
-        with xr.open_dataset(part_path(out, k), engine=cube.ENGINE) as ds:
-            ratio = float(ds["remainder_ratio"].values[0])
-            span = (int(ds["step_from"].values[0]), int(ds["step_to"].values[0]))
-        if ratio > POOR_LINEARISATION:
-            warnings.append(
-                f"step {span[0]}→{span[1]}: first-order prediction misses {ratio:.0%} of the observed change "
-                "(remainder ratio); attribute with dlogp_path, or use checkpoints closer together"
-            )
-    return warnings
+def _linearisation_warnings(ds: xr.Dataset) -> list[str]:
+    """One line per interval whose first-order prediction misses more than POOR_LINEARISATION of the change."""
+    return [
+        f"step {int(a)}→{int(b)}: first-order prediction misses {r:.0%} of the observed change "
+        "(remainder ratio); attribute with dlogp_path, or use checkpoints closer together"
+        for a, b, r in zip(ds["step_from"].values, ds["step_to"].values, ds["remainder_ratio"].values)
+        if r > POOR_LINEARISATION
+    ]
 
 
 def _map_parts(config: AnalysisConfig, todo: list[int], device: str, workers: int | None, scheduler: str | None):

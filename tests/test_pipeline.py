@@ -129,3 +129,13 @@ def test_output_inside_the_run_is_refused(runs, probes, tmp_path):
 def test_cuda_without_a_gpu_is_a_clear_error(runs, probes, tmp_path):
     result = _analyze(runs["hf"].root, "--probes", probes, "-o", tmp_path / "c.h5", "--device", "cuda")
     assert result.exit_code == 2 and "no CUDA GPU" in result.stderr and "--device cpu" in result.stderr
+
+
+def test_poor_linearisation_is_named_per_interval():
+    from ckptforce.pipeline import _linearisation_warnings
+
+    ds = xr.Dataset(coords={"step_from": ("interval", [0, 10]), "step_to": ("interval", [10, 20])}, data_vars={"remainder_ratio": ("interval", [0.1, 0.8])})
+    assert _linearisation_warnings(ds) == [
+        "step 10→20: first-order prediction misses 80% of the observed change (remainder ratio); "
+        "attribute with dlogp_path, or use checkpoints closer together"
+    ]
