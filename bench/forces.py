@@ -50,6 +50,9 @@ import time
 from functools import partial
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _memory import maxrss_kib, vmhwm_kib  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
 OUT_DIR = REPO / "bench" / "out" / "forces"
 SAMPLE_RUN = REPO / "sample_runs" / "tiny-gpt2-trainer"
@@ -74,19 +77,6 @@ def label(method: str) -> str:
 # the worker (runs in a fresh subprocess; everything torch lives here)
 
 
-def _maxrss_kib() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-
-
-def _vmhwm_kib() -> int:
-    """Peak RSS of this process's own address space (/proc VmHWM, KiB): a cross-check of ru_maxrss."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return -1
 
 
 def _imports():
@@ -189,19 +179,19 @@ def worker_measure(args) -> dict:
     t_imp = time.perf_counter()
     torch = _imports()
     device = torch.device(args.device)
-    out = {"method": args.worker, "import_s": time.perf_counter() - t_imp, "maxrss_after_import_kib": _maxrss_kib(),
+    out = {"method": args.worker, "import_s": time.perf_counter() - t_imp, "maxrss_after_import_kib": maxrss_kib(),
            "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "device": str(device)}  # fmt: skip
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise SystemExit(f"--device {args.device}: torch {torch.__version__} sees no CUDA device")
         out["device_name"] = torch.cuda.get_device_name(device)
     if args.worker == "import":
-        out["maxrss_kib"], out["vmhwm_kib"] = _maxrss_kib(), _vmhwm_kib()
+        out["maxrss_kib"], out["vmhwm_kib"] = maxrss_kib(), vmhwm_kib()
         return out
     model, params, batch, direction, info = build_synthetic(args, torch, device)
     out.update(info)
     _sync(torch, device)
-    out["maxrss_after_setup_kib"] = _maxrss_kib()
+    out["maxrss_after_setup_kib"] = maxrss_kib()
     if device.type == "cuda":
         out["cuda_after_setup"] = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -238,7 +228,7 @@ def worker_measure(args) -> dict:
         else:
             times.append(t)
         if i == (1 if warm is not run else 0):  # right after the method's first call: one call's peak
-            out["peak_kib"] = _maxrss_kib()
+            out["peak_kib"] = maxrss_kib()
             if device.type == "cuda":
                 out["cuda_peak"] = torch.cuda.max_memory_allocated(device)
         if fwd is not None:  # (result is small for every method but the forward, which has no twin)
@@ -248,7 +238,7 @@ def worker_measure(args) -> dict:
     out["times"], out["fwd_times"] = times, fwd_times
     best = min(range(len(times)), key=times.__getitem__)
     out["user_s"], out["sys_s"], out["minflt"] = ru_runs[best]  # of the best run
-    out["maxrss_kib"], out["vmhwm_kib"] = _maxrss_kib(), _vmhwm_kib()
+    out["maxrss_kib"], out["vmhwm_kib"] = maxrss_kib(), vmhwm_kib()
     if device.type == "cuda":
         out["cuda_peak_all"] = torch.cuda.max_memory_allocated(device)
     if args.worker in ("jvp", "double_vjp"):
@@ -653,7 +643,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[device] {imp.get('device_name', '?')}", flush=True)
     mem_note = ("peak = torch.cuda.max_memory_allocated of the worker" if cuda else
                 f"import-only peak RSS {base_kib / 1024:.0f} MiB (VmHWM {imp['vmhwm_kib'] / 1024:.0f}); "
-                f"driver peak RSS {_maxrss_kib() / 1024:.0f} MiB")  # fmt: skip
+                f"driver peak RSS {maxrss_kib() / 1024:.0f} MiB")  # fmt: skip
     print(
         f"[import] torch {imp['torch']}, torch threads {imp['torch_threads']}, import {imp['import_s']:.1f} s; {mem_note}",
         flush=True,

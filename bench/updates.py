@@ -43,6 +43,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _memory import maxrss_kib, vmhwm_kib  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_WORKDIR = REPO / "bench" / "out" / "updates"
 MIB = 2**20
@@ -207,19 +210,6 @@ def warm_page_cache(files: list[Path]) -> float:
 # the worker (runs in a fresh subprocess)
 
 
-def _maxrss_kib() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-
-
-def _vmhwm_kib() -> int:
-    """Peak RSS of this process's own address space (/proc VmHWM, KiB): a cross-check of ru_maxrss."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return -1
 
 
 def _imports():
@@ -302,7 +292,7 @@ def worker(method: str, run_dir: Path, profile_out: str | None, fmt: str = "safe
         "method": method,
         "format": fmt,
         "import_s": time.perf_counter() - t_imp,
-        "maxrss_after_import_kib": _maxrss_kib(),
+        "maxrss_after_import_kib": maxrss_kib(),
         "torch_threads": torch.get_num_threads(),
     }
     if method != "import":
@@ -338,8 +328,8 @@ def worker(method: str, run_dir: Path, profile_out: str | None, fmt: str = "safe
             layout=layout,
             checksums=_checksums(stats),
         )
-    out["maxrss_kib"] = _maxrss_kib()
-    out["vmhwm_kib"] = _vmhwm_kib()
+    out["maxrss_kib"] = maxrss_kib()
+    out["vmhwm_kib"] = vmhwm_kib()
     print(MARKER + json.dumps(out), flush=True)
 
 
@@ -439,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     intervals = args.checkpoints - 1
     covered = sum(file_bytes[k] + file_bytes[k + 1] for k in range(intervals))  # 2 × file size per interval
     warm = warm_page_cache(files)
-    driver_kib = _maxrss_kib()
+    driver_kib = maxrss_kib()
     print(
         f"[setup] page cache warmed: read all {len(files)} files ({sum(file_bytes) / MIB:.0f} MiB) once in {warm:.2f} s; "
         "both methods are measured reading from the page cache",
