@@ -67,12 +67,12 @@ def write_probes(path: Path, *, probes: int, vocab: int) -> None:
     path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
 
 
-def measure(cmd: list[str]) -> tuple[float, float]:
+def measure(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, float]:
     """(wall seconds, peak RSS of the process tree in MiB)."""
     import psutil
 
     peak = 0
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
     ps = psutil.Process(proc.pid)
     stop = threading.Event()
 
@@ -121,7 +121,7 @@ def main() -> None:
     print(f"[run] {run}: {len(ckpts)} checkpoints ({len(ckpts) - 1} intervals), model.safetensors {size:.1f} MiB each; "
           f"{args.probes} probes × 4 responses; {os.cpu_count()} cores")  # fmt: skip
 
-    outs = {"serial": args.workdir / "serial.h5", "workers": args.workdir / "workers.h5"}
+    outs = {k: args.workdir / f"{k}.h5" for k in ("serial", "serial1", "workers")}
     for out in outs.values():
         out.unlink(missing_ok=True)
         shutil.rmtree(str(out) + ".parts", ignore_errors=True)
@@ -130,6 +130,8 @@ def main() -> None:
     base = [exe, "analyze", str(run), "--probes", str(probes), "-q"]
     t_serial, m_serial = measure([*base, "-o", str(outs["serial"])])
     print(f"[serial]  {t_serial:.1f} s, peak RSS {m_serial:.0f} MiB")
+    t_serial1, _ = measure([*base, "-o", str(outs["serial1"])], env={"OMP_NUM_THREADS": "1"})
+    print(f"[serial, 1 thread]  {t_serial1:.1f} s (OMP_NUM_THREADS=1: what one worker has)")
     t_workers, m_workers = measure([*base, "-o", str(outs["workers"]), "--workers", str(args.workers)])
     print(f"[workers] {t_workers:.1f} s, peak RSS {m_workers:.0f} MiB (process tree: client, scheduler, {args.workers} workers)")
 
@@ -139,6 +141,8 @@ def main() -> None:
         xr.testing.assert_allclose(a.drop_attrs(deep=False), b.drop_attrs(deep=False), rtol=1e-5, atol=1e-6)
     print("[check] the serial and parallel cubes agree (rel 1e-5)")
     print(f"analyze serial: {t_serial:.1f} s  --workers {args.workers}: {t_workers:.1f} s  speed-up {t_serial / t_workers:.2f}×  (goal ≥ 1.6×)")
+    print(f"parallel efficiency: serial on 1 thread {t_serial1:.1f} s / --workers {args.workers} = {t_serial1 / t_workers:.2f}× "
+          f"on {os.cpu_count()} cores (the serial run already uses every core through torch's threads)")  # fmt: skip
     print(f"peak RSS: serial {m_serial:.0f} MiB ({m_serial - m_import:.0f} MiB above import = "
           f"{(m_serial - m_import) / size:.1f}× one checkpoint of {size:.1f} MiB), --workers {args.workers} {m_workers:.0f} MiB")  # fmt: skip
 

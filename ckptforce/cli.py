@@ -95,37 +95,30 @@ def scan(run_dir: Path, init: Path | None, layout: str | None, trust_pickles: bo
         render(summary, Console(width=None if sys.stdout.isatty() else 160))
 
 
-@main.command()
-@click.argument("run_dir", type=click.Path(path_type=Path))
-@click.option("--probes", required=True, type=click.Path(path_type=Path), help="Probe file (JSONL, schemas/probe_set.schema.json).")
-@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="The cube to write (HDF5, e.g. cube.h5); parts go to OUT.parts/ until it is done.")
-@_run_options
-@click.option("--model", "model", help="package.module:factory returning the nn.Module (default: the run's config.json).")
-@click.option("--base-model", type=click.Path(path_type=Path), help="Base model folder under a LoRA adapter (default: the local folder adapter_config.json names).")
-@click.option("--tokenizer", type=click.Path(path_type=Path), help="Tokenizer folder (default: the checkpoint's, then the run root's).")
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, or cuda:N.")
-@click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True, help="Arithmetic dtype of the forces.")
-@click.option("--nodes", type=click.IntRange(0, 16), default=None, help="Gauss–Legendre nodes of the path attribution (0: skip it).  [default: 2]")
-@click.option("--no-by-tensor", is_flag=True, help="Skip the split of the changes by parameter tensor (faster).")
-@click.option("--method", type=click.Choice(["auto", "jvp", "double_vjp"]), default="auto", show_default=True, help="How J·Δθ is computed.")
-@click.option("--chunk-size", type=click.IntRange(1), default=64, show_default=True, help="Probe rows per forward / JVP (lower it if memory runs out).")
-@click.option("--workers", type=click.IntRange(1), help="Run checkpoint pairs on a local Dask cluster of N worker processes.")
-@click.option("--scheduler", help="Run checkpoint pairs on an existing Dask cluster (tcp://host:8786).")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def analyze(run_dir, probes, out, init, layout, trust_pickles, model, base_model, tokenizer, device, dtype, nodes, no_by_tensor, method, chunk_size, workers, scheduler, quiet):
-    """Measure how every probe's log-probability moves between consecutive checkpoints of RUN_DIR, and why:
-    the observed change, the first-order prediction A·J·Δθ, the path-integrated attribution and its split
-    by parameter tensor, plus the update anatomy. Writes one labelled cube (open it with
-    xarray.open_dataset(OUT, engine="h5netcdf")).
+def _analysis_options(f):
+    """The options of an analysis, shared by ``analyze`` and ``audit``."""
+    options = [
+        click.option("--probes", required=True, type=click.Path(path_type=Path), help="Probe file (JSONL, schemas/probe_set.schema.json)."),
+        _run_options,
+        click.option("--model", "model", help="package.module:factory returning the nn.Module (default: the run's config.json)."),
+        click.option("--base-model", type=click.Path(path_type=Path), help="Base model folder under a LoRA adapter (default: the local folder adapter_config.json names)."),
+        click.option("--tokenizer", type=click.Path(path_type=Path), help="Tokenizer folder (default: the checkpoint's, then the run root's)."),
+        click.option("--device", default="cpu", show_default=True, help="cpu, cuda, or cuda:N."),
+        click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True, help="Arithmetic dtype of the forces."),
+        click.option("--nodes", type=click.IntRange(0, 16), default=None, help="Gauss–Legendre nodes of the path attribution (0: skip it).  [default: 2]"),
+        click.option("--no-by-tensor", is_flag=True, help="Skip the split of the changes by parameter tensor (faster)."),
+        click.option("--method", type=click.Choice(["auto", "jvp", "double_vjp"]), default="auto", show_default=True, help="How J·Δθ is computed."),
+        click.option("--chunk-size", type=click.IntRange(1), default=64, show_default=True, help="Probe rows per forward / JVP (lower it if memory runs out)."),
+        click.option("--workers", type=click.IntRange(1), help="Run checkpoint pairs on a local Dask cluster of N worker processes."),
+        click.option("--scheduler", help="Run checkpoint pairs on an existing Dask cluster (tcp://host:8786)."),
+        click.option("--quiet", "-q", is_flag=True, help="No progress bar."),
+    ]  # fmt: skip
+    for option in reversed(options):
+        f = option(f)
+    return f
 
-    Each checkpoint pair is saved as a part as soon as it is done: rerun the same command after an
-    interruption and it resumes. Nothing is written into RUN_DIR.
 
-    \b
-    Examples:
-      ckptforce analyze out/ --probes probes.jsonl -o cube.h5
-      ckptforce analyze dpo/ --init sft/checkpoint-500 --probes probes.jsonl -o dpo.h5 --workers 2
-    """
+def _run_analysis(run_dir, out, *, probes, init, layout, trust_pickles, model, base_model, tokenizer, device, dtype, nodes, no_by_tensor, method, chunk_size, workers, scheduler, quiet) -> Path:
     import shlex
 
     from .forces import DEFAULT_NODES
@@ -141,12 +134,84 @@ def analyze(run_dir, probes, out, init, layout, trust_pickles, model, base_model
     )  # fmt: skip
     bar = None if (quiet or not sys.stderr.isatty()) else _progress_bar("analysing", "intervals")
     try:
-        final = run_analysis(config, out, device=device, workers=workers, scheduler=scheduler, progress=bar, command=shlex.join(["ckptforce", *sys.argv[1:]]))
+        return run_analysis(config, out, device=device, workers=workers, scheduler=scheduler, progress=bar, command=shlex.join(["ckptforce", *sys.argv[1:]]))
     finally:
         if bar is not None:
             bar.close()
-    if not quiet:
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="The cube to write (HDF5, e.g. cube.h5); parts go to OUT.parts/ until it is done.")
+@_analysis_options
+def analyze(run_dir, out, **options):
+    """Measure how every probe's log-probability moves between consecutive checkpoints of RUN_DIR, and why:
+    the observed change, the first-order prediction A·J·Δθ, the path-integrated attribution and its split
+    by parameter tensor, plus the update anatomy. Writes one labelled cube (open it with
+    xarray.open_dataset(OUT, engine="h5netcdf")).
+
+    Each checkpoint pair is saved as a part as soon as it is done: rerun the same command after an
+    interruption and it resumes. Nothing is written into RUN_DIR.
+
+    \b
+    Examples:
+      ckptforce analyze out/ --probes probes.jsonl -o cube.h5
+      ckptforce analyze dpo/ --init sft/checkpoint-500 --probes probes.jsonl -o dpo.h5 --workers 2
+    """
+    final = _run_analysis(run_dir, out, **options)
+    if not options["quiet"]:
         click.echo(f"wrote {final}")
+
+
+def _report_formats(html: bool, pdf: bool) -> tuple[bool, bool]:
+    return (True, True) if not (html or pdf) else (html, pdf)
+
+
+@main.command()
+@click.argument("cube_path", metavar="CUBE.h5", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Folder for report.html / report.pdf (created if its parent exists).")
+@click.option("--html", is_flag=True, help="Write report.html (self-contained, works offline).")
+@click.option("--pdf", is_flag=True, help="Write report.pdf (a page per section).")
+def report(cube_path: Path, out: Path, html: bool, pdf: bool) -> None:
+    """Write the diagnostic report of a cube: warnings first, then each diagnostic of the learning dynamics
+    (trajectories per response type, squeezing, hallucination, forgetting, first-order validity, where the
+    change comes from, update anatomy) with a figure, how to read it and a verdict computed from the numbers.
+    Without --html / --pdf both are written.
+
+    \b
+    Examples:
+      ckptforce report cube.h5 -o report/
+      ckptforce report cube.h5 -o report/ --html
+    """
+    from .report import write_report
+
+    html, pdf = _report_formats(html, pdf)
+    for path in write_report(cube_path, out, html=html, pdf=pdf):
+        click.echo(f"wrote {path}")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Folder for cube.h5, report.html and report.pdf (created if its parent exists).")
+@_analysis_options
+@click.option("--html", is_flag=True, help="Write only report.html (with --pdf: both; default: both).")
+@click.option("--pdf", is_flag=True, help="Write only report.pdf (with --html: both; default: both).")
+def audit(run_dir, out, html, pdf, **options):
+    """Analyze RUN_DIR and report on it in one go: OUT/cube.h5, then OUT/report.html and OUT/report.pdf.
+    Takes every option of `ckptforce analyze`; rerun the same command after an interruption and the
+    analysis resumes from the parts already computed.
+
+    \b
+    Examples:
+      ckptforce audit out/ --probes probes.jsonl -o audit/
+    """
+    from .report import output_dir, write_report
+
+    folder = output_dir(out, str(run_dir))
+    final = _run_analysis(run_dir, folder / "cube.h5", **options)
+    html, pdf = _report_formats(html, pdf)
+    for path in [final, *write_report(final, folder, html=html, pdf=pdf)]:
+        click.echo(f"wrote {path}")
 
 
 class _progress_bar:

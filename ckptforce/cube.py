@@ -22,6 +22,7 @@ import numpy as np
 import xarray as xr
 
 from .errors import CkptforceError
+from .names import ARGMAX, RESPONSE_TYPES  # noqa: F401 - re-exported: the cube's response labels
 
 SCHEMA_VERSION = 1
 ENGINE = "h5netcdf"
@@ -61,6 +62,8 @@ VARS: dict[str, Var] = {
     "lr": Var(("interval",), "learning rate over the interval", "1"),
     "probe_split": Var(("probe",), "split of the probe (train / test / …)"),
     "probe_group": Var(("probe",), "group (domain) of the probe"),
+    "probe_prompt": Var(("probe",), "prompt text of the probe (empty when given as token ids)"),
+    "response_text": Var(("probe", "response"), "response text (empty when given as token ids or computed)"),
     # probes at each checkpoint
     "logp": Var(("checkpoint", "probe", "response"), "log-probability of the response, summed over its tokens", "nat"),
     "logp_tok": Var(("checkpoint", "probe", "response", "token"), "log-probability of each response token", "nat"),
@@ -87,7 +90,8 @@ VARS: dict[str, Var] = {
     "kernel_cos": Var(("checkpoint", "probe", "source"), "cosine of the two gradients", "1"),
 }
 
-COORDS = ("step", "step_source", "checkpoint_path", "step_from", "step_to", "lr", "probe_split", "probe_group")
+COORDS = ("step", "step_source", "checkpoint_path", "step_from", "step_to", "lr", "probe_split", "probe_group", "probe_prompt",
+          "response_text")  # fmt: skip
 
 
 def build(

@@ -27,13 +27,9 @@ from pathlib import Path
 
 import torch
 
+from .names import ARGMAX, RESPONSE_TYPES
 from .errors import ProbeFileError, ProbeFileNotFoundError, TokenizerError
 
-#: Response types of the LLM paper, in the order reports group and colour them (DESIGN §3).
-RESPONSE_TYPES = ("chosen", "rejected", "rephrase_chosen", "rephrase_rejected", "format_chosen", "format_rejected",
-                  "other_trained", "other_untrained", "irrelevant", "shuffled", "random")  # fmt: skip
-#: Computed along ``chosen`` (the per-position teacher-forced argmax), never given in a file.
-ARGMAX = "argmax"
 #: Top-level fields of one probe line, in the order errors are reported.
 FIELDS = ("id", "prompt", "prompt_ids", "responses", "split", "group")
 SCHEMA_NAME = "probe_set.schema.json"

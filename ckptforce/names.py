@@ -1,0 +1,15 @@
+"""Names shared by the tensor stages and the cube, with no dependencies (neither torch nor xarray).
+
+The response types label the cube's ``response`` dimension; probes.py validates against them and the report
+groups and colours them in this order.
+"""
+
+#: Response types of the LLM paper, in the order reports group and colour them (DESIGN §3).
+RESPONSE_TYPES = ("chosen", "rejected", "rephrase_chosen", "rephrase_rejected", "format_chosen", "format_rejected",
+                  "other_trained", "other_untrained", "irrelevant", "shuffled", "random")  # fmt: skip
+#: Computed along ``chosen`` (the per-position teacher-forced argmax), never given in a file.
+ARGMAX = "argmax"
+
+#: Remainder ratio ‖Δ_obs − Δ_lin‖ / ‖Δ_obs‖ above which an interval's first-order account is flagged as poor
+#: (the pipeline's warning and the report's verdict use the same line).
+POOR_LINEARISATION = 0.5

@@ -1,0 +1,73 @@
+"""Reports from a cube: diagnostics (cube → tables, verdicts), figures (tables → matplotlib), HTML and PDF.
+
+    from ckptforce.report import write_report
+    write_report("cube.h5", "report/", html=True, pdf=True)   # -> [report/report.html, report/report.pdf]
+
+Nothing here imports torch: a report needs only the cube.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+from ..cube import open_cube
+from ..errors import CkptforceError
+
+HTML_NAME = "report.html"
+PDF_NAME = "report.pdf"
+
+
+def _atomic(path: Path, write: Callable[[str], None]) -> Path:
+    """Write through a temporary file beside ``path``, then ``os.replace``: never half a file under the final name."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise CkptforceError(f"{path}: cannot write ({e.strerror or e}); check the disk and the directory's permissions") from e
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def output_dir(out: str | Path, run_dir: str | None = None) -> Path:
+    """The report folder: created if its parent exists; never inside the analysed run."""
+    out = Path(out).resolve()
+    if run_dir and (Path(run_dir).resolve() == out or Path(run_dir).resolve() in out.parents):
+        raise CkptforceError(f"{out}: the report would be written into the run directory {run_dir}; choose an -o outside it")
+    if not out.parent.is_dir():
+        raise CkptforceError(f"{out.parent}: no such directory; create it first or choose another -o")
+    try:
+        out.mkdir(exist_ok=True)
+    except OSError as e:
+        raise CkptforceError(f"{out}: cannot create the report folder ({e.strerror}); choose another -o") from e
+    if not os.access(out, os.W_OK):
+        raise CkptforceError(f"{out}: the folder is not writable; choose another -o")
+    return out
+
+
+def write_report(cube_path: str | Path, out: str | Path, *, html: bool = True, pdf: bool = True) -> list[Path]:
+    """Read the cube at ``cube_path`` and write ``report.html`` and/or ``report.pdf`` into ``out``."""
+    from . import html as html_mod
+    from . import pdf as pdf_mod
+    from .context import gather
+
+    ds = open_cube(cube_path)
+    out = output_dir(out, ds.attrs.get("run_dir"))
+    ctx = gather(ds, Path(cube_path))
+    written = []
+    if html:
+        text = html_mod.render(ctx)
+        written.append(_atomic(out / HTML_NAME, lambda tmp: Path(tmp).write_text(text, encoding="utf-8")))
+    if pdf:
+        written.append(_atomic(out / PDF_NAME, lambda tmp: pdf_mod.write(ctx, tmp)))
+    return written
+
+
+__all__ = ["HTML_NAME", "PDF_NAME", "write_report"]

@@ -1,0 +1,196 @@
+"""Figures: a diagnostic's tables in, a matplotlib ``Figure`` out (seaborn for the statistical plots).
+
+Figures are built on ``matplotlib.figure.Figure`` directly (no pyplot state, no GUI backend). Every response
+type has one colour across all figures (``colour``): the chosen group in greens, the rejected group in reds,
+other answers in purples / browns, random-like responses in greys, y* in black; types the paper does not
+name get colours from a qualitative palette, in order.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.figure import Figure
+
+from ..names import ARGMAX, POOR_LINEARISATION
+from .diagnostics import Diagnostic
+
+#: One colour per response type, shared by every figure (chosen group, rejected group, other answers, random).
+PALETTE = {
+    "chosen": "#1b7837", "rephrase_chosen": "#5aae61", "format_chosen": "#a6dba0",
+    "rejected": "#b2182b", "rephrase_rejected": "#d6604d", "format_rejected": "#f4a582",
+    "other_trained": "#762a83", "other_untrained": "#9970ab", "irrelevant": "#8c510a",
+    "shuffled": "#878787", "random": "#bababa", ARGMAX: "#000000",
+}  # fmt: skip
+_EXTRA = sns.color_palette("tab10").as_hex()
+
+
+def colour(response: str, _seen: dict[str, str] = {}) -> str:  # noqa: B006 - a deliberate per-process memo
+    """The colour of a response type (unknown types get the next tab10 colour, stably within a process)."""
+    if response in PALETTE:
+        return PALETTE[response]
+    if response not in _seen:
+        _seen[response] = _EXTRA[len(_seen) % len(_EXTRA)]
+    return _seen[response]
+
+
+def _figure(width: float = 8.0, height: float = 4.2, ncols: int = 1, **subplots) -> tuple[Figure, list]:
+    sns.set_theme(style="whitegrid", context="notebook")
+    fig = Figure(figsize=(width, height), layout="constrained")
+    axes = fig.subplots(1, ncols, squeeze=False, **subplots)[0]
+    return fig, list(axes)
+
+
+def trajectories(d: Diagnostic) -> Figure:
+    table = d.tables["mean"]
+    splits = list(dict.fromkeys(table["split"]))
+    fig, axes = _figure(4.2 * len(splits) + 1.6, 4.2, ncols=len(splits), sharey=True)
+    for ax, split in zip(axes, splits):
+        part = table[table["split"] == split]
+        for response, rows in part.groupby("response", sort=False):
+            ax.plot(rows["step"], rows["mean"], marker="o", ms=3, color=colour(response), label=response, lw=2 if response == ARGMAX else 1.5)
+            ax.fill_between(rows["step"], rows["mean"] - rows["sem"].fillna(0), rows["mean"] + rows["sem"].fillna(0), color=colour(response), alpha=0.15)
+        ax.set(title=f"{split} probes", xlabel="training step", ylabel="mean log π(y|x)  [nat]")
+    axes[-1].legend(title="response type", loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize="small")
+    fig.suptitle("Probe log-likelihood per response type (mean ± s.e.m. over probes)")
+    return fig
+
+
+def squeezing(d: Diagnostic) -> Figure:
+    change = d.tables["change"]
+    has_shape, has_rich = "shape" in d.tables, "rich" in d.tables
+    fig, axes = _figure(13.0, 4.2, ncols=1 + has_shape + has_rich)
+    ax = axes[0]
+    sns.barplot(data=change, x="response", y="dlogp", hue="response", palette={r: colour(r) for r in change["response"]}, legend=False, ax=ax)
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set(title="Change over the run", xlabel="response type", ylabel="Δ log π over the run  [nat]")
+    ax.tick_params(axis="x", rotation=45)
+    for label in ax.get_xticklabels():
+        label.set_horizontalalignment("right")
+    k = 1
+    if has_shape:
+        shape = d.tables["shape"]
+        ax = axes[k]
+        k += 1
+        for name, style in (("top1", "-"), ("entropy", "--")):
+            if name in shape:
+                ax.plot(shape["step"], shape[name], style, marker="o", ms=3, color=colour("chosen"), label={"top1": "top-1 mass [1]", "entropy": "entropy [nat]"}[name])
+        ax.set(title="Next-token distribution along chosen", xlabel="training step", ylabel="mean over probes and positions")
+        if "peakiness" in shape:
+            twin = ax.twinx()
+            twin.plot(shape["step"], shape["peakiness"], ":", marker="s", ms=3, color="grey", label="peakiness ‖A‖²_F")
+            twin.set_ylabel("peakiness V‖π‖² + V − 2  [1]")
+            twin.ticklabel_format(axis="y", useOffset=False, style="plain")
+            twin.grid(False)
+            lines = ax.get_legend_handles_labels(), twin.get_legend_handles_labels()
+            ax.legend(lines[0][0] + lines[1][0], lines[0][1] + lines[1][1], fontsize="small", loc="best")
+        else:
+            ax.legend(fontsize="small")
+    if has_rich:
+        rich = d.tables["rich"]
+        ax = axes[k]
+        sample = rich.sample(n=min(len(rich), 4000), random_state=0)
+        order = [r for r in change["response"] if r in set(sample["response"])]
+        sns.scatterplot(data=sample, x="logp_start", y="dlogp", hue="response", hue_order=order, palette={r: colour(r) for r in order},
+                        s=10, alpha=0.6, linewidth=0, legend=False, ax=ax)  # fmt: skip
+        ax.axhline(0, color="black", lw=0.8)
+        ax.set(title="Rich get richer? (each response token)", xlabel="log π(token) at the first checkpoint  [nat]", ylabel="Δ log π(token) over the run  [nat]")
+    fig.suptitle("Squeezing: does y* gain while the rest loses?")
+    return fig
+
+
+def hallucination(d: Diagnostic) -> Figure:
+    per = d.tables.get("per_interval")
+    fig, axes = _figure(11.0, 4.0, ncols=2)
+    ax = axes[0]
+    if per is not None:
+        ax.bar(per["step_to"].astype(str), per["lift"], color=[colour("other_trained") if v > 0 else colour("other_untrained") for v in per["lift"]], label="lift per interval")
+        ax.plot(per["step_to"].astype(str), per["cumulative"], color="black", marker="o", ms=3, label="cumulative lift")
+        ax.axhline(0, color="black", lw=0.8)
+        ax.legend(fontsize="small")
+    ax.set(title="Lift per interval", xlabel="interval (ending at step)", ylabel="Δ other_trained − Δ other_untrained  [nat]")
+    ax = axes[1]
+    split = d.tables["per_split"]
+    sns.barplot(data=split, x="split", y="lift", color=colour("other_trained"), ax=ax)
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set(title="Lift over the run, by probe split", xlabel="probe split", ylabel="lift  [nat]")
+    fig.suptitle("Hallucination: do answers of other trained prompts leak in?")
+    return fig
+
+
+def forgetting(d: Diagnostic) -> Figure:
+    groups, probes = d.tables["groups"], d.tables["probes"]
+    fig, axes = _figure(11.0, 4.0, ncols=2)
+    ax = axes[0]
+    order = list(groups["group"])
+    sns.stripplot(data=probes, x="group", y="delta", order=order, color=colour("chosen"), size=4, jitter=0.2, ax=ax)
+    sns.pointplot(data=probes, x="group", y="delta", order=order, color="black", linestyle="none", marker="_", markersize=20, errorbar=None, ax=ax)
+    tau = d.numbers.get("tau", None)
+    ax.axhline(0, color="black", lw=0.8)
+    if tau is not None:
+        ax.axhline(-tau, color=colour("rejected"), lw=1, ls="--", label=f"−τ = −{tau}")
+        ax.legend(fontsize="small")
+    ax.set(title="Change of log π(chosen) per probe", xlabel="probe group", ylabel="Δ log π(chosen) over the run  [nat]")
+    ax = axes[1]
+    sns.barplot(data=groups, x="group", y="F_ratio", order=order, color=colour("rejected"), ax=ax)
+    ax.set(title="Share of probes that forgot", xlabel="probe group", ylabel="F_ratio: share with Δ < −τ  [1]", ylim=(0, 1))
+    fig.suptitle("Forgetting per probe group")
+    return fig
+
+
+def first_order(d: Diagnostic) -> Figure:
+    scatter, intervals = d.tables["scatter"], d.tables["intervals"]
+    fig, axes = _figure(11.0, 4.2, ncols=2)
+    ax = axes[0]
+    sns.scatterplot(data=scatter, x="dlogp_lin", y="dlogp_obs", hue="response", palette={r: colour(r) for r in scatter["response"].unique()},
+                    s=14, alpha=0.7, linewidth=0, ax=ax)  # fmt: skip
+    lo, hi = np.nanmin(scatter[["dlogp_lin", "dlogp_obs"]].to_numpy()), np.nanmax(scatter[["dlogp_lin", "dlogp_obs"]].to_numpy())
+    ax.plot([lo, hi], [lo, hi], color="black", lw=0.8, ls="--", label="Δ_obs = Δ_lin")
+    ax.set(title="Observed against first-order change", xlabel="Δ_lin = A·J·Δθ  [nat]", ylabel="Δ_obs  [nat]")
+    ax.legend(title="response type", fontsize="x-small")
+    ax = axes[1]
+    x = [f"{a}→{b}" for a, b in zip(intervals["step_from"], intervals["step_to"])]
+    ax.plot(x, intervals["remainder_ratio"], marker="o", color="black", label="remainder ratio ‖Δ_obs − Δ_lin‖/‖Δ_obs‖")
+    if "path_gap" in intervals:
+        ax.plot(x, intervals["path_gap"], marker="s", color="grey", ls=":", label="path gap max|Δ_path − Δ_obs|/max|Δ_obs|")
+    ax.axhline(POOR_LINEARISATION, color=colour("rejected"), lw=1, ls="--", label=f"poor above {POOR_LINEARISATION}")
+    ax.set(title="Remainder per interval", xlabel="interval (steps)", ylabel="ratio  [1]", ylim=(0, max(1.0, float(np.nanmax(intervals["remainder_ratio"])) * 1.1)))
+    ax.tick_params(axis="x", rotation=45)
+    ax.legend(fontsize="x-small")
+    fig.suptitle("First-order validity: is Δ_lin a good account of the change?")
+    return fig
+
+
+def tensor_split(d: Diagnostic) -> Figure:
+    share = d.tables["share"]
+    fig, axes = _figure(max(7.0, 1.0 * share.shape[1] + 5.5), 0.35 * len(share) + 2.2)
+    vmax = float(np.nanmax(np.abs(share.to_numpy()))) or 1.0
+    sns.heatmap(share, cmap="RdBu_r", center=0, vmin=-vmax, vmax=vmax, annot=share.shape[1] <= 8, fmt=".2f" if vmax >= 0.1 else ".1e",
+                annot_kws={"fontsize": "x-small"}, cbar_kws={"label": "Σ over intervals of mean Δ_lin  [nat]"}, ax=axes[0])  # fmt: skip
+    axes[0].set(title="First-order change split by parameter tensor (largest first)", xlabel="response type", ylabel="parameter tensor")
+    axes[0].tick_params(axis="x", rotation=30)
+    return fig
+
+
+def update_anatomy(d: Diagnostic) -> Figure:
+    relative, intervals = d.tables["relative"], d.tables["intervals"]
+    top = relative.loc[relative.mean(axis=1).sort_values(ascending=False).index[:16]]
+    fig, axes = _figure(12.0, 0.3 * len(top) + 2.6, ncols=2)
+    sns.heatmap(np.log10(top.clip(lower=1e-12)), cmap="viridis", cbar_kws={"label": "log₁₀ ‖Δθ‖/‖θ‖"}, ax=axes[0])
+    axes[0].set(title="Relative update per tensor (16 largest)", xlabel="interval (ending at step)", ylabel="parameter tensor")
+    ax = axes[1]
+    ax.plot(intervals["step_to"], intervals["update_norm"], marker="o", color="black", label="‖Δθ‖ (all tensors)")
+    ax.set(title="Update size and direction", xlabel="training step (end of interval)", ylabel="‖Δθ‖₂")
+    if "mean_cos" in intervals:
+        twin = ax.twinx()
+        twin.plot(intervals["step_to"], intervals["mean_cos"], marker="s", ls="--", color=colour("other_trained"), label="mean cosine with previous update")
+        twin.set(ylabel="cosine  [1]", ylim=(-1, 1))
+        twin.grid(False)
+        h1, l1 = ax.get_legend_handles_labels()
+        h2, l2 = twin.get_legend_handles_labels()
+        ax.legend(h1 + h2, l1 + l2, fontsize="x-small", loc="best")
+    else:
+        ax.legend(fontsize="x-small")
+    fig.suptitle("Update anatomy")
+    return fig

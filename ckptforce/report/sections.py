@@ -1,0 +1,91 @@
+"""The report's sections, in reading order: a title, the diagnostic, its figure, and how to read it.
+
+A plain list (``SECTIONS``) is the registry: html.py and pdf.py walk it; adding a diagnostic is one entry.
+``evaluate(ds)`` runs every section's diagnostic on a cube and draws the figures of those it can support.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import xarray as xr
+from matplotlib.figure import Figure
+
+from . import diagnostics as dg
+from . import figures as fg
+
+
+@dataclass(frozen=True)
+class Section:
+    key: str
+    title: str
+    diagnostic: Callable[[xr.Dataset], dg.Diagnostic]
+    figure: Callable[[dg.Diagnostic], Figure] | None
+    how_to_read: str
+
+
+SECTIONS: list[Section] = [
+    Section("trajectories", "1. Probe log-likelihood over training", dg.trajectories, fg.trajectories,
+            "Each line is one response type, averaged over the probes of a split (band: ± one standard error). "
+            "A rising line means training made that kind of answer more likely. Compare the chosen answers (greens) "
+            "with the rejected ones (reds), answers of other prompts (purples) and random text (greys): SFT should "
+            "lift chosen and push random down; DPO lowers nearly everything, rejected fastest."),
+    Section("squeezing", "2. Squeezing: the argmax y* against everything else", dg.squeezing, fg.squeezing,
+            "y* is the teacher-forced argmax along the chosen answer. When a negative gradient pushes down an answer "
+            "the model already finds unlikely, the mass it loses flows to the most likely token: log π(y*) rises "
+            "while most response types fall (the squeeze index Δy* − mean Δtypes is large). Left: change of each type "
+            "over the run. Middle: how peaked the next-token distribution becomes. Right: each response token's start "
+            "log π against its change, coloured as on the left; a rising cloud on the right is 'rich get richer'. A top-1 mass near 1 on every "
+            "response type is a collapse onto single tokens, not a squeeze."),
+    Section("hallucination", "3. Hallucination: answers leaking across prompts", dg.hallucination, fg.hallucination,
+            "The lift compares, on the same prompt, the answer of another trained question (other_trained) with the "
+            "answer of a question never trained on (other_untrained). Both are wrong for this prompt; if the trained one "
+            "gains more, training taught the model to give trained answers to unrelated questions. Bars above zero are "
+            "intervals that leaked; the line is the running total."),
+    Section("forgetting", "4. Forgetting per probe group", dg.forgetting, fg.forgetting,
+            f"Each dot is one probe: how much its chosen answer's log-likelihood changed over the run; the bar marks "
+            f"the group mean. F_avg is the mean loss −Δ, F_ratio the share of probes that fell by more than τ = "
+            f"{dg.FORGET_TAU} nats (dashed line). Groups come from the probe file's 'group' field (else 'split')."),
+    Section("first_order", "5. First-order validity", dg.first_order, fg.first_order,
+            "Every force in this report is a first-order account Δ_lin = A·J·Δθ of the observed change Δ_obs. Left: "
+            "points on the diagonal are changes the linear account explains. Right: the remainder ratio per interval; "
+            "above 0.5 the account misses most of the change and that interval should be read from the path-integrated "
+            "Δ_path (grey, its gap to Δ_obs) or analysed with checkpoints closer together."),
+    Section("tensor_split", "Where the change comes from: parameter tensors", dg.tensor_split, fg.tensor_split,
+            "The first-order change of each response type, split exactly into the contributions of each parameter "
+            "tensor's update and summed over intervals (red: raised log π, blue: lowered it). The tensors are sorted by "
+            "their total effect; a layer that dominates one type but not the others is where that behaviour is learnt."),
+    Section("force_attribution", "6. Force attribution by training example", dg.force_attribution, None,
+            "Which training examples pushed each probe up or down (−η·A·K·G per example)."),
+    Section("g_statistics", "7. G statistics of the training signal", dg.g_statistics, None,
+            "How hard each training example pushes: ‖π − e_y‖, 1 − π(y), the DPO weight σ(−βh) and margin, and how "
+            "unlikely the pushed-down tokens already are (the squeezing risk)."),
+    Section("similarity", "8. Similarity maps", dg.similarity, None,
+            "Gradient inner products and cosines between probes and training examples."),
+    Section("feature_adaptation", "9. Feature adaptation", dg.feature_adaptation, None,
+            "Drift of a named hidden layer's features over checkpoints."),
+    Section("learning_paths", "10. Learning paths of classifier examples", dg.learning_paths, None,
+            "Per-example prediction trajectories in the simplex, and zig-zag scores."),
+    Section("update_anatomy", "11. Update anatomy", dg.update_anatomy, fg.update_anatomy,
+            "Left: the size of each tensor's update relative to its weights, per interval (log scale; brighter is "
+            "larger). Right: the size of the whole update and the mean cosine between consecutive updates of each "
+            "tensor: near +1 the optimizer keeps its direction, below 0 it zig-zags."),
+]  # fmt: skip
+
+
+@dataclass
+class Evaluated:
+    section: Section
+    result: dg.Diagnostic
+    figure: Figure | None
+
+
+def evaluate(ds: xr.Dataset) -> list[Evaluated]:
+    """Every section's diagnostic on ``ds``, with its figure when the cube supports it."""
+    out = []
+    for s in SECTIONS:
+        result = s.diagnostic(ds)
+        figure = s.figure(result) if s.figure is not None and not result.missing and result.tables else None
+        out.append(Evaluated(s, result, figure))
+    return out
