@@ -219,9 +219,11 @@ class _progress_bar:
 
     def __init__(self, what: str = "reading updates", unit: str = "tensors"):
         from rich.console import Console
-        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        self._p = Progress(TextColumn(what), BarColumn(), TextColumn(f"{{task.completed}}/{{task.total}} {unit}"), TimeRemainingColumn(), console=Console(stderr=True), transient=True)
+        # fractions (the pipeline's rows within an interval) move the bar; the count shows whole units
+        columns = (TextColumn(what), BarColumn(), MofNCompleteColumn(), TextColumn(unit), TimeRemainingColumn())
+        self._p = Progress(*columns, console=Console(stderr=True), transient=True)
         self._task = None
 
     def __call__(self, done: int, total: int, name: str = "") -> None:

@@ -36,6 +36,9 @@ from .probes import ARGMAX, TokenBatch, load_probe_set, load_tokenizer, make_bat
 from .updates import update_anatomy
 
 PARTS_SUFFIX = ".parts"
+#: Probe rows computed together within an interval: bigger probe sets are taken in batches of this many rows,
+#: with progress reported after each (the results do not depend on it: every quantity is per row).
+PROBE_BATCH = 256
 
 
 class ConfigMismatchError(CkptforceError, ValueError):
@@ -147,8 +150,10 @@ def _check_device(device: str) -> None:
         raise CkptforceError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) here; use cuda:0 … cuda:{torch.cuda.device_count() - 1}")
 
 
-def compute_part(config_json: str, k: int, device: str = "cpu") -> xr.Dataset:
-    """The part of interval k (checkpoints k and k+1): probes observed at both ends and the forces between."""
+def compute_part(config_json: str, k: int, device: str = "cpu", progress: Callable[[int, int], None] | None = None) -> xr.Dataset:
+    """The part of interval k (checkpoints k and k+1): probes observed at both ends and the forces between.
+
+    ``progress(rows_done, rows)`` is called after each batch of ``PROBE_BATCH`` probe rows."""
     config = AnalysisConfig(**json.loads(config_json))
     p = prepare(config, device)
     refs = p.run.checkpoints[k : k + 2]
@@ -156,7 +161,8 @@ def compute_part(config_json: str, k: int, device: str = "cpu") -> xr.Dataset:
     with p.run.open(refs[0]) as a, p.run.open(refs[1]) as b:
         before = p.model.params_from(a, device=device, dtype=dtype)
         after = p.model.params_from(b, device=device, dtype=dtype)
-    res = interval_forces(p.model.logits, before, after, p.batch, nodes=config.nodes, by_tensor=config.by_tensor, method=config.method, chunk_size=config.chunk_size)
+    res = interval_forces(p.model.logits, before, after, p.batch, nodes=config.nodes, by_tensor=config.by_tensor, method=config.method,
+                          chunk_size=config.chunk_size, batch_rows=PROBE_BATCH, progress=progress)  # fmt: skip
     grid = _Grid(p)
     data = {
         "logp": np.stack([grid.rows(res.before.logp, res.before.argmax_logp), grid.rows(res.after.logp, res.after.argmax_logp)]),
@@ -309,10 +315,13 @@ def analyze(
     device: str = "cpu",
     workers: int | None = None,
     scheduler: str | None = None,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Callable[[float, int], None] | None = None,
     command: str = "",
 ) -> Path:
-    """Compute every missing part, then consolidate the cube at ``out``. Returns its path."""
+    """Compute every missing part, then consolidate the cube at ``out``. Returns its path.
+
+    ``progress(done, intervals)`` counts finished intervals; run serially, it also moves within an interval
+    (fractions, one step per batch of ``PROBE_BATCH`` probe rows)."""
     out = Path(out).resolve()
     if not out.parent.is_dir():
         raise CkptforceError(f"{out.parent}: no such directory for the output; create it or choose another -o")
@@ -326,7 +335,8 @@ def analyze(
     done = n - len(todo)
     if progress:
         progress(done, n)
-    for k, part in _map_parts(config, todo, device, workers, scheduler):
+    within = None if progress is None else (lambda rows, total: progress(done + rows / total, n))
+    for k, part in _map_parts(config, todo, device, workers, scheduler, within):
         cube.save(part, part_path(out, k))
         done += 1
         if progress:
@@ -355,13 +365,13 @@ def _linearisation_warnings(ds: xr.Dataset) -> list[str]:
     ]
 
 
-def _map_parts(config: AnalysisConfig, todo: list[int], device: str, workers: int | None, scheduler: str | None):
-    """(k, part) as each is computed: in order locally, as completed on a Dask cluster."""
+def _map_parts(config: AnalysisConfig, todo: list[int], device: str, workers: int | None, scheduler: str | None, within=None):
+    """(k, part) as each is computed: in order locally (``within`` reports rows done), as completed on Dask."""
     if not todo:
         return
     if not workers and not scheduler:
         for k in todo:
-            yield k, compute_part(config.to_json(), k, device)
+            yield k, compute_part(config.to_json(), k, device, progress=within)
         return
     try:
         from distributed import Client, LocalCluster, as_completed

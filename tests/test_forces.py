@@ -243,3 +243,27 @@ def test_interval_forces_ties_the_pieces_together(batch):
     torch.testing.assert_close(res.path_by_tensor.sum(1), res.dlogp_path, rtol=1e-9, atol=1e-12)
     assert float(res.path_gap.abs().max()) < 1e-7 < float(res.remainder.abs().max())
     assert 0 < res.remainder_ratio < 1
+
+
+def test_interval_forces_in_probe_batches_equal_one_batch(batch):
+    """Splitting the rows into probe batches (progress within an interval) changes no number."""
+    from dataclasses import fields
+
+    from ckptforce.forces import interval_forces
+    from ckptforce.forces.interval import IntervalForces
+
+    model = _gpt2()
+    before = _params(model)
+    after = {n: p + d for (n, p), d in zip(before.items(), _direction(before, 0.002, seed=3).values())}
+    whole = interval_forces(model.logits, before, after, batch, nodes=2, by_tensor=True)
+    seen = []
+    parts = interval_forces(model.logits, before, after, batch, nodes=2, by_tensor=True, batch_rows=2, progress=lambda r, n: seen.append((r, n)))
+    assert seen == [(min(k, len(batch)), len(batch)) for k in range(2, len(batch) + 2, 2)]
+    for f in fields(IntervalForces):
+        a, b = getattr(whole, f.name), getattr(parts, f.name)
+        if isinstance(a, torch.Tensor):
+            torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12, msg=f.name)
+        elif f.name in ("before", "after"):
+            for g in ("logp", "logp_tok", "argmax_logp", "entropy", "top1"):
+                torch.testing.assert_close(getattr(b, g), getattr(a, g), rtol=1e-9, atol=1e-12, msg=f"{f.name}.{g}")
+    assert parts.remainder_ratio == pytest.approx(whole.remainder_ratio, rel=1e-9)

@@ -105,6 +105,20 @@ def test_dask_workers_equal_serial(serial_cube, runs, probes, tmp_path):
         xr.testing.assert_allclose(_data(par), _data(serial), rtol=1e-6, atol=1e-7)
 
 
+def test_progress_moves_within_an_interval_and_batches_change_nothing(serial_cube, runs, probes, tmp_path, monkeypatch):
+    from ckptforce import pipeline
+
+    monkeypatch.setattr(pipeline, "PROBE_BATCH", 4)  # 5 probes × 3 response rows = 15 rows → 4 batches
+    seen: list[tuple[float, int]] = []
+    config = pipeline.AnalysisConfig.for_run(runs["hf"].root, probes)
+    out = pipeline.analyze(config, tmp_path / "cube.h5", progress=lambda done, n: seen.append((done, n)))
+    fractions = [d for d, _ in seen if d != int(d)]
+    assert fractions and all(0 < d < seen[-1][1] for d in fractions), seen
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen) and seen[-1][0] == seen[-1][1]
+    with xr.open_dataset(out, engine="h5netcdf") as batched, xr.open_dataset(serial_cube, engine="h5netcdf") as serial:
+        xr.testing.assert_allclose(_data(batched), _data(serial), rtol=1e-6, atol=1e-7)
+
+
 def test_other_settings_are_not_mixed_into_existing_parts(runs, probes, tmp_path):
     out = tmp_path / "cube.h5"
     parts = Path(str(out) + ".parts")

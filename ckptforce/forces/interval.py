@@ -12,7 +12,8 @@ for every row, and the same for the argmax response y* of each row.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Callable
 
 import torch
 
@@ -48,6 +49,22 @@ class IntervalForces:
     method: str
     nodes: int
 
+    @staticmethod
+    def cat(parts: list["IntervalForces"], width: int) -> "IntervalForces":
+        """Rows of several probe batches in order; per-token tensors padded to ``width`` positions."""
+        out = {}
+        for f in fields(IntervalForces):
+            values = [getattr(p, f.name) for p in parts]
+            first = values[0]
+            if isinstance(first, Observed):
+                out[f.name] = Observed.cat(values, width=width)
+            elif isinstance(first, torch.Tensor):
+                pad = f.name == "dlogp_lin_tok"
+                out[f.name] = torch.cat([torch.nn.functional.pad(v, (0, width - v.shape[1])) if pad else v for v in values])
+            else:
+                out[f.name] = first  # None, names, method, nodes: the same in every part
+        return IntervalForces(**out)
+
     @property
     def remainder(self) -> torch.Tensor:
         """Δ_obs − Δ_lin: what the first-order prediction misses (the O(η²) part)."""
@@ -73,8 +90,22 @@ def interval_forces(
     by_tensor: bool = False,
     method: str = "auto",
     chunk_size: int | None = None,
+    batch_rows: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> IntervalForces:
-    """Everything first-order about one interval; ``nodes=0`` skips the path integral."""
+    """Everything first-order about one interval; ``nodes=0`` skips the path integral.
+
+    Every quantity is per row, so ``batch_rows`` may split the batch into probe batches computed one after
+    another (the result is the same); ``progress(rows_done, rows)`` is called after each.
+    """
+    if batch_rows and len(batch) > batch_rows:
+        parts = []
+        for start in range(0, len(batch), batch_rows):
+            rows = batch.select(slice(start, start + batch_rows))
+            parts.append(interval_forces(fn, before, after, rows, nodes=nodes, by_tensor=by_tensor, method=method, chunk_size=chunk_size))
+            if progress:
+                progress(min(start + batch_rows, len(batch)), len(batch))
+        return IntervalForces.cat(parts, width=batch.input_ids.shape[1])
     step = {n: after[n] - before[n] for n, p in before.items() if p.is_floating_point()}
     obs_a = observe(fn, before, batch, chunk_size=chunk_size)
     obs_b = observe(fn, after, batch, chunk_size=chunk_size)
@@ -87,6 +118,8 @@ def interval_forces(
         if nodes
         else None
     )
+    if progress:
+        progress(len(batch), len(batch))
     return IntervalForces(
         before=obs_a,
         after=obs_b,

@@ -39,15 +39,15 @@ class Observed:
     logp_full: torch.Tensor | None = None  # (B, V) the whole distribution, classifiers only (T = 1)
 
     @staticmethod
-    def cat(parts: list["Observed"]) -> "Observed":
-        """Rows of several chunks in order; per-token tensors padded to the longest T."""
+    def cat(parts: list["Observed"], width: int | None = None) -> "Observed":
+        """Rows of several chunks in order; per-token tensors padded to ``width`` (default: the longest T)."""
         out = {}
         for f in fields(Observed):
             values = [getattr(p, f.name) for p in parts]
             if values[0] is None:
                 out[f.name] = None
             elif values[0].dim() == 2 and f.name != "logp_full":
-                width = max(v.shape[1] for v in values)
+                width = width or max(v.shape[1] for v in values)
                 out[f.name] = torch.cat([torch.nn.functional.pad(v, (0, width - v.shape[1])) for v in values])
             else:
                 out[f.name] = torch.cat(values)

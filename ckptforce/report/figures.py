@@ -9,7 +9,6 @@ name get colours from a qualitative palette, in order.
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 
