@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import seaborn as sns
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from ..names import ARGMAX, POOR_LINEARISATION
 from .diagnostics import Diagnostic
@@ -51,6 +52,7 @@ def trajectories(d: Diagnostic) -> Figure:
             ax.plot(rows["step"], rows["mean"], marker="o", ms=3, color=colour(response), label=response, lw=2 if response == ARGMAX else 1.5)
             ax.fill_between(rows["step"], rows["mean"] - rows["sem"].fillna(0), rows["mean"] + rows["sem"].fillna(0), color=colour(response), alpha=0.15)
         ax.set(title=f"{split} probes", xlabel="training step", ylabel="mean log π(y|x)  [nat]")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[-1].legend(title="response type", loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize="small")
     fig.suptitle("Probe log-likelihood per response type (mean ± s.e.m. over probes)")
     return fig
@@ -76,6 +78,7 @@ def squeezing(d: Diagnostic) -> Figure:
             if name in shape:
                 ax.plot(shape["step"], shape[name], style, marker="o", ms=3, color=colour("chosen"), label={"top1": "top-1 mass [1]", "entropy": "entropy [nat]"}[name])
         ax.set(title="Next-token distribution along chosen", xlabel="training step", ylabel="mean over probes and positions")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if "peakiness" in shape:
             twin = ax.twinx()
             twin.plot(shape["step"], shape["peakiness"], ":", marker="s", ms=3, color="grey", label="peakiness ‖A‖²_F")
@@ -181,6 +184,7 @@ def update_anatomy(d: Diagnostic) -> Figure:
     ax = axes[1]
     ax.plot(intervals["step_to"], intervals["update_norm"], marker="o", color="black", label="‖Δθ‖ (all tensors)")
     ax.set(title="Update size and direction", xlabel="training step (end of interval)", ylabel="‖Δθ‖₂")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if "mean_cos" in intervals:
         twin = ax.twinx()
         twin.plot(intervals["step_to"], intervals["mean_cos"], marker="s", ls="--", color=colour("other_trained"), label="mean cosine with previous update")
