@@ -1,0 +1,176 @@
+"""The force of each training example on each probe over one interval (DESIGN §2, "C+P+B").
+
+In: the model function, θ_t, the probe batch, the training rows (one row per response of each example), the
+per-response weights w (objectives.py) and the optimizer's view of the step. Out: per example u and probe row o
+
+    g_u      = Σ_r w_r ∇θ(−log π(y_r|x_u))            = J_uᵀ G_u                       (one backward per sign)
+    δθ_u     = −c_u · P_t g_u                          c_u = η × uses / batch size
+    Δ_u(o)   = A_o J_o δθ_u                            one JVP over all probe rows      ("force")
+
+split exactly into the positive (w > 0) and negative (w < 0) parts. P_t is the optimizer's preconditioner:
+identity for SGD; (1−β₁)/(1−β₁ᵗ) / (√(v_t/(1−β₂ᵗ)) + ε) for Adam(W) from the saved ``exp_avg_sq``;
+1/(√v + ε) for RMSprop. What no example explains is reported as its own source, never hidden:
+
+    momentum      −η Σ_{j=1..k} β₁ʲ m_start / (1−β₁ᵗ) / (√v̂_t + ε)    Adam's carry-over of earlier batches
+                  −η Σ_j μʲ b_start                                     SGD with momentum
+    weight_decay  −η λ θ_t (decoupled, AdamW)                           per param group
+    unexplained   Δ_lin − Σ_u Δ_u − momentum − weight_decay
+
+For one plain SGD step on a batch with every example's use known, Σ_u Δ_u = Δ_lin exactly; for an AdamW
+step rebuilt from the saved state the three terms sum to the real Δθ (tests check both).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .linear import delta_lin
+from .observe import Fn, _wide
+from .objectives import kd_loss
+
+
+@dataclass
+class Preconditioner:
+    """The optimizer's view of one interval: P (per tensor, elementwise; None = identity) and extra directions."""
+
+    kind: str  # sgd | sgd-momentum | adam | rmsprop
+    scale: dict[str, torch.Tensor] | None  # P_t per tensor (elementwise), or None for the identity
+    momentum: dict[str, torch.Tensor] | None  # the carry-over direction (already × −η …), or None
+    decay: dict[str, torch.Tensor] | None  # the weight-decay direction, or None
+    note: str = ""
+
+    def apply(self, grad: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return grad if self.scale is None else {n: g * self.scale[n] if n in self.scale else g for n, g in grad.items()}
+
+
+def _state_tensor(state: dict, key: str, like: torch.Tensor) -> torch.Tensor | None:
+    t = state.get(key)
+    return None if t is None else torch.as_tensor(t).to(device=like.device, dtype=like.dtype).reshape(like.shape)
+
+
+def preconditioner(params: dict, *, start=None, end=None, lr: float, n_steps: int = 1) -> Preconditioner:
+    """The preconditioner and carry-over directions of an interval from the optimizer states saved at its
+    start and end checkpoints (``OptimizerState`` or None). ``lr`` is the mean learning rate over the
+    interval's ``n_steps`` optimizer steps. Without a saved end state: plain SGD (P = I), and a note.
+
+    P and v̂ come from the END state (what the last step used: exact for a one-step interval); momentum needs
+    the START state's first moment (m = 0 at step 0).
+    """
+    if end is None or end.kind in ("stateless", "unknown"):
+        note = "no optimizer state at the end of the interval: plain SGD assumed (P = I)" if end is None else f"optimizer state of kind {end.kind}: plain SGD assumed"
+        return Preconditioner("sgd", None, None, None, note)
+    group_of = {n: g for g in end.groups for n in g.get("names", [])}
+    scale, momentum, decay = {}, {}, {}
+    notes = []
+    for name, p in params.items():
+        state, group = end.per_param.get(name), group_of.get(name, {})
+        if state is None:
+            notes.append(name)
+            continue
+        prior = start.per_param.get(name) if start is not None else None
+        wd = float(group.get("weight_decay", 0.0) or 0.0)
+        if end.kind == "adam":
+            b1, b2 = (float(b) for b in group.get("betas", (0.9, 0.999)))
+            eps, t = float(group.get("eps", 1e-8)), float(torch.as_tensor(state.get("step", 1)))
+            v_hat = _state_tensor(state, "exp_avg_sq", p) / (1 - b2**t)
+            denom = v_hat.sqrt() + eps
+            scale[name] = (1 - b1) / (1 - b1**t) / denom
+            m0 = _state_tensor(prior, "exp_avg", p) if prior is not None else None
+            if m0 is not None:
+                geometric = sum(b1**j for j in range(1, n_steps + 1))
+                momentum[name] = -lr * geometric * m0 / (1 - b1**t) / denom
+            if wd:
+                decay[name] = -lr * n_steps * wd * p
+        elif end.kind == "rmsprop":
+            eps = float(group.get("eps", 1e-8))
+            scale[name] = 1 / (_state_tensor(state, "square_avg", p).sqrt() + eps)
+            if wd:
+                decay[name] = -lr * n_steps * wd * p * scale[name]
+        elif end.kind == "sgd-momentum":
+            mu = float(group.get("momentum", 0.0) or 0.0)
+            b0 = _state_tensor(prior, "momentum_buffer", p) if prior is not None else None
+            if b0 is not None and mu:
+                momentum[name] = -lr * sum(mu**j for j in range(1, n_steps + 1)) * b0
+            if wd:
+                decay[name] = -lr * n_steps * wd * p
+    if notes:
+        return Preconditioner("sgd", None, None, None, f"optimizer state lacks {len(notes)} tensors (e.g. {notes[0]}): plain SGD assumed")
+    if start is None and end.kind in ("adam", "sgd-momentum"):
+        notes.append("no optimizer state at the start of the interval: the momentum carry-over is left in 'unexplained'")
+    return Preconditioner(end.kind, scale or None, momentum or None, decay or None, "; ".join(notes))
+
+
+def _row_losses(fn: Fn, params: dict, batch, teacher_logits: torch.Tensor | None) -> torch.Tensor:
+    """Per row (B,): −log π(y|x) summed over the response tokens, or the KD loss against the teacher."""
+    logits = _wide(fn(params, batch))
+    if teacher_logits is not None:
+        return kd_loss(logits, teacher_logits, batch.target_mask)
+    logp = torch.log_softmax(logits, -1).gather(-1, batch.targets.unsqueeze(-1)).squeeze(-1)
+    return -(logp * batch.target_mask.to(logp.dtype)).sum(-1)
+
+
+def example_gradient(fn: Fn, params: dict, rows, weights: torch.Tensor, teacher_logits=None) -> tuple[dict | None, dict | None]:
+    """(g⁺, g⁻) of one training example from its rows (its responses) and their weights w (R,):
+    g± = Σ_{r: ±w_r > 0} w_r ∇θ(−log π(y_r|x)) over the floating-point params. None where a part is empty."""
+    names = [n for n, p in params.items() if p.is_floating_point()]
+    out = []
+    for sign in (1, -1):
+        pick = [i for i in range(len(weights)) if float(weights[i]) * sign > 0]
+        if not pick:
+            out.append(None)
+            continue
+        sub = rows.select(pick)
+        with torch.enable_grad():
+            leaves = {n: params[n].detach().requires_grad_(True) for n in names}
+            teacher = None if teacher_logits is None else teacher_logits[pick]
+            loss = (weights[pick].to(leaves[names[0]].dtype) * _row_losses(fn, {**params, **leaves}, sub, teacher)).sum()
+            grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+        out.append({n: g if g is not None else torch.zeros_like(params[n]) for n, g in zip(names, grads)})
+    return out[0], out[1]
+
+
+@dataclass
+class ExampleForces:
+    pos: torch.Tensor  # (U, B) force of the positive part of each example on each probe row
+    neg: torch.Tensor  # (U, B)
+    pos_argmax: torch.Tensor  # (U, B) the same on y* of each probe row
+    neg_argmax: torch.Tensor  # (U, B)
+
+    @property
+    def total(self) -> torch.Tensor:
+        return self.pos + self.neg
+
+
+def example_forces(
+    fn: Fn, params: dict, probes, train_rows, owners: list[int], weights: torch.Tensor, coeff: torch.Tensor,
+    precond: Preconditioner, *, teacher_logits=None, method: str = "auto", chunk_size: int | None = None,
+) -> ExampleForces:  # fmt: skip
+    """Δ_u(o) for every example u (U = len(coeff)) and probe row o: rows of ``train_rows`` belong to example
+    ``owners[row]`` with weight ``weights[row]``; δθ_u = −coeff_u · P g_u (coeff = η × uses / batch size)."""
+    n_ex, n_probe = len(coeff), len(probes)
+    zeros = lambda: torch.zeros(n_ex, n_probe, dtype=torch.float64)  # noqa: E731
+    pos, neg, pos_star, neg_star = zeros(), zeros(), zeros(), zeros()
+    for u in range(n_ex):
+        rows = [i for i, o in enumerate(owners) if o == u]
+        if not rows or float(coeff[u]) == 0:
+            continue
+        teacher = None if teacher_logits is None else teacher_logits[rows]
+        parts = example_gradient(fn, params, train_rows.select(rows), weights[rows], teacher)
+        for g, total, star in zip(parts, (pos, neg), (pos_star, neg_star)):
+            if g is None:
+                continue
+            step = {n: -float(coeff[u]) * d for n, d in precond.apply(g).items()}
+            change = delta_lin(fn, params, probes, step, method=method, chunk_size=chunk_size)
+            total[u], star[u] = change.total.double().cpu(), change.argmax.double().cpu()
+    return ExampleForces(pos, neg, pos_star, neg_star)
+
+
+def direction_force(fn: Fn, params: dict, probes, direction: dict | None, *, method: str = "auto", chunk_size: int | None = None):
+    """(Δ (B,), Δ* (B,)) = A·J·direction on the probe rows and their y*; zeros when there is no direction."""
+    if not direction:
+        z = torch.zeros(len(probes), dtype=torch.float64)
+        return z, z.clone()
+    change = delta_lin(fn, params, probes, direction, method=method, chunk_size=chunk_size)
+    return change.total.double().cpu(), change.argmax.double().cpu()

@@ -1,0 +1,113 @@
+"""G for each training objective (DESIGN §1): how hard, and which way, a training example pushes its responses.
+
+Every objective here is a function of the policy's summed log-probabilities of the example's responses
+(and, for some, a reference model's), so its gradient w.r.t. the logits of response r is
+
+    G_r = w_r · R(y_r),   R(y)_l = π_l − e_{y_l}   (the SFT residual at response position l)
+    w_r = −∂L/∂ log π(y_r|x)                         (a scalar per response: ``response_weights``)
+
+w_r > 0 pulls y_r up (a positive force), w_r < 0 pushes it down (a *negative gradient*). By linearity the
+force splits exactly into its positive and negative parts. Knowledge distillation is the exception: its G is
+π − p_teacher at every position, handled by ``kd_loss`` directly.
+
+| objective | L (per example)                                 | w (by response)                              |
+|-----------|-------------------------------------------------|----------------------------------------------|
+| sft / ce  | −log π(y)/|y|                                    | 1/|y|                                         |
+| unlearn   | +log π(y)/|y|  (gradient ascent)                 | −1/|y|                                        |
+| dpo       | −log σ(β h), h = (ℓ⁺ − ℓ⁺_ref) − (ℓ⁻ − ℓ⁻_ref)    | ±β σ(−βh)                                     |
+| ipo       | (h − 1/(2β))²                                    | ±2(1/(2β) − h)                                |
+| simpo     | −log σ(β(ℓ⁺/|y⁺| − ℓ⁻/|y⁻|) − γ)                 | ±(β/|y±|) σ(−(β(ℓ⁺/|y⁺| − ℓ⁻/|y⁻|) − γ))       |
+| grpo      | −Σ_i Â_i ℓ_i / (n|y_i|), Â = (r − mean r)/std r  | Â_i/(n|y_i|)                                  |
+
+(ℓ = log π(y|x) summed over the response tokens.) The pure functions take tensors of shape (U, R): U
+training examples, R responses each (1 for sft/unlearn/kd, 2 = (chosen, rejected) for preferences, n for grpo).
+"""
+
+from __future__ import annotations
+
+import torch
+
+OBJECTIVES = ("sft", "ce", "unlearn", "dpo", "ipo", "simpo", "grpo", "kd")
+PREFERENCE = ("dpo", "ipo", "simpo")
+NEEDS_REFERENCE = ("dpo", "ipo", "kd")
+#: Defaults of TRL for β (DPOConfig.beta, CPOConfig.beta for SimPO) and SimPO's γ/β ratio (gamma = ratio·β).
+DEFAULT_BETA = {"dpo": 0.1, "ipo": 0.1, "simpo": 2.0}
+DEFAULT_SIMPO_GAMMA = 1.0
+
+
+def margin(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """h = (ℓ⁺ − ℓ⁺_ref) − (ℓ⁻ − ℓ⁻_ref) for (U, 2) log-probabilities (chosen, rejected) -> (U,)."""
+    ratio = logp - ref_logp
+    return ratio[:, 0] - ratio[:, 1]
+
+
+def loss(objective: str, logp: torch.Tensor, *, ref_logp=None, lengths=None, rewards=None, beta=None, gamma=None) -> torch.Tensor:
+    """The per-example loss L (U,) of ``objective`` from summed log-probabilities ``logp`` (U, R).
+
+    ``lengths`` (U, R) response lengths in tokens; ``rewards`` (U, R) for grpo; ``ref_logp`` (U, R) for dpo/ipo.
+    Differentiable in ``logp``: ``response_weights`` is −∂L/∂logp, and the tests check it is.
+    """
+    beta = DEFAULT_BETA.get(objective, 0.1) if beta is None else beta
+    if objective in ("sft", "ce"):
+        return -(logp / lengths).sum(1)
+    if objective == "unlearn":
+        return (logp / lengths).sum(1)
+    if objective == "dpo":
+        return -torch.nn.functional.logsigmoid(beta * margin(logp, ref_logp))
+    if objective == "ipo":
+        return (margin(logp, ref_logp) - 1 / (2 * beta)) ** 2
+    if objective == "simpo":
+        gamma = DEFAULT_SIMPO_GAMMA * beta if gamma is None else gamma
+        norm = logp / lengths
+        return -torch.nn.functional.logsigmoid(beta * (norm[:, 0] - norm[:, 1]) - gamma)
+    if objective == "grpo":
+        adv = advantages(rewards)
+        return -(adv * logp / lengths).sum(1) / logp.shape[1]
+    raise ValueError(f"objective {objective!r}: no closed-form weights; known: {', '.join(OBJECTIVES)}")
+
+
+def advantages(rewards: torch.Tensor) -> torch.Tensor:
+    """Group-normalised advantages Â = (r − mean r)/std r per example (U, n); 0 where a group has one reward.
+
+    With binary rewards and success rate p this is Â⁺ = (1−p)/√(p(1−p)), Â⁻ = −p/√(p(1−p)) (population std).
+    """
+    mean = rewards.mean(1, keepdim=True)
+    std = rewards.std(1, unbiased=False, keepdim=True)
+    return torch.where(std > 0, (rewards - mean) / std.clamp_min(1e-12), torch.zeros_like(rewards))
+
+
+def response_weights(objective: str, logp: torch.Tensor, **kw) -> torch.Tensor:
+    """w = −∂L/∂ℓ (U, R), the scalar of G_r = w_r R(y_r), by autograd of ``loss`` (exact; tested)."""
+    with torch.enable_grad():
+        leaf = logp.detach().double().requires_grad_(True)
+        extra = {k: (v.detach().double() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+        (grad,) = torch.autograd.grad(loss(objective, leaf, **extra).sum(), leaf)
+    return (-grad).to(logp.dtype)
+
+
+def residual(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """R = π − e_y at response positions, 0 elsewhere: (B, T, V) from logits (B, T, V), targets/mask (B, T)."""
+    probs = torch.softmax(logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits, -1)
+    onehot = torch.nn.functional.one_hot(targets, probs.shape[-1]).to(probs.dtype)
+    return (probs - onehot) * mask.unsqueeze(-1).to(probs.dtype)
+
+
+def kd_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Σ_l CE(p_teacher,l, π_l) / |y| per row (B,): its gradient w.r.t. the logits is G = (π − p_teacher)/|y|."""
+    logq = torch.log_softmax(logits, -1)
+    p = torch.softmax(teacher_logits, -1)
+    per_tok = -(p * logq).sum(-1) * mask.to(logq.dtype)  # (B, T)
+    return per_tok.sum(1) / mask.sum(1).clamp_min(1).to(logq.dtype)
+
+
+def g_statistics(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per row (B,): ``gap`` mean_l ‖π_l − e_{y_l}‖₂, ``one_minus_p`` mean_l (1 − π_l(y_l)), and ``rank`` the mean
+    rank of y_l under π_l (1 = the argmax; a large rank on a pushed-down response is a 'valley': squeezing risk)."""
+    logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+    probs = torch.softmax(logits, -1)  # (B, T, V)
+    m = mask.to(probs.dtype)
+    n = m.sum(1).clamp_min(1)
+    p_y = probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (B, T)
+    gap = torch.sqrt((probs**2).sum(-1) - 2 * p_y + 1)  # ‖π − e_y‖ without forming e_y
+    rank = (logits > logits.gather(-1, targets.unsqueeze(-1))).sum(-1).to(probs.dtype) + 1  # (B, T)
+    return {"gap": (gap * m).sum(1) / n, "one_minus_p": ((1 - p_y) * m).sum(1) / n, "rank": (rank * m).sum(1) / n}

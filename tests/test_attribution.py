@@ -1,0 +1,170 @@
+"""Oracle tests for G per objective and the per-example force attribution (float64, tiny seeded models),
+and an AdamW step rebuilt from a real Trainer's optimizer.pt and logged lr against the real Δθ."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from ckptforce.forces import delta_lin, observe
+from ckptforce.forces.attribution import Preconditioner, direction_force, example_forces, preconditioner
+from ckptforce.forces.objectives import loss, residual, response_weights
+from ckptforce.probes import load_probe_set, make_batch, tokenize
+from test_forces import _gpt2, _params, batch  # noqa: F401 - the probe-batch fixture
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+def _rows(tmp_path, examples: list[dict], name="rows.jsonl"):
+    path = tmp_path / name
+    path.write_text("\n".join(json.dumps(x) for x in examples) + "\n")
+    return make_batch(tokenize(load_probe_set(path)))
+
+
+# --- G = w·R equals autograd of each objective's loss w.r.t. the logits ---------------------------------
+
+
+@pytest.mark.parametrize("objective", ["sft", "unlearn", "dpo", "ipo", "simpo", "grpo"])
+def test_g_equals_autograd_of_the_loss_wrt_logits(objective):
+    torch.manual_seed(0)
+    n_ex, n_resp, T, V = 3, (1 if objective in ("sft", "unlearn") else 4 if objective == "grpo" else 2), 5, 7
+    logits = torch.randn(n_ex, n_resp, T, V, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, V, (n_ex, n_resp, T))
+    lengths = torch.randint(2, T + 1, (n_ex, n_resp))
+    mask = torch.arange(T)[None, None, :] < lengths[..., None]
+    ref = torch.randn(n_ex, n_resp, dtype=torch.float64) * 3 - 8
+    rewards = torch.tensor([[1.0, 0, 0, 1], [0, 0, 0, 1], [1, 1, 1, 0]], dtype=torch.float64)[:, :n_resp]
+    kw = {"ref_logp": ref, "lengths": lengths.double(), "rewards": rewards, "beta": 0.3}
+    logp = (torch.log_softmax(logits, -1).gather(-1, targets[..., None]).squeeze(-1) * mask).sum(-1)  # (U, R)
+    (autograd,) = torch.autograd.grad(loss(objective, logp, **kw).sum(), logits)
+    w = response_weights(objective, logp.detach(), **kw)  # (U, R)
+    g = w[..., None, None] * residual(logits.detach().flatten(0, 1), targets.flatten(0, 1), mask.flatten(0, 1)).view_as(logits)
+    torch.testing.assert_close(g, autograd, rtol=1e-10, atol=1e-12)
+    if objective in ("dpo", "ipo", "simpo") and objective != "ipo":
+        assert (w[:, 0] > 0).all() and (w[:, 1] < 0).all(), "preferences pull chosen up and push rejected down"
+
+
+def test_dpo_weight_is_beta_sigmoid_of_minus_beta_margin():
+    logp = torch.tensor([[-3.0, -5.0]], dtype=torch.float64)
+    ref = torch.tensor([[-4.0, -4.0]], dtype=torch.float64)
+    w = response_weights("dpo", logp, ref_logp=ref, beta=0.5)
+    h = (-3 + 4) - (-5 + 4)  # 2
+    expected = 0.5 / (1 + math.exp(0.5 * h))
+    torch.testing.assert_close(w, torch.tensor([[expected, -expected]], dtype=torch.float64))
+
+
+# --- one plain SGD step on a batch: Σ_u −η·A·K·G = Δ_lin, and ≈ Δ_obs to first order -------------------
+
+
+def _sgd_step(model, params, train, owners, weights, eta, n_ex):
+    """θ' = θ − η ∇ (1/U) Σ_u Σ_r w_r (−log π(y_r|x_u)) by plain autograd (the trainer's step)."""
+    leaves = {n: p.clone().requires_grad_(True) for n, p in params.items()}
+    logp = observe_rows(model, leaves, train)
+    total = -(weights * logp).sum() / n_ex
+    grads = torch.autograd.grad(total, list(leaves.values()))
+    return {n: p - eta * g for (n, p), g in zip(params.items(), grads)}
+
+
+def observe_rows(model, params, batch):
+    logits = model.logits(params, batch)
+    logp = torch.log_softmax(logits, -1).gather(-1, batch.targets[..., None]).squeeze(-1)
+    return (logp * batch.target_mask).sum(-1)
+
+
+@pytest.mark.parametrize("objective", ["sft", "dpo"])
+def test_sum_of_example_forces_equals_delta_lin_for_an_sgd_step(objective, tmp_path, batch):
+    model = _gpt2()
+    params = _params(model)
+    if objective == "sft":
+        examples = [{"id": f"u{i}", "prompt_ids": [1 + i, 2], "responses": {"completion": [3 + i, 4, 5 + i]}} for i in range(3)]
+    else:
+        examples = [{"id": f"u{i}", "prompt_ids": [1 + i, 2], "responses": {"chosen": [3 + i, 4], "rejected": [9, 10 - i, 11]}} for i in range(3)]
+    train = _rows(tmp_path, examples)
+    owners = [i for i, _ in train.rows]
+    lengths = train.target_mask.sum(1).double()
+    logp = observe_rows(model, params, train).detach()
+    if objective == "sft":
+        weights = response_weights("sft", logp[:, None], lengths=lengths[:, None])[:, 0]
+    else:
+        ref = logp.view(3, 2) - torch.tensor([[0.5, -0.2], [0.1, 0.3], [-0.4, 0.0]], dtype=torch.float64)
+        weights = response_weights("dpo", logp.view(3, 2), ref_logp=ref, beta=0.5).flatten()
+    eta, n_ex = 0.002, 3
+    after = _sgd_step(model, params, train, owners, weights, eta, n_ex)
+    step = {n: after[n] - params[n] for n in params}
+    lin = delta_lin(model.logits, params, batch, step)
+    sgd = Preconditioner("sgd", None, None, None)
+    forces = example_forces(model.logits, params, batch, train, owners, weights, torch.full((n_ex,), eta / n_ex, dtype=torch.float64), sgd)
+    torch.testing.assert_close(forces.total.sum(0), lin.total.double(), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(forces.pos_argmax.sum(0) + forces.neg_argmax.sum(0), lin.argmax.double(), rtol=1e-9, atol=1e-12)
+    if objective == "dpo":
+        assert forces.neg.abs().sum() > 0 and forces.pos.abs().sum() > 0
+    else:
+        assert forces.neg.abs().sum() == 0
+    # first order: the gap to the observed change shrinks like η² (halving η quarters it)
+    gaps = []
+    for e in (eta, eta / 2):
+        moved = _sgd_step(model, params, train, owners, weights, e, n_ex)
+        obs = observe(model.logits, moved, batch).logp - observe(model.logits, params, batch).logp
+        f = example_forces(model.logits, params, batch, train, owners, weights, torch.full((n_ex,), e / n_ex, dtype=torch.float64), sgd)
+        gaps.append(float((obs.double() - f.total.sum(0)).abs().max()))
+    assert 3.0 < gaps[0] / gaps[1] < 5.0, gaps
+
+
+# --- an AdamW step rebuilt from a real Trainer's saved state and logged lr ------------------------------
+
+
+@pytest.fixture(scope="module")
+def adamw_run(tmp_path_factory):
+    """A real Hugging Face Trainer run of a tiny GPT-2: AdamW with weight decay, linear decay of the lr,
+    a checkpoint (with optimizer.pt) after every step."""
+    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments, set_seed
+
+    set_seed(0)
+    root = tmp_path_factory.mktemp("adamw")
+    cfg = GPT2Config(n_layer=1, n_head=2, n_embd=16, n_positions=16, vocab_size=32, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0,
+                     bos_token_id=0, eos_token_id=0)  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 32, (16, 8), generator=g)]
+    args = TrainingArguments(output_dir=str(root), max_steps=4, save_steps=1, logging_steps=1, learning_rate=5e-3, weight_decay=0.1,
+                             warmup_steps=0, lr_scheduler_type="linear", per_device_train_batch_size=4, use_cpu=True,
+                             report_to="none", disable_tqdm=True, save_only_model=False)  # fmt: skip
+    Trainer(model=GPT2LMHeadModel(cfg), args=args, train_dataset=data).train()
+    return root
+
+
+def test_adamw_step_rebuilt_from_optimizer_state_and_logged_lr_equals_real_update(adamw_run):
+    from ckptforce.io import open_run
+    from ckptforce.updates import update_anatomy
+
+    run = open_run(adamw_run)
+    lrs = {(iv.step_from, iv.step_to): iv.lr for iv in update_anatomy(run).intervals}
+    checked = 0
+    for a, b in zip(run.checkpoints[1:-1], run.checkpoints[2:]):  # intervals with a saved state at both ends
+        with run.open(a) as ca, run.open(b) as cb:
+            start, end = ca.optimizer(), cb.optimizer()
+            theta = {n: ca.tensor(n).double() for n in ca.names()}
+            delta = {n: cb.tensor(n).double() - theta[n] for n in theta}
+        assert end.kind == "adam" and end.unmapped == 0
+        lr = lrs[(a.step, b.step)]
+        pre = preconditioner(theta, start=start, end=end, lr=lr, n_steps=b.step - a.step)
+        group = {n: gr for gr in end.groups for n in gr["names"]}
+        for name in theta:
+            b1 = group[name]["betas"][0]
+            m0, m1 = (s.per_param[name]["exp_avg"].double() for s in (start, end))
+            grad = (m1 - b1 * m0) / (1 - b1)  # the batch gradient this step used, recovered from the two states
+            attributable = -lr * pre.scale[name] * grad
+            rebuilt = attributable + pre.momentum[name] + pre.decay.get(name, torch.zeros_like(grad))
+            scale = float(delta[name].abs().max())
+            assert float((rebuilt - delta[name]).abs().max()) <= 1e-4 * scale + 1e-9, name
+            checked += 1
+        assert any(g["weight_decay"] > 0 for g in end.groups) and pre.decay
+    assert checked > 0
+
+
+def test_direction_force_is_zero_without_a_direction(batch):
+    model = _gpt2()
+    z, zs = direction_force(model.logits, _params(model), batch, None)
+    assert z.shape == (len(batch),) and float(z.abs().sum()) == 0 and float(zs.abs().sum()) == 0
