@@ -64,6 +64,8 @@ VARS: dict[str, Var] = {
     "probe_group": Var(("probe",), "group (domain) of the probe"),
     "probe_prompt": Var(("probe",), "prompt text of the probe (empty when given as token ids)"),
     "response_text": Var(("probe", "response"), "response text (empty when given as token ids or computed)"),
+    "source_kind": Var(("source",), "example, momentum (optimizer carry-over) or weight_decay"),
+    "source_prompt": Var(("source",), "prompt text of the training example"),
     # probes at each checkpoint
     "logp": Var(("checkpoint", "probe", "response"), "log-probability of the response, summed over its tokens", "nat"),
     "logp_tok": Var(("checkpoint", "probe", "response", "token"), "log-probability of each response token", "nat"),
@@ -85,13 +87,21 @@ VARS: dict[str, Var] = {
     "update_cos": Var(("interval", "tensor"), "cosine of the tensor's update with the previous interval's", "1"),
     "zero_frac": Var(("interval", "tensor"), "share of exactly-zero update entries", "1"),
     # training-example forces (a later stage fills these)
-    "force": Var(("interval", "probe", "response", "source"), "force of each source on each probe", "nat"),
+    "force": Var(("interval", "probe", "response", "source"), "force of each source on each probe: A·J·δθ_source", "nat"),
+    "force_pos": Var(("interval", "probe", "response", "source"), "force of the source's positive part (responses pulled up)", "nat"),
+    "force_neg": Var(("interval", "probe", "response", "source"), "force of the source's negative part (responses pushed down)", "nat"),
+    "dlogp_unexplained": Var(("interval", "probe", "response"), "Δ_lin minus the sum of every source's force", "nat"),
+    "g_gap": Var(("interval", "source"), "mean ‖π − e_y‖ over the tokens of the responses the example pulls up", "1"),
+    "g_one_minus_p": Var(("interval", "source"), "mean 1 − π(y) over the tokens of the responses the example pulls up", "1"),
+    "g_neg_rank": Var(("interval", "source"), "mean rank under π of the tokens the example pushes down (1 = argmax)", "1"),
+    "dpo_margin": Var(("interval", "source"), "preference margin h of policy against reference log-ratios", "nat"),
+    "dpo_weight": Var(("interval", "source"), "σ(−βh): how hard a preference pair still pushes", "1"),
     "kernel": Var(("checkpoint", "probe", "source"), "⟨∇θ log π(y_o|x_o), ∇θ L(x_u)⟩"),
     "kernel_cos": Var(("checkpoint", "probe", "source"), "cosine of the two gradients", "1"),
 }
 
 COORDS = ("step", "step_source", "checkpoint_path", "step_from", "step_to", "lr", "probe_split", "probe_group", "probe_prompt",
-          "response_text")  # fmt: skip
+          "response_text", "source_kind", "source_prompt")  # fmt: skip
 
 
 def build(

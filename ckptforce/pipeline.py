@@ -32,6 +32,7 @@ from .forces import DEFAULT_NODES, interval_forces
 from .io import Run, open_run
 from .model import BoundModel, bind
 from .names import POOR_LINEARISATION
+from .training_forces import PreparedTraining, prepare_training, source_coords, train_path_ok, training_part
 from .probes import ARGMAX, TokenBatch, load_probe_set, load_tokenizer, make_batch, tokenize
 from .updates import update_anatomy
 
@@ -67,6 +68,9 @@ class AnalysisConfig:
     dtype: str = dataclasses.field(default="float32", metadata={"help": "arithmetic dtype of the forces"})
     chunk_size: int = dataclasses.field(default=64, metadata={"help": "probe rows per forward / JVP"})
     trust_pickles: bool = dataclasses.field(default=False, metadata={"help": "allow full unpickling"})
+    train: str | None = dataclasses.field(default=None, metadata={"help": "training-examples file (--train)"})
+    train_sha256: str | None = dataclasses.field(default=None, metadata={"help": "hash of the training-examples file"})
+    objective: str | None = dataclasses.field(default=None, metadata={"help": "training objective (--objective; else the file / trainer)"})
 
     @classmethod
     def for_run(cls, run_dir, probes, **kw) -> "AnalysisConfig":
@@ -74,7 +78,10 @@ class AnalysisConfig:
         if not probes.is_file():
             raise CkptforceError(f"{probes}: no such probe file; give the JSONL file of probes with --probes")
         digest = hashlib.sha256(probes.read_bytes()).hexdigest()
-        clean = {k: (str(Path(v).resolve()) if k in ("init", "base_model", "tokenizer") and v else v) for k, v in kw.items()}
+        clean = {k: (str(Path(v).resolve()) if k in ("init", "base_model", "tokenizer", "train") and v else v) for k, v in kw.items()}
+        if clean.get("train"):
+            train = Path(train_path_ok(clean["train"]))
+            clean["train_sha256"] = hashlib.sha256(train.read_bytes()).hexdigest()
         return cls(str(Path(run_dir).resolve()), str(probes.resolve()), digest, **clean)
 
     def to_json(self) -> str:
@@ -100,6 +107,7 @@ class Prepared:
     device: str
     prompts: list[str] = field(default_factory=list)  # prompt text per probe ("" when given as ids)
     texts: list[list[str]] = field(default_factory=list)  # (probe, response) text ("" for ids and argmax)
+    training: PreparedTraining | None = None  # with --train
 
 
 _PREPARED: dict[tuple[str, str], Prepared] = {}
@@ -135,6 +143,8 @@ def prepare(config: AnalysisConfig, device: str = "cpu") -> Prepared:
         [p.prompt or "" for p in probe_set.probes],
         [[r if isinstance(r := p.responses.get(t), str) else "" for t in responses] for p in probe_set.probes],
     )  # fmt: skip
+    if config.train:
+        prepared.training = prepare_training(config, run, model, tokenizer, device, dtype)
     _PREPARED[key] = prepared
     return prepared
 
@@ -184,12 +194,20 @@ def compute_part(config_json: str, k: int, device: str = "cpu", progress: Callab
         data["dlogp_lin_tensor"] = grid.rows(res.lin_by_tensor, res.argmax_lin_by_tensor)[None]
         if res.path_by_tensor is not None:
             data["dlogp_path_tensor"] = grid.rows(res.path_by_tensor, None)[None]
+    attrs = {"jvp_method": res.method}
+    if p.training is not None:
+        part = training_part(p, p.training, k, before, res.dlogp_lin, res.argmax_lin, grid)
+        data.update(part["data"])
+        index["source"] = p.training.sources
+        attrs.update(training_notes=json.dumps(p.training.notes + part["notes"]), preconditioner=part["preconditioner"],
+                     objective=p.training.tset.objective)  # fmt: skip
     coords = {
         "step": [r.step for r in refs], "step_source": [r.step_source for r in refs], "checkpoint_path": [str(r.path) for r in refs],
         "step_from": [refs[0].step], "step_to": [refs[1].step], "probe_split": p.splits, "probe_group": p.groups,
         "probe_prompt": p.prompts, "response_text": p.texts,
+        **(source_coords(p.training) if p.training is not None else {}),
     }  # fmt: skip
-    return cube.build(index=index, data=data, coords=coords, attrs={"jvp_method": res.method})
+    return cube.build(index=index, data=data, coords=coords, attrs=attrs)
 
 
 class _Grid:
@@ -280,7 +298,11 @@ def merge_parts(out: Path, n_intervals: int, anatomy_ds: xr.Dataset) -> xr.Datas
     ckpt = ckpt.drop_duplicates("checkpoint")
     iv = xr.concat([d[per_iv] for d in parts], dim="interval", coords="minimal", compat="override", join="outer")
     merged = xr.merge([ckpt, iv, anatomy_ds], compat="override", join="outer", combine_attrs="drop")
-    return merged.assign_attrs(jvp_method=parts[0].attrs.get("jvp_method", ""))
+    notes = list(dict.fromkeys(n for d in parts for n in json.loads(d.attrs.get("training_notes", "[]"))))
+    extra = {k: parts[0].attrs[k] for k in ("objective",) if k in parts[0].attrs}
+    if "preconditioner" in parts[0].attrs:
+        extra["preconditioner"] = ",".join(dict.fromkeys(str(d.attrs["preconditioner"]) for d in parts))
+    return merged.assign_attrs(jvp_method=parts[0].attrs.get("jvp_method", ""), training_notes=json.dumps(notes), **extra)
 
 
 def anatomy_dataset(run: Run) -> tuple[xr.Dataset, list[str]]:
@@ -347,7 +369,8 @@ def analyze(
         tool_version=__version__, history=command, run_dir=str(run.root), layout=run.layout, config=config.to_json(),
         device=device, jvp_method=merged.attrs["jvp_method"], step_source=",".join(r.step_source for r in run.checkpoints),
         checkpoint_fingerprints={str(r.path): fingerprint(r.path) for r in run.checkpoints},
-        warnings=run.notes + warnings + _linearisation_warnings(merged), attention=prepared.model.attention,
+        warnings=run.notes + warnings + _linearisation_warnings(merged) + json.loads(merged.attrs["training_notes"]),
+        attention=prepared.model.attention, **{k: merged.attrs[k] for k in ("objective", "preconditioner") if k in merged.attrs},
         model_source=prepared.model.source,
     )  # fmt: skip
     final = cube.save(cube.describe(merged.assign_attrs(attrs)), out)

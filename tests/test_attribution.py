@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -168,3 +169,61 @@ def test_direction_force_is_zero_without_a_direction(batch):
     model = _gpt2()
     z, zs = direction_force(model.logits, _params(model), batch, None)
     assert z.shape == (len(batch),) and float(z.abs().sum()) == 0 and float(zs.abs().sum()) == 0
+
+
+# --- the pipeline: analyze --train on a real TRL SFT run ------------------------------------------------
+
+
+def test_analyze_with_training_examples_on_a_real_trl_run(runs, tmp_path):
+    import xarray as xr
+    from click.testing import CliRunner
+
+    from ckptforce.cli import main
+    from fixtures.trainers import _sft_examples
+
+    train = tmp_path / "train.jsonl"
+    train.write_text("\n".join(json.dumps({"id": f"t{i}", **r}) for i, r in enumerate(_sft_examples())) + "\n")
+    probes = tmp_path / "probes.jsonl"
+    probes.write_text("\n".join(json.dumps({"id": f"q{i}", "prompt": f"Q : where does {w} live ? A :", "split": "train",
+                                            "responses": {"chosen": f" {w} lives in paris .", "random": " in . where ?"}})
+                                for i, w in enumerate(["alice", "bob"])) + "\n")  # fmt: skip
+    out = tmp_path / "cube.h5"
+    result = CliRunner().invoke(main, ["analyze", str(runs["trl"].root), "--probes", str(probes), "--train", str(train), "-o", str(out), "-q", "--nodes", "0", "--no-by-tensor"])
+    assert result.exit_code == 0, result.output
+    with xr.open_dataset(out, engine="h5netcdf") as ds:
+        assert ds["force"].dims == ("interval", "probe", "response", "source")
+        assert list(ds["source"].values[-2:]) == ["momentum", "weight_decay"] and ds.sizes["source"] == 16 + 2
+        assert ds.attrs["objective"] == "sft" and ds.attrs["preconditioner"] == "adam"
+        # the budget closes: Σ sources + unexplained = Δ_lin, on every probe row and on y*
+        np.testing.assert_allclose((ds["force"].sum("source") + ds["dlogp_unexplained"]).values, ds["dlogp_lin"].values, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(ds["force_pos"].isel(source=slice(0, 16)).values, ds["force"].isel(source=slice(0, 16)).values, rtol=1e-6)
+        assert np.all(ds["force_neg"].isel(source=slice(0, 16)).values == 0), "SFT has no negative gradient"
+        assert float(abs(ds["force"].sel(source="momentum")).max()) > 0, "the Trainer saved Adam's first moment at the start"
+        assert ((ds["g_one_minus_p"].isel(source=slice(0, 16)) > 0) & (ds["g_one_minus_p"].isel(source=slice(0, 16)) < 1)).all()
+        assert "no 'steps'" in ds.attrs["warnings"]
+
+
+def test_training_file_errors_name_the_line_and_the_fix(tmp_path):
+    from ckptforce.errors import ProbeFileError
+    from ckptforce.train_examples import load_training_set
+
+    cases = [
+        ('{"prompt": "a", "completion": "b", "chosen": "c"}', "exactly one of"),
+        ('{"prompt": "a", "completion": "b", "colour": 1}', "unknown field"),
+        ('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"objective": "dpo"}', "first line"),
+        ('{"objective": "sft"}\n{"prompt": "a", "chosen": "b", "rejected": "c"}', "trains on completion examples"),
+        ('{"prompt": "a", "completions": ["b", "c"], "rewards": [1]}', "one reward per completion"),
+        ('{"id": "x", "prompt": "a", "completion": "b"}\n{"id": "x", "prompt": "a", "completion": "c"}', "already used on line 1"),
+        ("not json", "not valid JSON"),
+    ]
+    for i, (text, words) in enumerate(cases):
+        path = tmp_path / f"t{i}.jsonl"
+        path.write_text(text + "\n")
+        with pytest.raises(ProbeFileError) as e:
+            load_training_set(path)
+        assert words in str(e.value) and str(path) in str(e.value), (text, str(e.value))
+    ok = tmp_path / "ok.jsonl"
+    ok.write_text('{"objective": "ipo", "beta": 0.2}\n{"prompt": "a", "chosen": "b", "rejected": "c", "steps": [1, 5]}\n')
+    tset = load_training_set(ok)
+    assert (tset.objective, tset.beta, tset.objective_source, tset.examples[0].steps) == ("ipo", 0.2, "header", [1, 5])
+    assert load_training_set(ok, "dpo").objective == "dpo"

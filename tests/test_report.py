@@ -263,3 +263,40 @@ def test_pdf_converts_with_a_page_per_section(audited, tmp_path):
     from matplotlib.image import imread
 
     assert all(imread(p)[..., :3].std() > 0.01 for p in pages)
+
+
+def test_force_attribution_budget_and_leading_example():
+    logp = _linear({}, {}, probes=2, responses=["chosen", "rejected"])
+    lin = np.full((2, 2, 2), 0.5)  # (interval, probe, response)
+    src = ["u0", "u1", "momentum", "weight_decay"]
+    pos = np.zeros((2, 2, 2, 4))
+    neg = np.zeros((2, 2, 2, 4))
+    pos[:, :, 0, 0], pos[:, :, 0, 1] = 0.1, 0.25  # chosen pulled by u0 and u1 (u1 more)
+    neg[:, :, 1, 1] = -0.3  # rejected pushed by u1
+    pos[..., 2:] = neg[..., 2:] = np.nan
+    force = np.nan_to_num(pos) + np.nan_to_num(neg)
+    force[..., 2] = 0.05  # momentum
+    force[..., 3] = -0.01  # weight decay
+    unexplained = lin - force.sum(-1)
+    ds = make_cube(logp, responses=["chosen", "rejected"], dlogp_lin=lin, force=force, force_pos=pos, force_neg=neg, dlogp_unexplained=unexplained)
+    ds = ds.assign_coords(source=src, source_kind=("source", ["example", "example", "momentum", "weight_decay"]))
+    d = dg.force_attribution(ds)
+    budget = d.tables["budget"].set_index("response")
+    assert budget.loc["chosen", "positive"] == pytest.approx(0.7) and budget.loc["chosen", "negative"] == pytest.approx(0.0)
+    assert budget.loc["rejected", "negative"] == pytest.approx(-0.6) and budget.loc["rejected", "momentum"] == pytest.approx(0.1)
+    np.testing.assert_allclose(budget[["positive", "negative", "momentum", "weight_decay", "unexplained"]].sum(axis=1), budget["dlogp_lin"])
+    assert d.numbers["explained"] == pytest.approx(0.7) and d.numbers["unexplained"] == pytest.approx(1.0 - 0.7 - 0.1 + 0.02)
+    assert "strongest single force on it comes from example u1" in d.verdict
+    assert list(d.tables["heatmap"].columns) == ["u1", "u0"], "examples only, largest first"
+    assert set(d.tables["top"]["source"]) == {"u0", "u1"}
+
+
+def test_g_statistics_verdict_reads_the_last_interval():
+    logp = _linear({}, {}, probes=2, responses=["chosen", "rejected"])
+    g = {"g_one_minus_p": np.array([[0.9, 0.7], [0.5, 0.3]]), "g_gap": np.array([[1.0, 0.8], [0.6, 0.4]]),
+         "g_neg_rank": np.array([[3.0, 5.0], [40.0, 60.0]]), "dpo_weight": np.array([[0.5, 0.5], [0.2, 0.4]]),
+         "dpo_margin": np.array([[0.0, 0.0], [1.0, 2.0]])}  # fmt: skip
+    ds = make_cube(logp, responses=["chosen", "rejected"], **g).assign_coords(source=["u0", "u1"])
+    d = dg.g_statistics(ds)
+    assert d.numbers["g_one_minus_p"] == pytest.approx(0.4) and d.numbers["g_neg_rank"] == pytest.approx(50)
+    assert "from 1 − π(y) = 0.80 to 0.40" in d.verdict and "σ(−βh) = 0.30" in d.verdict and "mean rank 50" in d.verdict

@@ -197,3 +197,52 @@ def update_anatomy(d: Diagnostic) -> Figure:
         ax.legend(fontsize="x-small")
     fig.suptitle("Update anatomy")
     return fig
+
+
+def force_attribution(d: Diagnostic) -> Figure:
+    heatmap, budget = d.tables["heatmap"], d.tables["budget"]
+    fig, axes = _figure(13.0, max(4.2, 0.32 * len(heatmap) + 2.6), ncols=2, width_ratios=[1.3, 1])
+    vmax = float(np.nanmax(np.abs(heatmap.to_numpy()))) if heatmap.size else 1.0
+    sns.heatmap(heatmap, cmap="RdBu_r", center=0, vmin=-vmax, vmax=vmax, cbar_kws={"label": "force, Σ intervals, mean over probes  [nat]"}, ax=axes[0])
+    axes[0].set(title="Force of each training example (largest first)", xlabel="training example", ylabel="probe response type")
+    axes[0].tick_params(axis="x", rotation=60)
+    ax = axes[1]
+    parts = [("positive", "#1b7837", "pull (w > 0)"), ("negative", "#b2182b", "push (w < 0)"), ("momentum", "#9970ab", "momentum"),
+             ("weight_decay", "#8c510a", "weight decay"), ("unexplained", "#bababa", "unexplained")]  # fmt: skip
+    y = np.arange(len(budget))
+    height = 0.8 / len(parts)
+    for i, (col, c, label) in enumerate(parts):
+        ax.barh(y + (i - len(parts) / 2 + 0.5) * height, budget[col], height=height, color=c, label=label)
+    ax.scatter(budget["dlogp_lin"], y, marker="D", color="black", zorder=3, label="Δ_lin (their sum)")
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set_yticks(y, budget["response"])
+    ax.invert_yaxis()
+    ax.set(title="Where Δ_lin comes from", xlabel="Σ over intervals, mean over probes  [nat]", ylabel="probe response type")
+    ax.legend(fontsize="x-small", loc="best")
+    fig.suptitle("Force attribution: which training examples moved the probes")
+    return fig
+
+
+def g_statistics(d: Diagnostic) -> Figure:
+    table = d.tables["intervals"]
+    fig, axes = _figure(11.0, 4.0, ncols=2)
+    ax = axes[0]
+    ax.plot(table["step_to"], table["g_one_minus_p"], marker="o", color=colour("chosen"), label="1 − π(y) (pulled-up responses)")
+    ax.plot(table["step_to"], table["g_gap"], marker="s", ls="--", color=colour("rephrase_chosen"), label="‖π − e_y‖")
+    if "dpo_weight" in table:
+        ax.plot(table["step_to"], table["dpo_weight"], marker="^", color=colour("rejected"), label="σ(−βh) (DPO weight)")
+    ax.set(title="Strength of the training signal", xlabel="training step (start of interval + 1)", ylabel="mean over training examples  [1]", ylim=(0, None))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.legend(fontsize="x-small")
+    ax = axes[1]
+    if "g_neg_rank" in table and table["g_neg_rank"].notna().any():
+        ax.plot(table["step_to"], table["g_neg_rank"], marker="o", color=colour("rejected"))
+        ax.set_yscale("log")
+        ax.set(title="Rank of pushed-down tokens under π", ylabel="mean rank (1 = argmax)")
+    else:
+        ax.text(0.5, 0.5, "no response is pushed down\n(the objective has no negative gradient)", ha="center", va="center", transform=ax.transAxes)
+        ax.set(title="Rank of pushed-down tokens under π", ylabel="mean rank (1 = argmax)")
+    ax.set(xlabel="training step (end of interval)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.suptitle("G statistics: how hard, and where, the training examples push")
+    return fig

@@ -56,11 +56,19 @@ SECTIONS: list[Section] = [
             "The first-order change of each response type, split exactly into the contributions of each parameter "
             "tensor's update and summed over intervals (red: raised log π, blue: lowered it). The tensors are sorted by "
             "their total effect; a layer that dominates one type but not the others is where that behaviour is learnt."),
-    Section("force_attribution", "6. Force attribution by training example", dg.force_attribution, None,
-            "Which training examples pushed each probe up or down (−η·A·K·G per example)."),
-    Section("g_statistics", "7. G statistics of the training signal", dg.g_statistics, None,
-            "How hard each training example pushes: ‖π − e_y‖, 1 − π(y), the DPO weight σ(−βh) and margin, and how "
-            "unlikely the pushed-down tokens already are (the squeezing risk)."),
+    Section("force_attribution", "6. Force attribution by training example", dg.force_attribution, fg.force_attribution,
+            "Each training example u moved each probe by Δ_u = A·J·δθ_u, with δθ_u = −η·P·g_u its share of the update "
+            "(P: the optimizer's preconditioner from the saved state, η: the logged learning rate). Left: the examples "
+            "with the largest total force, per probe response type (red raised log π, blue lowered it). Right: the "
+            "budget of the first-order change per response type — the examples' pull (responses they train up) and "
+            "push (responses they train down, e.g. DPO's rejected), the optimizer's momentum carry-over and weight "
+            "decay, and what none of these explains; the bars add up to Δ_lin (diamond). A large 'unexplained' bar "
+            "means the training file does not cover what the run trained on, or the interval spans many steps."),
+    Section("g_statistics", "7. G statistics of the training signal", dg.g_statistics, fg.g_statistics,
+            "G = ∂L/∂z is the 'energy' of each training example. 1 − π(y) and ‖π − e_y‖ fall as the model learns its "
+            "trained responses (a fading pull). For preference objectives σ(−βh) is how hard a pair still pushes. The "
+            "rank of the tokens pushed down says where the negative gradient lands: at a large rank (a valley of π) "
+            "the mass it removes flows to the argmax — the squeezing effect."),
     Section("similarity", "8. Similarity maps", dg.similarity, None,
             "Gradient inner products and cosines between probes and training examples."),
     Section("feature_adaptation", "9. Feature adaptation", dg.feature_adaptation, None,

@@ -1,0 +1,183 @@
+"""The ``--train`` stage of the pipeline: training examples in, per-interval forces on the probes out.
+
+``prepare_training`` reads and tokenises the training-examples file once per worker and evaluates the
+reference model (the first checkpoint, or ``--init``) on it where the objective needs one. ``training_part``
+then, for interval k, computes at θ_k the weights w of every response (objectives.py), the optimizer's
+preconditioner from the states saved at both ends (attribution.py), the force of each example on each probe
+row, the momentum and weight-decay terms, what none of them explains, and the G statistics; it returns plain
+arrays keyed by cube names, which the pipeline scatters into the part.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import CkptforceError
+from .forces.attribution import direction_force, example_forces, preconditioner
+from .forces.objectives import NEEDS_REFERENCE, PREFERENCE, g_statistics, margin, response_weights
+from .probes import TokenBatch, make_batch, tokenize
+from .train_examples import TrainingSet, infer_objective, load_training_set
+
+#: Sources that are not training examples: their forces come from the optimizer state, and what is left.
+MOMENTUM, WEIGHT_DECAY = "momentum", "weight_decay"
+
+
+@dataclass
+class PreparedTraining:
+    tset: TrainingSet
+    batch: TokenBatch  # one row per response of each example
+    owners: list[int]  # example index of each row
+    n_resp: int  # responses per example (1, 2, or the group size)
+    lengths: torch.Tensor  # (U, R) response lengths in tokens
+    ref_logp: torch.Tensor | None  # (U, R) log π_ref(y|x), for dpo / ipo
+    teacher_logits: torch.Tensor | None  # (rows, T, V) for kd
+    batch_size: int | None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def sources(self) -> list[str]:
+        return [e.id for e in self.tset.examples] + [MOMENTUM, WEIGHT_DECAY]
+
+
+def _trainer_state(run) -> dict:
+    for ref in reversed(run.checkpoints):
+        folder = ref.path if ref.path.is_dir() else ref.path.parent
+        state = folder / "trainer_state.json"
+        if state.is_file():
+            try:
+                return json.loads(state.read_text())
+            except (OSError, json.JSONDecodeError):
+                return {}
+    return {}
+
+
+def prepare_training(config, run, model, tokenizer, device: str, dtype: torch.dtype) -> PreparedTraining:
+    state = _trainer_state(run)
+    tset = load_training_set(config.train, config.objective, record=infer_objective(state.get("log_history", [])))
+    tok = tokenize(tset.as_probe_set(), tokenizer, max_length=model.context)
+    pad = getattr(tokenizer, "pad_token_id", None) or 0
+    roles = list(tset.examples[0].responses)
+    if any(list(e.responses) != roles for e in tset.examples):
+        raise CkptforceError(f"{tset.path}: examples have different numbers of responses; give every example the same shape")
+    rows = [(u, r) for u in range(len(tset)) for r in roles]
+    batch = make_batch(tok, rows, pad_id=pad).to(device)
+    lengths = batch.target_mask.sum(1).view(len(tset), len(roles)).double().cpu()
+    ref_logp = teacher = None
+    notes = list(tset.notes)
+    if tset.objective in NEEDS_REFERENCE:
+        with run.open(run.checkpoints[0]) as ckpt:
+            ref_params = model.params_from(ckpt, device=device, dtype=dtype)
+        with torch.no_grad():
+            logits = model.logits(ref_params, batch)
+        if tset.objective == "kd":
+            teacher = logits.detach()
+        else:
+            ref_logp = _row_logp(logits, batch).view(len(tset), len(roles)).double().cpu()
+        notes.append(f"reference model: the first checkpoint (step {run.checkpoints[0].step})")
+    batch_size = tset.batch_size or state.get("train_batch_size")
+    if tset.has_steps and not batch_size:
+        raise CkptforceError(f"{tset.path}: 'steps' says when each example was used, but the batch size is unknown; "
+                             'add a header line {"objective": "...", "batch_size": N}')  # fmt: skip
+    if not tset.has_steps:
+        notes.append("the training file has no 'steps': each example is counted as used n_steps × batch/U times per interval (uniform sampling)")
+    return PreparedTraining(tset, batch, [u for u, _ in rows], len(roles), lengths, ref_logp, teacher, batch_size, notes)
+
+
+def _row_logp(logits: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
+    logp = torch.log_softmax(logits.double(), -1).gather(-1, batch.targets.unsqueeze(-1)).squeeze(-1)
+    return (logp * batch.target_mask).sum(-1)
+
+
+def interval_lr(run, k: int) -> float:
+    """Mean logged lr over (step_k, step_{k+1}]; else the lr the optimizer state at step_k holds for its next step."""
+    a, b = run.checkpoints[k], run.checkpoints[k + 1]
+    with run.open(b) as cb:
+        logged = [lr for s, lr in cb.lr_log() if a.step < s <= b.step]
+        if logged:
+            return float(sum(logged) / len(logged))
+    with run.open(a) as ca:
+        state = ca.optimizer()
+    if state is not None and state.groups and "lr" in state.groups[0]:
+        return float(state.groups[0]["lr"])
+    raise CkptforceError(f"{run.root}: no learning rate for steps {a.step}→{b.step} (no trainer log, no optimizer state); "
+                         "the training-example forces need it")  # fmt: skip
+
+
+def _coefficients(pt: PreparedTraining, lr: float, step_from: int, step_to: int, n_steps: int) -> torch.Tensor:
+    """c_u = η × (uses of u in the interval) / batch size; uniform sampling (η n_steps / U) without 'steps'."""
+    n_ex = len(pt.tset)
+    if not pt.tset.has_steps:
+        return torch.full((n_ex,), lr * n_steps / n_ex, dtype=torch.float64)
+    uses = [sum(1 for s in e.steps if step_from < s <= step_to) for e in pt.tset.examples]
+    return torch.tensor(uses, dtype=torch.float64) * lr / float(pt.batch_size)
+
+
+def training_part(p, pt: PreparedTraining, k: int, before: dict, dlogp_lin: torch.Tensor, dlogp_lin_star: torch.Tensor, grid) -> dict[str, np.ndarray]:
+    """Arrays of the part of interval k keyed by cube names (``force``, ``force_pos``, ``force_neg``,
+    ``dlogp_unexplained``, the G statistics): see the module docstring."""
+    config, run = p.config, p.run
+    a, b = run.checkpoints[k], run.checkpoints[k + 1]
+    n_steps = max(1, b.step - a.step) if a.step_source != "order" else 1
+    lr = interval_lr(run, k)
+    with run.open(a) as ca, run.open(b) as cb:
+        start, end = ca.optimizer(), cb.optimizer()
+    pre = preconditioner(before, start=start, end=end, lr=lr, n_steps=n_steps)
+    tset, n_ex = pt.tset, len(pt.tset)
+    with torch.no_grad():
+        logits = p.model.logits(before, pt.batch)
+    logp = _row_logp(logits, pt.batch).view(n_ex, pt.n_resp).cpu()
+    kw = {"lengths": pt.lengths, "ref_logp": pt.ref_logp, "beta": tset.beta, "gamma": tset.gamma}
+    if tset.objective == "grpo":
+        kw["rewards"] = torch.tensor([e.rewards for e in tset.examples], dtype=torch.float64)
+    weights = torch.ones_like(logp) / pt.lengths if tset.objective == "kd" else response_weights(tset.objective, logp, **kw)
+    coeff = _coefficients(pt, lr, a.step, b.step, n_steps)
+    forces = example_forces(p.model.logits, before, p.batch, pt.batch, pt.owners, weights.flatten(), coeff, pre,
+                            teacher_logits=pt.teacher_logits, method=config.method, chunk_size=config.chunk_size)  # fmt: skip
+    mom, mom_star = direction_force(p.model.logits, before, p.batch, pre.momentum, method=config.method, chunk_size=config.chunk_size)
+    dec, dec_star = direction_force(p.model.logits, before, p.batch, pre.decay, method=config.method, chunk_size=config.chunk_size)
+    nan = torch.full((2, len(p.batch)), math.nan, dtype=torch.float64)
+    total = torch.cat([forces.total, mom[None], dec[None]]).T  # (B, U + 2)
+    total_star = torch.cat([forces.pos_argmax + forces.neg_argmax, mom_star[None], dec_star[None]]).T
+    unexplained = dlogp_lin.double().cpu() - total.sum(1)
+    unexplained_star = dlogp_lin_star.double().cpu() - total_star.sum(1)
+    stats = g_statistics(logits, pt.batch.targets, pt.batch.target_mask)
+    per_ex = {name: v.double().cpu().view(n_ex, pt.n_resp) for name, v in stats.items()}
+    pushed_up, pushed_down = (weights > 0).double(), (weights < 0).double()
+    mean_over = lambda v, m: torch.where(m.sum(1) > 0, (v * m).sum(1) / m.sum(1).clamp_min(1), torch.full((n_ex,), math.nan, dtype=torch.float64))  # noqa: E731
+    g_stats = {
+        "g_gap": mean_over(per_ex["gap"], pushed_up), "g_one_minus_p": mean_over(per_ex["one_minus_p"], pushed_up),
+        "g_neg_rank": mean_over(per_ex["rank"], pushed_down),
+    }  # fmt: skip
+    if tset.objective in PREFERENCE and pt.ref_logp is not None:
+        h = margin(logp, pt.ref_logp)
+        beta = tset.beta if tset.beta is not None else 0.1
+        g_stats["dpo_margin"], g_stats["dpo_weight"] = h, torch.sigmoid(-beta * h)
+    pad = lambda v: np.concatenate([v.numpy(), [math.nan, math.nan]])  # noqa: E731 - no G for momentum / decay
+    data = {
+        "force": grid.rows(total, total_star)[None],
+        "force_pos": grid.rows(torch.cat([forces.pos, nan]).T, torch.cat([forces.pos_argmax, nan]).T)[None],
+        "force_neg": grid.rows(torch.cat([forces.neg, nan]).T, torch.cat([forces.neg_argmax, nan]).T)[None],
+        "dlogp_unexplained": grid.rows(unexplained, unexplained_star)[None],
+        **{name: pad(v)[None] for name, v in g_stats.items()},
+    }  # fmt: skip
+    notes = [pre.note] if pre.note else []
+    return {"data": data, "lr": lr, "notes": notes, "preconditioner": pre.kind, "coeff": coeff}
+
+
+def source_coords(pt: PreparedTraining) -> dict[str, list]:
+    """Coordinates of the ``source`` dimension: kind (example / momentum / weight_decay) and prompt text."""
+    kinds = ["example"] * len(pt.tset) + [MOMENTUM, WEIGHT_DECAY]
+    text = [e.prompt or "" for e in pt.tset.examples] + ["", ""]
+    return {"source_kind": kinds, "source_prompt": text}
+
+
+def train_path_ok(path: str | None) -> str | None:
+    if path and not Path(path).is_file():
+        raise CkptforceError(f"{path}: no such training-examples file; give the JSONL file of training examples with --train")
+    return path
