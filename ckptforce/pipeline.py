@@ -33,10 +33,13 @@ from .io import Run, open_run
 from .model import BoundModel, bind
 from .names import POOR_LINEARISATION
 from .training_forces import PreparedTraining, prepare_training, source_coords, train_path_ok, training_part
+from .class_probes import CLASS_SUFFIXES, ClassBatch, load_class_probes, make_class_batch
 from .probes import ARGMAX, TokenBatch, load_probe_set, load_tokenizer, make_batch, tokenize
 from .updates import update_anatomy
 
 PARTS_SUFFIX = ".parts"
+#: The response type of a classification probe: its (given) label.
+CLASS_LABEL = "label"
 #: Probe rows computed together within an interval: bigger probe sets are taken in batches of this many rows,
 #: with progress reported after each (the results do not depend on it: every quantity is per row).
 PROBE_BATCH = 256
@@ -123,10 +126,16 @@ def prepare(config: AnalysisConfig, device: str = "cpu") -> Prepared:
     if len(run.checkpoints) < 2:
         raise CkptforceError(f"{run.root}: one checkpoint only; forces need two (add --init with the starting model)")
     first = run.checkpoints[-1]
+    classifier = Path(config.probes).suffix in CLASS_SUFFIXES
     with run.open(first) as ckpt:
-        model = bind(ckpt, model=config.model, base_model=Path(config.base_model) if config.base_model else None, run_root=run.root)
+        model = bind(ckpt, model=config.model, kind="classifier" if classifier else "lm",
+                     base_model=Path(config.base_model) if config.base_model else None, run_root=run.root)  # fmt: skip
     dtype = getattr(torch, config.dtype)
     model.to(device, dtype=dtype)
+    if classifier:
+        prepared = _prepare_classifier(config, run, model, device, dtype)
+        _PREPARED[key] = prepared
+        return prepared
     probe_set = load_probe_set(config.probes)
     needs_text = any(p.prompt_ids is None or any(isinstance(r, str) for r in p.responses.values()) for p in probe_set.probes)
     tokenizer = None
@@ -146,6 +155,21 @@ def prepare(config: AnalysisConfig, device: str = "cpu") -> Prepared:
     if config.train:
         prepared.training = prepare_training(config, run, model, tokenizer, device, dtype)
     _PREPARED[key] = prepared
+    return prepared
+
+
+def _prepare_classifier(config: AnalysisConfig, run: Run, model: BoundModel, device: str, dtype) -> Prepared:
+    """Classification probes (arrays): one row per probe whose 'response' is its label; y* is the argmax class.
+    Flipped labels (the zig-zag experiments) are the probe group 'flipped', the rest 'clean'."""
+    probes = load_class_probes(config.probes)
+    batch = make_class_batch(probes, dtype=dtype)
+    batch = ClassBatch(batch.x, batch.targets, batch.target_mask, [(i, CLASS_LABEL) for i in batch.rows]).to(device)
+    flipped = probes.flipped.tolist() if probes.flipped is not None else [False] * len(probes)
+    groups = ["flipped" if f else "clean" for f in flipped]
+    prepared = Prepared(config, run, model, batch, probes.ids, [CLASS_LABEL, ARGMAX], [""] * len(probes), groups, device,
+                        [""] * len(probes), [["", ""] for _ in probes.ids])  # fmt: skip
+    if config.train:
+        prepared.training = prepare_training(config, run, model, None, device, dtype)
     return prepared
 
 
@@ -172,7 +196,7 @@ def compute_part(config_json: str, k: int, device: str = "cpu", progress: Callab
         before = p.model.params_from(a, device=device, dtype=dtype)
         after = p.model.params_from(b, device=device, dtype=dtype)
     res = interval_forces(p.model.logits, before, after, p.batch, nodes=config.nodes, by_tensor=config.by_tensor, method=config.method,
-                          chunk_size=config.chunk_size, batch_rows=PROBE_BATCH, progress=progress)  # fmt: skip
+                          chunk_size=config.chunk_size, batch_rows=PROBE_BATCH, progress=progress, full=p.model.kind == "classifier")  # fmt: skip
     grid = _Grid(p)
     data = {
         "logp": np.stack([grid.rows(res.before.logp, res.before.argmax_logp), grid.rows(res.after.logp, res.after.argmax_logp)]),
@@ -189,6 +213,9 @@ def compute_part(config_json: str, k: int, device: str = "cpu", progress: Callab
     if res.dlogp_path is not None:
         data["dlogp_path"] = grid.rows(res.dlogp_path, res.argmax_path)[None]
     index = {"checkpoint": [k, k + 1], "interval": [k], "probe": p.probe_ids, "response": p.responses, "token": list(range(grid.width))}
+    if res.before.logp_full is not None:  # classifiers: the whole distribution, probe rows in probe order
+        index["class"] = list(range(res.before.logp_full.shape[-1]))
+        data["logp_class"] = np.stack([o.logp_full.detach().double().cpu().numpy() for o in (res.before, res.after)])
     if config.by_tensor:
         index["tensor"] = res.tensor_names
         data["dlogp_lin_tensor"] = grid.rows(res.lin_by_tensor, res.argmax_lin_by_tensor)[None]

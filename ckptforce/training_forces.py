@@ -22,7 +22,8 @@ from .errors import CkptforceError
 from .forces.attribution import direction_force, example_forces, preconditioner
 from .forces.objectives import NEEDS_REFERENCE, PREFERENCE, g_statistics, margin, response_weights
 from .probes import TokenBatch, make_batch, tokenize
-from .train_examples import TrainingSet, infer_objective, load_training_set
+from .class_probes import CLASS_SUFFIXES, ClassBatch, load_class_probes, make_class_batch
+from .train_examples import TrainExample, TrainingSet, infer_objective, load_training_set
 
 #: Sources that are not training examples: their forces come from the optimizer state, and what is left.
 MOMENTUM, WEIGHT_DECAY = "momentum", "weight_decay"
@@ -59,6 +60,8 @@ def _trainer_state(run) -> dict:
 
 def prepare_training(config, run, model, tokenizer, device: str, dtype: torch.dtype) -> PreparedTraining:
     state = _trainer_state(run)
+    if Path(config.train).suffix in CLASS_SUFFIXES:
+        return _prepare_class_training(config, state, device, dtype)
     tset = load_training_set(config.train, config.objective, record=infer_objective(state.get("log_history", [])))
     tok = tokenize(tset.as_probe_set(), tokenizer, max_length=model.context)
     pad = getattr(tokenizer, "pad_token_id", None) or 0
@@ -87,6 +90,21 @@ def prepare_training(config, run, model, tokenizer, device: str, dtype: torch.dt
     if not tset.has_steps:
         notes.append("the training file has no 'steps': each example is counted as used n_steps × batch/U times per interval (uniform sampling)")
     return PreparedTraining(tset, batch, [u for u, _ in rows], len(roles), lengths, ref_logp, teacher, batch_size, notes)
+
+
+def _prepare_class_training(config, state: dict, device: str, dtype: torch.dtype) -> PreparedTraining:
+    """Classification training examples (arrays, as for class probes): cross-entropy on each label."""
+    objective = config.objective or "ce"
+    if objective not in ("ce", "sft"):
+        raise CkptforceError(f"{config.train}: objective {objective} needs text examples; classification arrays train with ce")
+    arrays = load_class_probes(config.train)
+    batch = make_class_batch(arrays, dtype=dtype)
+    batch = ClassBatch(batch.x, batch.targets, batch.target_mask, [(i, "label") for i in batch.rows]).to(device)
+    examples = [TrainExample(uid, None, None, {"label": []}) for uid in arrays.ids]
+    tset = TrainingSet(Path(config.train), "ce", examples, objective_source="command line" if config.objective else "examples")
+    notes = ["the training file has no 'steps': each example is counted as used n_steps × batch/U times per interval (uniform sampling)"]
+    lengths = torch.ones(len(examples), 1, dtype=torch.float64)
+    return PreparedTraining(tset, batch, list(range(len(examples))), 1, lengths, None, None, state.get("train_batch_size"), notes)
 
 
 def _row_logp(logits: torch.Tensor, batch: TokenBatch) -> torch.Tensor:

@@ -227,3 +227,34 @@ def test_training_file_errors_name_the_line_and_the_fix(tmp_path):
     tset = load_training_set(ok)
     assert (tset.objective, tset.beta, tset.objective_source, tset.examples[0].steps) == ("ipo", 0.2, "header", [1, 5])
     assert load_training_set(ok, "dpo").objective == "dpo"
+
+
+def test_classifier_run_with_class_probes_and_training_arrays(runs, tmp_path):
+    """A Lightning classifier: probes and training examples as arrays; the whole distribution per probe lands
+    in logp_class, flipped labels form their own probe group, and the force budget closes."""
+    import xarray as xr
+    from click.testing import CliRunner
+
+    from ckptforce.cli import main
+    from fixtures.trainers import SEED
+
+    g = torch.Generator().manual_seed(SEED)
+    x, y = torch.randn(64, 8, generator=g), torch.randint(0, 3, (64,), generator=g)  # the fixture's training data
+    np.savez(tmp_path / "train.npz", x=x.numpy(), y=y.numpy())
+    flipped = np.zeros(6, dtype=bool)
+    flipped[:2] = True
+    np.savez(tmp_path / "probes.npz", x=torch.randn(6, 8, generator=g).numpy(), y=np.array([0, 1, 2, 0, 1, 2]), flipped=flipped)
+    out = tmp_path / "cube.h5"
+    args = ["analyze", str(runs["lightning"].root), "--probes", str(tmp_path / "probes.npz"), "--train", str(tmp_path / "train.npz"),
+            "--model", "fixtures.models:tiny_classifier", "-o", str(out), "-q", "--dtype", "float64"]  # fmt: skip
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    with xr.open_dataset(out, engine="h5netcdf") as ds:
+        assert ds["logp_class"].dims == ("checkpoint", "probe", "class") and ds.sizes["class"] == 3
+        np.testing.assert_allclose(np.exp(ds["logp_class"]).sum("class"), 1.0, rtol=1e-9)
+        np.testing.assert_allclose(ds["logp"].sel(response="label").values,
+                                   np.take_along_axis(ds["logp_class"].values, np.array([0, 1, 2, 0, 1, 2])[None, :, None], 2)[..., 0], rtol=1e-9)  # fmt: skip
+        assert list(ds["probe_group"].values) == ["flipped", "flipped", "clean", "clean", "clean", "clean"]
+        assert ds.sizes["source"] == 64 + 2 and ds.attrs["objective"] == "ce"
+        np.testing.assert_allclose((ds["force"].sum("source") + ds["dlogp_unexplained"]).values, ds["dlogp_lin"].values, rtol=1e-7, atol=1e-10)
+        assert float(abs(ds["force"].isel(source=slice(0, 64))).sum()) > 0
