@@ -64,6 +64,7 @@ VARS: dict[str, Var] = {
     "probe_group": Var(("probe",), "group (domain) of the probe"),
     "probe_prompt": Var(("probe",), "prompt text of the probe (empty when given as token ids)"),
     "response_text": Var(("probe", "response"), "response text (empty when given as token ids or computed)"),
+    "probe_label": Var(("probe",), "class label of a classification probe"),
     "source_kind": Var(("source",), "example, momentum (optimizer carry-over) or weight_decay"),
     "source_prompt": Var(("source",), "prompt text of the training example"),
     # probes at each checkpoint
@@ -101,7 +102,7 @@ VARS: dict[str, Var] = {
 }
 
 COORDS = ("step", "step_source", "checkpoint_path", "step_from", "step_to", "lr", "probe_split", "probe_group", "probe_prompt",
-          "response_text", "source_kind", "source_prompt")  # fmt: skip
+          "response_text", "source_kind", "source_prompt", "probe_label")  # fmt: skip
 
 
 def build(

@@ -233,6 +233,7 @@ def compute_part(config_json: str, k: int, device: str = "cpu", progress: Callab
         "step_from": [refs[0].step], "step_to": [refs[1].step], "probe_split": p.splits, "probe_group": p.groups,
         "probe_prompt": p.prompts, "response_text": p.texts,
         **(source_coords(p.training) if p.training is not None else {}),
+        **({"probe_label": p.batch.targets[:, 0].cpu().numpy()} if p.model.kind == "classifier" else {}),
     }  # fmt: skip
     return cube.build(index=index, data=data, coords=coords, attrs=attrs)
 

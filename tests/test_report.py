@@ -300,3 +300,19 @@ def test_g_statistics_verdict_reads_the_last_interval():
     d = dg.g_statistics(ds)
     assert d.numbers["g_one_minus_p"] == pytest.approx(0.4) and d.numbers["g_neg_rank"] == pytest.approx(50)
     assert "from 1 − π(y) = 0.80 to 0.40" in d.verdict and "σ(−βh) = 0.30" in d.verdict and "mean rank 50" in d.verdict
+
+
+def test_learning_paths_zigzag_score_and_rival_peak():
+    q = np.array([[[0.8, 0.1, 0.1], [0.2, 0.4, 0.4]],
+                  [[0.1, 0.8, 0.1], [0.5, 0.25, 0.25]],
+                  [[0.9, 0.05, 0.05], [0.8, 0.1, 0.1]]])  # (checkpoint, probe, class); label 0 for both  # fmt: skip
+    logp = np.log(q[..., :1])
+    ds = make_cube(logp, responses=["label"], group=["flipped", "clean"], logp_class=np.log(q))
+    ds = ds.assign_coords(probe_label=("probe", [0, 0]), **{"class": [0, 1, 2]})
+    d = dg.learning_paths(ds)
+    probes = d.tables["probes"].set_index("probe")
+    assert probes.loc["p0", "zigzag"] == pytest.approx(3.0 / 0.2) and probes.loc["p1", "zigzag"] == pytest.approx(1.0)
+    assert probes.loc["p0", "peak_rival"] == pytest.approx(0.8) and probes.loc["p1", "p_label_end"] == pytest.approx(0.8)
+    assert "flipped-label probes take longer, more winding paths" in d.verdict and "most winding is p0" in d.verdict
+    two = make_cube(logp[:2], responses=["label"], logp_class=np.log(q[:2])).assign_coords(probe_label=("probe", [0, 0]))
+    assert "three checkpoints" in dg.learning_paths(two).missing

@@ -188,13 +188,14 @@ def hallucination(ds: xr.Dataset) -> Diagnostic:
 # --- 4. forgetting -------------------------------------------------------------------------------------
 
 
-def forgetting(ds: xr.Dataset, *, tau: float = FORGET_TAU, response: str = "chosen") -> Diagnostic:
+def forgetting(ds: xr.Dataset, *, tau: float = FORGET_TAU, response: str | None = None) -> Diagnostic:
     """Forgetting per probe group (or split): F_avg = mean(−Δ log p), F_ratio = share of probes with Δ < −τ.
 
     Δ is the change of log π(``response``|x) over the run. Table ``groups``: group, n, F_avg, F_ratio.
     """
     if (d := _needs(ds, "forgetting", ["logp"], "needs log-probabilities")) is not None:
         return d
+    response = response or ("chosen" if "chosen" in ds["response"].values else "label")
     if response not in ds["response"].values:
         return Diagnostic.absent("forgetting", f"needs the {response!r} response (the answer the model should keep)")
     delta = _run_change(ds).sel(response=response).values  # (probe,)
@@ -399,6 +400,44 @@ def feature_adaptation(ds: xr.Dataset) -> Diagnostic:
     return Diagnostic.absent("feature_adaptation", "needs the hidden features of a named layer at each checkpoint, which this cube does not hold")
 
 
-def learning_paths(ds: xr.Dataset) -> Diagnostic:
-    """Per-example prediction paths of a classifier (DESIGN §4 item 10)."""
-    return Diagnostic.absent("learning_paths", "needs classifier probes (per-class log-probabilities and labels), which this cube does not hold")
+def learning_paths(ds: xr.Dataset, *, ema: float = 0.95) -> Diagnostic:
+    """Per-example prediction paths of a classifier in the simplex (DESIGN §4 item 10).
+
+    For probe o with label y and distributions q_t = π(·|x_o) at the checkpoints: path length Σ_t ‖q_{t+1} − q_t‖₁,
+    net displacement ‖q_T − q_0‖₁, zig-zag score = path / net (1 = a straight path), the peak mass on a non-label
+    class before the end, and the Filter-KD target q̄ ← ema·q̄ + (1 − ema)·q_t. Tables: ``probes`` (one row per
+    probe: group, zigzag, peak_rival, p_label_end, p_label_ema) and ``paths`` (step, probe, p_label, p_rival).
+    """
+    if (d := _needs(ds, "learning_paths", ["logp_class", "probe_label"], "needs classifier probes (per-class log-probabilities and labels)")) is not None:
+        return d
+    q = np.exp(ds["logp_class"].values)  # (C, P, V)
+    labels = ds["probe_label"].values.astype(int)
+    n_ckpt, n_probe, _ = q.shape
+    if n_ckpt < 3:
+        return Diagnostic.absent("learning_paths", "needs at least three checkpoints to tell a path from a step")
+    steps = np.abs(np.diff(q, axis=0)).sum(-1)  # (C-1, P)
+    net = np.abs(q[-1] - q[0]).sum(-1)
+    zigzag = steps.sum(0) / np.maximum(net, 1e-12)
+    p_label = q[:, np.arange(n_probe), labels]  # (C, P)
+    rival = q.copy()
+    rival[:, np.arange(n_probe), labels] = -1
+    p_rival = rival.max(-1)  # (C, P) largest non-label mass
+    q_bar = np.zeros_like(q[0])
+    for t in range(n_ckpt):
+        q_bar = ema * q_bar + (1 - ema) * q[t] if t else q[0]
+    groups = _probe_labels(ds)
+    probes = pd.DataFrame({"probe": ds["probe"].values.astype(str), "group": groups, "zigzag": zigzag,
+                           "peak_rival": p_rival[:-1].max(0), "p_label_end": p_label[-1],
+                           "p_label_ema": q_bar[np.arange(n_probe), labels]})  # fmt: skip
+    step = ds["step"].values
+    paths = pd.DataFrame({"step": np.repeat(step, n_probe), "probe": np.tile(probes["probe"], n_ckpt),
+                          "group": np.tile(groups, n_ckpt), "p_label": p_label.ravel(), "p_rival": p_rival.ravel()})  # fmt: skip
+    by_group = probes.groupby("group")["zigzag"].median()
+    numbers = {f"zigzag_{g}": float(v) for g, v in by_group.items()}
+    worst = probes.sort_values("zigzag", ascending=False).iloc[0]
+    verdict = "median zig-zag score " + ", ".join(f"{v:.2f} ({g})" for g, v in by_group.items())
+    if {"flipped", "clean"} <= set(by_group.index):
+        more = by_group["flipped"] > by_group["clean"]
+        verdict += f": flipped-label probes take {'longer, more winding' if more else 'no more winding'} paths than clean ones"
+    verdict += f"; the most winding is {worst['probe']} (score {worst['zigzag']:.1f}, peak rival mass {worst['peak_rival']:.2f})"
+    return Diagnostic("learning_paths", {"probes": probes, "paths": paths}, numbers, verdict + ".")

@@ -246,3 +246,25 @@ def g_statistics(d: Diagnostic) -> Figure:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle("G statistics: how hard, and where, the training examples push")
     return fig
+
+
+def learning_paths(d: Diagnostic) -> Figure:
+    probes, paths = d.tables["probes"], d.tables["paths"]
+    fig, axes = _figure(12.0, 4.2, ncols=2)
+    ax = axes[0]
+    order = sorted(probes["group"].unique())
+    sns.boxplot(data=probes, x="group", y="zigzag", order=order, color="#dddddd", showfliers=False, ax=ax)
+    sns.stripplot(data=probes, x="group", y="zigzag", order=order, hue="group", palette={"flipped": colour("rejected"), "clean": colour("chosen")},
+                  size=4, jitter=0.2, legend=False, ax=ax)  # fmt: skip
+    ax.set(title="Zig-zag score per probe", xlabel="probe group", ylabel="path length / net displacement  [1]")
+    ax = axes[1]
+    worst = probes.sort_values("zigzag", ascending=False)["probe"].head(6)
+    for probe in worst:
+        rows = paths[paths["probe"] == probe]
+        c = colour("rejected") if rows["group"].iloc[0] == "flipped" else colour("chosen")
+        ax.plot(rows["step"], rows["p_label"], marker="o", ms=3, color=c, alpha=0.8)
+        ax.plot(rows["step"], rows["p_rival"], ls=":", color=c, alpha=0.6)
+    ax.set(title="The six most winding paths", xlabel="training step", ylabel="probability  [1]  (solid: label, dotted: top rival)", ylim=(0, 1))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.suptitle("Learning paths: how each classifier probe travelled to its label")
+    return fig

@@ -73,8 +73,12 @@ SECTIONS: list[Section] = [
             "Gradient inner products and cosines between probes and training examples."),
     Section("feature_adaptation", "9. Feature adaptation", dg.feature_adaptation, None,
             "Drift of a named hidden layer's features over checkpoints."),
-    Section("learning_paths", "10. Learning paths of classifier examples", dg.learning_paths, None,
-            "Per-example prediction trajectories in the simplex, and zig-zag scores."),
+    Section("learning_paths", "10. Learning paths of classifier examples", dg.learning_paths, fg.learning_paths,
+            "Each probe's predicted distribution moves through the simplex as training goes on. The zig-zag score is the "
+            "length of that path over the distance it finally covered: 1 is a straight path, large values mean the "
+            "prediction went somewhere else first (an example with a wrong or ambiguous label is pulled by its "
+            "similar neighbours before its own label wins). Right: probability of the label (solid) and of the "
+            "strongest other class (dotted) for the most winding probes; red are probes whose labels were flipped."),
     Section("update_anatomy", "11. Update anatomy", dg.update_anatomy, fg.update_anatomy,
             "Left: the size of each tensor's update relative to its weights, per interval (log scale; brighter is "
             "larger). Right: the size of the whole update and the mean cosine between consecutive updates of each "
