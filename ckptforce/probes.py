@@ -249,7 +249,7 @@ def load_tokenizer(explicit: Path | None, candidates: list[Path]):
     for d in candidates:
         if _holds_tokenizer(d):
             return _load_tokenizer_at(d)
-    looked = ", ".join(str(d) for d in candidates) or "nowhere: no directory was given"
+    looked = ", ".join(dict.fromkeys(str(d) for d in candidates)) or "nowhere: no directory was given"
     raise TokenizerError(f"no tokenizer found (looked in: {looked}); {_IDS_HINT}")
 
 
