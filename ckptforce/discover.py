@@ -41,7 +41,7 @@ _SAVE_COUNTER = re.compile(r"^checkpoint_\d+$")
 
 def natural_key(name: str) -> tuple:
     """Sort key that orders ``step_9`` before ``step_10`` (digits compare as numbers)."""
-    return tuple((0, int(tok), "") if tok.isdigit() else (1, 0, tok.lower()) for tok in _DIGITS.split(name) if tok)
+    return tuple((0, int(tok), "") if tok.isdecimal() else (1, 0, tok.lower()) for tok in _DIGITS.split(name) if tok)
 
 
 def step_from_name(name: str) -> int | None:

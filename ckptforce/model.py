@@ -52,6 +52,15 @@ class BoundModel:
     _takes_mask: bool = True
 
     @property
+    def vocab_size(self) -> int | None:
+        """Rows of a language model's input embedding (the token ids it takes), when it has one."""
+        if self.kind != "lm":
+            return None
+        get = getattr(self.module, "get_input_embeddings", None)
+        emb = get() if callable(get) else next((m for m in self.module.modules() if isinstance(m, nn.Embedding)), None)
+        return emb.num_embeddings if isinstance(emb, nn.Embedding) else None
+
+    @property
     def param_names(self) -> list[str]:
         return [n for n, _ in self.module.named_parameters()]
 

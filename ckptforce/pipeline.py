@@ -126,7 +126,7 @@ def prepare(config: AnalysisConfig, device: str = "cpu") -> Prepared:
     if needs_text:
         folder = first.path if first.path.is_dir() else first.path.parent
         tokenizer = load_tokenizer(Path(config.tokenizer) if config.tokenizer else None, [folder, run.root])
-    tok = tokenize(probe_set, tokenizer, max_length=model.context)
+    tok = tokenize(probe_set, tokenizer, max_length=model.context, vocab_size=model.vocab_size)
     pad = getattr(tokenizer, "pad_token_id", None) or 0
     batch = make_batch(tok, pad_id=pad).to(device)
     responses = list(probe_set.response_types) + ([ARGMAX] if "chosen" in probe_set.response_types else [])

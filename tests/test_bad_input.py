@@ -273,6 +273,21 @@ def row_probe_empty_file(t):
     return _an(t, _run(t), ["probes.jsonl", "no probes"], "write one JSON object per line", probes=probes)
 
 
+def row_probe_token_outside_vocabulary(t):
+    probes = _probes(t, _probe("a"), _probe("b", responses={"chosen": [3, MODEL_ARGS["vocab_size"]]}))
+    return _an(t, _run(t), ["probes.jsonl:2", "token id 16", "outside the model's vocabulary"], "--tokenizer", probes=probes)
+
+
+def row_probe_text_hdf5_cannot_store(t):
+    probes = _probes(t, _probe("a"), '{"id": "b\\u0000c", "prompt_ids": [1], "responses": {"chosen": [2]}}')
+    return _an(t, _run(t), ["probes.jsonl:2", "NUL character"], "remove it", probes=probes)
+
+
+def row_probe_nested_too_deeply(t):
+    probes = _probes(t, "[" * 100_000)
+    return _an(t, _run(t), ["probes.jsonl:1", "nested too deeply"], "one flat probe object per line", probes=probes)
+
+
 def row_probe_file_is_a_directory(t):
     (t / "probes").mkdir()
     return _an(t, _run(t), ["probes", "is a directory"], "give the JSONL file of probes", probes=t / "probes")
