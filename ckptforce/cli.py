@@ -27,7 +27,8 @@ class _Group(click.Group):
         except CkptforceError as e:
             if ctx.meta.get("ckptforce.debug"):
                 raise
-            click.echo(f"ckptforce: error: {e}", err=True)
+            one_line = str(e).replace("\r", "\\r").replace("\n", "\\n")  # user text in a message stays on one line
+            click.echo(f"ckptforce: error: {one_line}", err=True)
             ctx.exit(EXIT_USER_ERROR)
         except KeyboardInterrupt:
             click.echo("ckptforce: interrupted", err=True)
