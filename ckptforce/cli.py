@@ -127,7 +127,8 @@ def _run_analysis(run_dir, out, *, probes, init, layout, trust_pickles, model, b
     from .pipeline import analyze as run_analysis
 
     if workers and scheduler:
-        raise CkptforceError(f"--workers {workers} and --scheduler {scheduler}: both given; give --workers N for a local cluster or --scheduler ADDRESS to join one, not both")
+        raise CkptforceError(f"--workers {workers} and --scheduler {scheduler}: both given; give --workers N for a local "
+                             "cluster or --scheduler ADDRESS to join one, not both")  # fmt: skip
     config = AnalysisConfig.for_run(
         run_dir, probes, init=init, model=model, base_model=base_model, tokenizer=tokenizer, layout=layout,
         nodes=DEFAULT_NODES if nodes is None else nodes, by_tensor=not no_by_tensor, method=method, dtype=dtype,

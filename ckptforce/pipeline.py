@@ -252,7 +252,8 @@ def check_or_write_config(out: Path, config: AnalysisConfig) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise CkptforceError(f"{folder}: cannot create the folder for the parts ({e.strerror or e}); choose an -o in a writable directory") from e
+        raise CkptforceError(f"{folder}: cannot create the folder for the parts ({e.strerror or e}); "
+                             "choose an -o in a writable directory") from e  # fmt: skip
     marker = folder / "config.json"
     if marker.is_file() and any(folder.glob("interval-*.h5")):  # no part yet: nothing to mix, start afresh
         diffs = config.differences(json.loads(marker.read_text()))
@@ -268,7 +269,8 @@ def check_or_write_config(out: Path, config: AnalysisConfig) -> None:
         tmp.replace(marker)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise CkptforceError(f"{marker}: cannot write ({e.strerror or e}); choose an -o in a writable directory with free space") from e
+        raise CkptforceError(f"{marker}: cannot write ({e.strerror or e}); "
+                             "choose an -o in a writable directory with free space") from e  # fmt: skip
 
 
 def check_parts_match(out: Path, run: Run) -> None:
@@ -281,7 +283,8 @@ def check_parts_match(out: Path, run: Run) -> None:
             with xr.open_dataset(part, engine=cube.ENGINE) as ds:
                 had = [str(x) for x in ds["checkpoint_path"].values]
         except Exception as e:  # noqa: BLE001 - h5py / h5netcdf raise many kinds for a damaged file
-            raise CkptforceError(f"{part}: a part that cannot be read ({type(e).__name__}); delete it and rerun to recompute it") from e
+            raise CkptforceError(f"{part}: a part that cannot be read ({type(e).__name__}); "
+                                 "delete it and rerun to recompute it") from e  # fmt: skip
         now = [str(r.path) for r in run.checkpoints[k : k + 2]]
         if had != now:
             raise ConfigMismatchError(

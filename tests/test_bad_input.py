@@ -16,9 +16,9 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
@@ -472,7 +472,7 @@ PROCESS_ROWS = ["pickle_with_code", "cube_random_hdf5", "nan_weights"]
 
 def _process(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run([sys.executable, "-m", "ckptforce.cli", *args], capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    return subprocess.run([sys.executable, "-m", "ckptforce.cli", *args], capture_output=True, text=True, env=env, cwd=REPO, timeout=300, check=False)
 
 
 @pytest.mark.parametrize("name", PROCESS_ROWS)

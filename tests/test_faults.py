@@ -184,7 +184,7 @@ def test_full_disk_is_one_line_keeps_parts_and_resumes(setup, tmp_path, monkeypa
 
 def test_full_disk_during_report_is_one_line(setup, tmp_path, monkeypatch):
     analysed = setup[2]
-    import ckptforce.report.pdf as pdf
+    from ckptforce.report import pdf
 
     def full(ctx, path):
         Path(path).write_bytes(b"%PDF-1.4\n")

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import tempfile
 from pathlib import Path
@@ -82,7 +83,7 @@ def test_valid_probe_files_round_trip(probes, ascii_only, blanks):
 def _mutations(valid: dict, earlier_id: str | None) -> list[dict | str]:
     """Ways one line can be wrong: each is refused by the schema, the parser or the id check."""
     bad: list[dict | str] = []
-    without = lambda k: {x: v for x, v in valid.items() if x != k}  # noqa: E731
+    without = lambda k: {x: v for x, v in valid.items() if x != k}
     bad += [without("id"), without("responses"), {**valid, "colour": "red"}, {**valid, "id": 7}, {**valid, "id": ""}]
     bad += [{**valid, "responses": {}}, {**valid, "responses": {"chosen": ""}}, {**valid, "responses": {"chosen": []}}]
     bad += [{**valid, "responses": {"chosen": [1, -2]}}, {**valid, "responses": {"argmax": [1]}}]
@@ -164,7 +165,7 @@ def test_step_parsing_and_natural_key_never_raise(name):
 @given(st.lists(st.text(max_size=12), max_size=20))
 def test_natural_order_is_total(names):
     keys = [natural_key(n) for n in sorted(names, key=natural_key)]  # any two names compare
-    assert all(a <= b for a, b in zip(keys, keys[1:]))
+    assert all(a <= b for a, b in itertools.pairwise(keys))
 
 
 @FAST

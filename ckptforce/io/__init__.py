@@ -101,7 +101,8 @@ def open_run(
 
 def _init_candidate(path: Path) -> Candidate:
     if not path.exists():
-        raise RunNotFoundError(f"{path}: the --init model does not exist; give the file or folder of the model the run started from")
+        raise RunNotFoundError(f"{path}: the --init model does not exist; give the file or folder of the model the run "
+                               "started from")  # fmt: skip
     for layout in LAYOUTS.values():
         found = layout.probe(path)
         if found is not None:
