@@ -32,6 +32,7 @@ from conftest import tree_digest
 from fixtures.tiny_lm import FACTORY, MODEL_ARGS, tiny_state, write_id_probes, write_tiny_run
 
 REPO = Path(__file__).parents[1]
+SAMPLE = REPO / "sample_runs" / "tiny-gpt2-trainer"
 
 
 @dataclass
@@ -109,6 +110,14 @@ def _hf_run(t: Path) -> Path:
     return run
 
 
+def _trainer_run(t: Path) -> Path:
+    """A copy of the bundled run a real Hugging Face Trainer wrote: config.json, optimizer.pt, trainer_state.json,
+    the pickled training_args.bin / rng_state.pth, and no tokenizer."""
+    if not SAMPLE.is_dir():
+        pytest.skip(f"{SAMPLE} is not there")
+    return Path(shutil.copytree(SAMPLE, t / "run"))
+
+
 def _tiny_cube(path: Path, **attrs) -> Path:
     ds = cube.build(
         index={"checkpoint": [0, 1], "probe": ["a"], "response": ["chosen"]},
@@ -167,9 +176,9 @@ def row_pickle_with_code(t):
     return case
 
 
-def row_pickle_in_optimizer_state(t):
-    run, marker = _hf_run(t), t / "PWNED"
-    torch.save({"state": {}, "param_groups": [], "x": _Payload(marker)}, run / "checkpoint-4" / "optimizer.pt")
+def row_pickle_in_trainer_optimizer_state(t):
+    run, marker = _trainer_run(t), t / "PWNED"
+    _edit(run / "checkpoint-4" / "optimizer.pt", lambda o: o.update(x=_Payload(marker)))
     return Case(["scan", str(run)], run, ["checkpoint-4/optimizer.pt", "run code"], "--trust-pickles", marker=marker)
 
 
@@ -307,6 +316,14 @@ def row_missing_tokenizer(t):
     probes = _probes(t, {"id": "a", "prompt": "Q: where?", "responses": {"chosen": " Paris."}})
     run = _run(t)
     return _an(t, run, ["no tokenizer found", str(run)], "--tokenizer", probes=probes)
+
+
+def row_missing_tokenizer_trainer_run(t):
+    """Probe text for a real Trainer run that saved no tokenizer (the model comes from its config.json)."""
+    run = _trainer_run(t)
+    probes = _probes(t, {"id": "a", "prompt": "Q: where?", "responses": {"chosen": " Paris."}})
+    args = ["analyze", str(run), "--probes", str(probes), "-o", str(t / "cube.h5"), "-q"]
+    return Case(args, run, ["no tokenizer found", str(run / "checkpoint-6")], "--tokenizer", outputs=[t / "cube.h5"])
 
 
 def row_factory_fails_to_import(t, monkeypatch):
@@ -496,6 +513,22 @@ def test_debug_shows_the_traceback(tmp_path, monkeypatch):
     assert "Traceback (most recent call last)" in proc.stderr and "NonFiniteWeightsError" in proc.stderr
     in_process = CliRunner().invoke(main, ["--debug", *case.args])
     assert in_process.exit_code != 0 and type(in_process.exception).__name__ == "NonFiniteWeightsError"
+
+
+def test_trainer_pickles_are_never_read(tmp_path):
+    """training_args.bin and rng_state.pth of a real Trainer run are full pickles: put code in every one of
+    them; scan and analyze still work and never run it (they never open those files)."""
+    run, marker = _trainer_run(tmp_path), tmp_path / "PWNED"
+    for f in [*run.rglob("training_args.bin"), *run.rglob("rng_state.pth")]:
+        torch.save({"payload": _Payload(marker)}, f)
+    before = tree_digest(run)
+    scanned = CliRunner().invoke(main, ["scan", str(run), "--json"])
+    assert scanned.exit_code == 0, scanned.output
+    probes = _probes(tmp_path, {"id": "a", "prompt_ids": [1, 2, 3], "responses": {"chosen": [4, 5], "rejected": [6]}})
+    analysed = CliRunner().invoke(main, ["analyze", str(run), "--probes", str(probes), "-o", str(tmp_path / "c.h5"), "-q", "--nodes", "0"])
+    assert analysed.exit_code == 0, analysed.output
+    assert not marker.exists(), "a pickle's payload ran"
+    assert tree_digest(run) == before
 
 
 def test_trust_pickles_is_the_only_way_in(tmp_path, monkeypatch):
