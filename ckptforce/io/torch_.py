@@ -61,7 +61,10 @@ def load_torch_file(path: Path, *, trust_pickles: bool = False):
 
 
 def _unreadable(path: Path, e: Exception) -> str:
-    first = (str(e).strip().splitlines() or [""])[0][:160]
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    # torch's weights-only refusal opens with a long preamble; the line after "WeightsUnpickler error:" says what
+    marker = next((i for i, ln in enumerate(lines) if "WeightsUnpickler error" in ln), None)
+    first = ((lines[marker + 1 : marker + 2] if marker is not None else lines[:1]) or [""])[0][:160]
     return (
         f"{path}: not a readable torch.save file ({type(e).__name__}: {first}); "
         "it may be truncated or still being written — re-save it or move it out of the run directory"
