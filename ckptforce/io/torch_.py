@@ -41,9 +41,9 @@ def load_torch_file(path: Path, *, trust_pickles: bool = False):
             # Legacy (pre-zip) format cannot be memory-mapped: read it plainly.
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        # Only a class or function to import (a GLOBAL) needs a full unpickle; any other refusal of the
-        # restricted unpickler ("Unsupported operand 110") is a damaged or foreign file, not a reason to trust it.
-        if "weights only" not in str(e).lower() or "global" not in str(e).lower():
+        # An opcode the restricted unpickler does not know ("Unsupported operand 110") means bytes that are no
+        # torch.save pickle (damaged or foreign), not a file to trust; the rest (a GLOBAL to import) needs a full one.
+        if "weights only" not in str(e).lower() or "unsupported operand" in str(e).lower():
             raise CheckpointReadError(_unreadable(path, e)) from e
         if not trust_pickles:
             lines = str(e).strip().splitlines()
