@@ -27,7 +27,8 @@ class _Group(click.Group):
         except CkptforceError as e:
             if ctx.meta.get("ckptforce.debug"):
                 raise
-            click.echo(f"ckptforce: error: {e}", err=True)
+            one_line = str(e).replace("\r", "\\r").replace("\n", "\\n")  # user text in a message stays on one line
+            click.echo(f"ckptforce: error: {one_line}", err=True)
             ctx.exit(EXIT_USER_ERROR)
         except KeyboardInterrupt:
             click.echo("ckptforce: interrupted", err=True)
@@ -129,7 +130,8 @@ def _run_analysis(run_dir, out, *, probes, train, objective, init, layout, trust
     from .pipeline import analyze as run_analysis
 
     if workers and scheduler:
-        raise click.UsageError("give --workers or --scheduler, not both")
+        raise CkptforceError(f"--workers {workers} and --scheduler {scheduler}: both given; give --workers N for a local "
+                             "cluster or --scheduler ADDRESS to join one, not both")  # fmt: skip
     config = AnalysisConfig.for_run(
         run_dir, probes, init=init, model=model, base_model=base_model, tokenizer=tokenizer, layout=layout,
         nodes=DEFAULT_NODES if nodes is None else nodes, by_tensor=not no_by_tensor, method=method, dtype=dtype,

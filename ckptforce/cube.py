@@ -11,6 +11,7 @@ foreign or damaged file. Nothing here imports torch: a user needs only xarray to
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -156,18 +157,27 @@ def save(ds: xr.Dataset, path: str | Path, *, compress: bool = True) -> Path:
         for name, var in ds.data_vars.items():
             if var.dtype.kind in "fiub" and var.ndim:
                 encoding[name] = {"compression": "gzip", "compression_opts": 4, "chunksizes": _chunks(var)}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    except OSError as e:
+        raise CubeError(f"{path}: cannot write ({e.strerror or e}); {_write_fix(e)}") from e
     os.close(fd)
     try:
         ds.to_netcdf(tmp, engine=ENGINE, encoding=encoding)
         os.replace(tmp, path)
     except OSError as e:
         Path(tmp).unlink(missing_ok=True)
-        raise CubeError(f"{path}: cannot write ({e.strerror or e}); check the disk and the directory's permissions") from e
+        raise CubeError(f"{path}: cannot write ({e.strerror or e}); {_write_fix(e)}") from e
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _write_fix(e: OSError) -> str:
+    if e.errno == errno.ENOSPC:
+        return "the disk is full: free some space and rerun the same command (parts already written are kept)"
+    return "check the disk and the directory's permissions, or choose another -o"
 
 
 def _chunks(var: xr.DataArray) -> tuple[int, ...]:
@@ -179,12 +189,16 @@ def open_cube(path: str | Path) -> xr.Dataset:
     """Open and validate a cube (loaded into memory; the file is closed)."""
     path = Path(path)
     if not path.is_file():
-        raise CubeError(f"{path}: no such file; give a cube written by ckptforce analyze")
+        what = "is a directory, not a cube" if path.is_dir() else "no such file"
+        raise CubeError(f"{path}: {what}; give a cube written by ckptforce analyze")
     try:
-        with xr.open_dataset(path, engine=ENGINE) as ds:
+        # phony_dims: a foreign HDF5 file (dimensionless datasets) opens, and is then refused by validate()
+        with xr.open_dataset(path, engine=ENGINE, phony_dims="access") as ds:
             ds = ds.load()
     except Exception as e:  # noqa: BLE001 - h5py / h5netcdf raise many kinds for a damaged file
-        raise CubeError(f"{path}: not a readable HDF5 cube ({type(e).__name__}: {str(e).splitlines()[0][:120]}); it may be truncated") from e
+        first = (str(e).splitlines() or [""])[0][:120]
+        raise CubeError(f"{path}: not a readable HDF5 cube ({type(e).__name__}: {first}); it may be truncated: "
+                        "rerun ckptforce analyze to write it again") from e  # fmt: skip
     problems = validate(ds)
     if problems:
         raise CubeError(f"{path}: {problems[0]}")
@@ -196,8 +210,13 @@ def validate(ds: xr.Dataset) -> list[str]:
     problems = []
     version = ds.attrs.get("ckptforce_schema")
     if version is None:
-        return ["not a ckptforce cube (no 'ckptforce_schema' attribute); it was written by another tool"]
-    if int(version) > SCHEMA_VERSION:
+        return ["not a ckptforce cube (no 'ckptforce_schema' attribute); it was written by another tool: "
+                "give a cube written by ckptforce analyze"]  # fmt: skip
+    try:
+        version = int(version)
+    except (TypeError, ValueError):
+        return [f"cube schema version {version!r} is not a number; the file was altered: rerun ckptforce analyze"]
+    if version > SCHEMA_VERSION:
         return [f"written by a newer ckptforce (cube schema {version}, this one reads ≤ {SCHEMA_VERSION}); upgrade ckptforce"]
     for name, var in ds.variables.items():
         want = VARS.get(name)

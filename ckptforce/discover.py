@@ -8,7 +8,8 @@ candidates into one ordered run:
   nanoGPT's ``iter_num``), then from the name (``checkpoint-500``, ``epoch=0-step=20.ckpt``,
   ``ckpt_000100.pt``), then from the natural order of the names;
 * the source of every step is kept, so the cube can say where each number came from;
-* two checkpoints that claim the same step are an error naming both; gaps in the spacing are reported.
+* two checkpoints that claim the same step are an error naming both, and so is a checkpoint without a step
+  among checkpoints with one (its place would be a guess); gaps in the spacing are reported.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ _SAVE_COUNTER = re.compile(r"^checkpoint_\d+$")
 
 def natural_key(name: str) -> tuple:
     """Sort key that orders ``step_9`` before ``step_10`` (digits compare as numbers)."""
-    return tuple((0, int(tok), "") if tok.isdigit() else (1, 0, tok.lower()) for tok in _DIGITS.split(name) if tok)
+    return tuple((0, int(tok), "") if tok.isdecimal() else (1, 0, tok.lower()) for tok in _DIGITS.split(name) if tok)
 
 
 def step_from_name(name: str) -> int | None:
@@ -110,7 +111,7 @@ def order_candidates(candidates: list[Candidate]) -> tuple[list[CheckpointRef], 
     """Settle steps and order: record, then name, then natural order; the ``--init`` model goes first.
 
     Returns the ordered references and notes (gaps, mixed sources). Raises StepError when two checkpoints
-    claim the same step.
+    claim the same step, or when some checkpoints have a step and others none.
     """
     notes: list[str] = []
     candidates = _drop_redundant_final(candidates, notes)
@@ -127,6 +128,7 @@ def order_candidates(candidates: list[Candidate]) -> tuple[list[CheckpointRef], 
     else:
         if rest:
             unnamed = [c.path.name for c in rest if c.record_step is None and step_from_name(c.path.name) is None]
+            _refuse_partial_steps(rest)
             notes.append(
                 f"no step recorded or written in the name of {', '.join(unnamed[:3])}"
                 f"{' …' if len(unnamed) > 3 else ''}: steps are the natural order of the names (0, 1, 2, …)"
@@ -160,6 +162,21 @@ def _drop_redundant_final(candidates: list[Candidate], notes: list[str]) -> list
         notes.append(f"the model at {final.path} is step {final.record_step}, which a checkpoint already holds; listed once")
         return others
     return candidates
+
+
+def _refuse_partial_steps(candidates: list[Candidate]) -> None:
+    """Some checkpoints carry a step and others do not: any place for the others would be a guess, and falling
+    back to the natural order would throw the known steps away."""
+    steps = {c.path: c.record_step if c.record_step is not None else step_from_name(c.path.name) for c in candidates}
+    known = [c for c in candidates if steps[c.path] is not None]
+    unknown = [c for c in candidates if steps[c.path] is None]
+    if not known or not unknown:
+        return
+    shown = ", ".join(f"{c.path.name}: {steps[c.path]}" for c in known[:3]) + (" …" if len(known) > 3 else "")
+    raise StepError(
+        f"{unknown[0].path}: no step recorded or written in its name, while other checkpoints have one ({shown}); "
+        f"rename it with its step (e.g. step_1000{unknown[0].path.suffix}) or move it out of the run directory"
+    )
 
 
 def _check_duplicates(refs: list[CheckpointRef]) -> None:

@@ -32,6 +32,10 @@ class CheckpointMismatchError(CkptforceError, ValueError):
     """Two checkpoints of one run hold different tensors or shapes."""
 
 
+class NonFiniteWeightsError(CkptforceError, ValueError):
+    """A checkpoint holds NaN or Inf weights: the run diverged there and forces through it are undefined."""
+
+
 class StepError(CkptforceError, ValueError):
     """Step numbers are ambiguous (for example two checkpoints claim the same step)."""
 

@@ -33,7 +33,7 @@ from torch import nn
 from torch.func import functional_call
 
 from .discover import CheckpointRef
-from .errors import ModelBindError
+from .errors import ModelBindError, NonFiniteWeightsError
 from .io import Checkpoint
 from .io.base import describe_keys
 from .io.hf import HfLayout
@@ -50,6 +50,15 @@ class BoundModel:
     context: int | None = None  # longest sequence the model takes (n_positions), when known
     base: dict[str, torch.Tensor] = field(default_factory=dict)  # PEFT: the base weights under the adapter
     _takes_mask: bool = True
+
+    @property
+    def vocab_size(self) -> int | None:
+        """Rows of a language model's input embedding (the token ids it takes), when it has one."""
+        if self.kind != "lm":
+            return None
+        get = getattr(self.module, "get_input_embeddings", None)
+        emb = get() if callable(get) else next((m for m in self.module.modules() if isinstance(m, nn.Embedding)), None)
+        return emb.num_embeddings if isinstance(emb, nn.Embedding) else None
 
     @property
     def param_names(self) -> list[str]:
@@ -85,9 +94,13 @@ class BoundModel:
             raise ModelBindError(f"{ckpt.path}: its tensors do not fit the model from {self.source} ({what}); pass the right --model")
         out = {}
         for n in names:
-            t = ckpt.tensor(n)
+            t = _finite(ckpt, n, ckpt.tensor(n))
             if own.get(n) is not None and tuple(own[n].shape) != tuple(t.shape):
-                raise ModelBindError(f"{ckpt.path}: tensor {n!r} has shape {list(t.shape)}, the model from {self.source} expects {list(own[n].shape)}")
+                raise ModelBindError(
+                    f"{ckpt.path}: tensor {n!r} has shape {list(t.shape)}, the model from {self.source} expects "
+                    f"{list(own[n].shape)}; all checkpoints of a run must share one model: move the others out of "
+                    "the run directory, or pass the right --model"
+                )
             out[n] = t.to(device=device, dtype=dtype if t.dtype.is_floating_point else t.dtype)
         return out
 
@@ -98,8 +111,20 @@ class BoundModel:
         for n in ckpt.names():
             if n not in out:
                 raise ModelBindError(f"{ckpt.path}: the adapter changes {n!r}, which the base model does not have")
-            out[n] = out[n] + ckpt.tensor(n).to(device=device, dtype=dtype)
+            out[n] = out[n] + _finite(ckpt, n, ckpt.tensor(n)).to(device=device, dtype=dtype)
         return out
+
+
+def _finite(ckpt: Checkpoint, name: str, t: torch.Tensor) -> torch.Tensor:
+    """``t`` when it holds no NaN / Inf; else a NonFiniteWeightsError naming the checkpoint and tensor."""
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        bad = t.numel() - int(torch.isfinite(t).sum())
+        raise NonFiniteWeightsError(
+            f"{ckpt.path}: tensor {name!r} holds {bad} NaN/Inf value(s) of {t.numel()}: the run diverged at or before "
+            "this checkpoint and forces through it are undefined; analyze the checkpoints before it (copy them to "
+            "another folder), and see where it diverged with ckptforce scan"
+        )
+    return t
 
 
 def _first_line(e: Exception) -> str:

@@ -27,7 +27,7 @@ import torch
 import xarray as xr
 
 from . import __version__, cube
-from .errors import CkptforceError
+from .errors import CkptforceError, ProbeFileNotFoundError
 from .forces import DEFAULT_NODES, interval_forces
 from .io import Run, open_run
 from .model import BoundModel, bind
@@ -79,7 +79,8 @@ class AnalysisConfig:
     def for_run(cls, run_dir, probes, **kw) -> "AnalysisConfig":
         probes = Path(probes)
         if not probes.is_file():
-            raise CkptforceError(f"{probes}: no such probe file; give the JSONL file of probes with --probes")
+            what = "is a directory, not a probe file" if probes.is_dir() else "no such probe file"
+            raise ProbeFileNotFoundError(f"{probes}: {what}; give the JSONL file of probes with --probes")
         digest = hashlib.sha256(probes.read_bytes()).hexdigest()
         clean = {k: (str(Path(v).resolve()) if k in ("init", "base_model", "tokenizer", "train") and v else v) for k, v in kw.items()}
         if clean.get("train"):
@@ -142,7 +143,7 @@ def prepare(config: AnalysisConfig, device: str = "cpu") -> Prepared:
     if needs_text:
         folder = first.path if first.path.is_dir() else first.path.parent
         tokenizer = load_tokenizer(Path(config.tokenizer) if config.tokenizer else None, [folder, run.root])
-    tok = tokenize(probe_set, tokenizer, max_length=model.context)
+    tok = tokenize(probe_set, tokenizer, max_length=model.context, vocab_size=model.vocab_size)
     pad = getattr(tokenizer, "pad_token_id", None) or 0
     batch = make_batch(tok, pad_id=pad).to(device)
     responses = list(probe_set.response_types) + ([ARGMAX] if "chosen" in probe_set.response_types else [])
@@ -294,7 +295,11 @@ def part_path(out: Path, k: int) -> Path:
 def check_or_write_config(out: Path, config: AnalysisConfig) -> None:
     """Refuse to mix settings into existing parts; record the settings for a new analysis."""
     folder = parts_dir(out)
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CkptforceError(f"{folder}: cannot create the folder for the parts ({e.strerror or e}); "
+                             "choose an -o in a writable directory") from e  # fmt: skip
     marker = folder / "config.json"
     if marker.is_file() and any(folder.glob("interval-*.h5")):  # no part yet: nothing to mix, start afresh
         diffs = config.differences(json.loads(marker.read_text()))
@@ -305,8 +310,33 @@ def check_or_write_config(out: Path, config: AnalysisConfig) -> None:
             )
         return
     tmp = marker.with_suffix(".json.partial")
-    tmp.write_text(config.to_json())
-    tmp.replace(marker)
+    try:
+        tmp.write_text(config.to_json())
+        tmp.replace(marker)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise CkptforceError(f"{marker}: cannot write ({e.strerror or e}); "
+                             "choose an -o in a writable directory with free space") from e  # fmt: skip
+
+
+def check_parts_match(out: Path, run: Run) -> None:
+    """Refuse parts computed for other checkpoint pairs (checkpoints added or removed since they were made)."""
+    for k in range(len(run.checkpoints) - 1):
+        part = part_path(out, k)
+        if not part.is_file():
+            continue
+        try:
+            with xr.open_dataset(part, engine=cube.ENGINE) as ds:
+                had = [str(x) for x in ds["checkpoint_path"].values]
+        except Exception as e:  # noqa: BLE001 - h5py / h5netcdf raise many kinds for a damaged file
+            raise CkptforceError(f"{part}: a part that cannot be read ({type(e).__name__}); "
+                                 "delete it and rerun to recompute it") from e  # fmt: skip
+        now = [str(r.path) for r in run.checkpoints[k : k + 2]]
+        if had != now:
+            raise ConfigMismatchError(
+                f"{part}: computed for {' → '.join(had)}, but interval {k} of the run is now {' → '.join(now)} (its "
+                f"checkpoints changed); delete {parts_dir(out)} (or choose another -o) to start over"
+            )
 
 
 def missing_parts(out: Path, n_intervals: int) -> list[int]:
@@ -374,13 +404,19 @@ def analyze(
     (fractions, one step per batch of ``PROBE_BATCH`` probe rows)."""
     out = Path(out).resolve()
     if not out.parent.is_dir():
-        raise CkptforceError(f"{out.parent}: no such directory for the output; create it or choose another -o")
+        what = "is a file, not a directory" if out.parent.exists() else "no such directory"
+        raise CkptforceError(f"{out.parent}: {what} for the output; create it or choose another -o")
+    if out.is_dir():
+        raise CkptforceError(f"{out}: is a directory; give the cube's file name with -o, e.g. {out / 'cube.h5'}")
+    if out == Path(config.probes).resolve():
+        raise CkptforceError(f"{out}: -o is the probe file, which would be overwritten; choose another -o")
     prepared = prepare(config, device)
     run = prepared.run
     if Path(run.root).resolve() in out.parents or Path(run.root).resolve() == out.parent:
         raise CkptforceError(f"{out}: the output would be written into the run directory {run.root}; choose an -o outside it")
     n = len(run.checkpoints) - 1
     check_or_write_config(out, config)
+    check_parts_match(out, run)
     todo = missing_parts(out, n)
     done = n - len(todo)
     if progress:

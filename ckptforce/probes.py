@@ -114,9 +114,14 @@ def load_probe_set(path) -> ProbeSet:
                                  "write one complete JSON object per line") from e  # fmt: skip
         except _RepeatedKey as e:
             raise ProbeFileError(f"{where}: key '{e.args[0]}' is given twice in one object; keep one") from None
+        except RecursionError:
+            raise ProbeFileError(f"{where}: not valid JSON (nested too deeply); write one flat probe object per line") from None
         errors = list(validator.iter_errors(obj))
         if errors:
             raise ProbeFileError(f"{where}: {_describe(min(errors, key=_rank), obj)}")
+        bad_text = _unstorable(obj)
+        if bad_text:
+            raise ProbeFileError(f"{where}: {bad_text} that the cube (HDF5) cannot store; remove it")
         if obj["id"] in first_line:
             raise ProbeFileError(f"{where}: id: '{obj['id']}' is already used on line {first_line[obj['id']]}; "
                                  "give every probe a unique id")  # fmt: skip
@@ -131,6 +136,22 @@ def load_probe_set(path) -> ProbeSet:
         raise ProbeFileError(f"{path}: no probes (the file is empty); write one JSON object per line, e.g. "
                              '{"id": "q1", "prompt": "Q: ...", "responses": {"chosen": " ..."}}')  # fmt: skip
     return ProbeSet(path, probes)
+
+
+def _unstorable(obj: dict) -> str:
+    """``"{field}: what"`` for the first text the cube (HDF5, UTF-8, NUL-terminated) cannot store, else ""."""
+    texts = [(k, obj.get(k)) for k in ("id", "prompt", "split", "group")]
+    texts += [(f"responses.{t}", t) for t in obj["responses"]] + [(f"responses.{t}", v) for t, v in obj["responses"].items()]
+    for field, text in texts:
+        if not isinstance(text, str):
+            continue
+        if "\x00" in text:
+            return f"{field}: contains a NUL character (\\u0000)"
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            return f"{field}: contains a lone surrogate (\\u{ord(text[e.start]):04x})"
+    return ""
 
 
 class _RepeatedKey(Exception):
@@ -249,7 +270,7 @@ def load_tokenizer(explicit: Path | None, candidates: list[Path]):
     for d in candidates:
         if _holds_tokenizer(d):
             return _load_tokenizer_at(d)
-    looked = ", ".join(str(d) for d in candidates) or "nowhere: no directory was given"
+    looked = ", ".join(dict.fromkeys(str(d) for d in candidates)) or "nowhere: no directory was given"
     raise TokenizerError(f"no tokenizer found (looked in: {looked}); {_IDS_HINT}")
 
 
@@ -280,12 +301,13 @@ class TokenizedProbes:
         return len(self.prompt_ids)
 
 
-def tokenize(probe_set: ProbeSet, tokenizer=None, *, max_length: int | None = None) -> TokenizedProbes:
+def tokenize(probe_set: ProbeSet, tokenizer=None, *, max_length: int | None = None, vocab_size: int | None = None) -> TokenizedProbes:
     """Token ids for every prompt and response: ``ProbeSet`` (+ tokenizer) in, ``TokenizedProbes`` out.
 
     Text goes through ``tokenizer(text, add_special_tokens=False)["input_ids"]``, the prompt and each response
     separately (so the boundary is exact); ids given in the file are kept as they are. With ``max_length``
-    (the model's context) a prompt + response longer than it is an error: responses are never truncated.
+    (the model's context) a prompt + response longer than it is an error: responses are never truncated; with
+    ``vocab_size`` so is a token id the model's embedding does not have.
     """
     prompts: list[list[int]] = []
     responses: list[dict[str, list[int]]] = []
@@ -295,6 +317,7 @@ def tokenize(probe_set: ProbeSet, tokenizer=None, *, max_length: int | None = No
         if not pids:
             raise ProbeFileError(f"{where}: prompt: tokenizes to no tokens (probe '{p.id}'); give a prompt of at "
                                  "least one token: something must predict the first response token")  # fmt: skip
+        _check_vocab(pids, vocab_size, where, "prompt", p.id)
         rids: dict[str, list[int]] = {}
         for rtype, r in p.responses.items():
             field = f"responses.{rtype}"
@@ -302,6 +325,7 @@ def tokenize(probe_set: ProbeSet, tokenizer=None, *, max_length: int | None = No
             if not ids:
                 raise ProbeFileError(f"{where}: {field}: tokenizes to no tokens (probe '{p.id}'); "
                                      "give text of at least one token, or token ids")  # fmt: skip
+            _check_vocab(ids, vocab_size, where, field, p.id)
             if max_length is not None and len(pids) + len(ids) > max_length:
                 raise ProbeFileError(
                     f"{where}: {field}: probe '{p.id}' prompt + response is {len(pids) + len(ids)} tokens "
@@ -311,6 +335,13 @@ def tokenize(probe_set: ProbeSet, tokenizer=None, *, max_length: int | None = No
         prompts.append(list(pids))
         responses.append(rids)
     return TokenizedProbes(probe_set, prompts, responses)
+
+
+def _check_vocab(ids: list[int], vocab_size: int | None, where: str, field: str, probe_id: str) -> None:
+    if vocab_size is not None and ids and max(ids) >= vocab_size:
+        raise ProbeFileError(f"{where}: {field}: token id {max(ids)} of probe '{probe_id}' is outside the model's "
+                             f"vocabulary (ids 0 … {vocab_size - 1}); give ids of the run's tokenizer, or pass it "
+                             "with --tokenizer")  # fmt: skip
 
 
 def _encode(tokenizer, text: str, where: str, field: str, probe_id: str) -> list[int]:

@@ -213,7 +213,8 @@ def _common_names(ckpts: list[Checkpoint]) -> list[str]:
             if first.info(n).shape != other.info(n).shape:
                 raise CheckpointMismatchError(
                     f"tensor {n!r} has shape {list(first.info(n).shape)} in {first.path} but "
-                    f"{list(other.info(n).shape)} in {other.path}; the checkpoints are not of one model"
+                    f"{list(other.info(n).shape)} in {other.path}; the checkpoints are not of one model — move the "
+                    "odd one out of the run directory"
                 )
     return names
 

@@ -59,9 +59,12 @@ def test_record_beats_name():
 
 
 def test_name_when_no_record_and_order_as_last_resort():
-    refs, notes = order_candidates([_c("b.pt"), _c("a.pt"), _c("c10.pt")])
-    assert [(r.path.name, r.step, r.step_source) for r in refs] == [("a.pt", 0, "order"), ("b.pt", 1, "order"), ("c10.pt", 2, "order")]
+    refs, notes = order_candidates([_c("b.pt"), _c("a.pt"), _c("c.pt")])
+    assert [(r.path.name, r.step, r.step_source) for r in refs] == [("a.pt", 0, "order"), ("b.pt", 1, "order"), ("c.pt", 2, "order")]
     assert "natural order" in notes[0]
+    # a checkpoint without a step among checkpoints with one: its place would be a guess
+    with pytest.raises(StepError, match=r"/run/last.pt: no step recorded .* \(c10.pt: 10, d.pt: 7\); rename it"):
+        order_candidates([_c("c10.pt"), _c("last.pt"), _c("d.pt", record=7)])
 
 
 def test_duplicate_steps_are_an_error_naming_both():

@@ -92,7 +92,7 @@ def open_run(
             chosen = name
             break
     if chosen is None:
-        raise UnknownLayoutError(_unknown_layout_message(root, entries))
+        raise UnknownLayoutError(_unknown_layout_message(root, entries, layout))
     if init is not None:
         candidates = [_init_candidate(Path(init).expanduser()), *candidates]
     refs, notes = order_candidates(candidates)
@@ -101,7 +101,8 @@ def open_run(
 
 def _init_candidate(path: Path) -> Candidate:
     if not path.exists():
-        raise RunNotFoundError(f"{path}: the --init model does not exist")
+        raise RunNotFoundError(f"{path}: the --init model does not exist; give the file or folder of the model the run "
+                               "started from")  # fmt: skip
     for layout in LAYOUTS.values():
         found = layout.probe(path)
         if found is not None:
@@ -109,7 +110,10 @@ def _init_candidate(path: Path) -> Candidate:
     raise UnknownLayoutError(f"{path}: the --init model is in no known layout; known layouts: {', '.join(LAYOUTS)}")
 
 
-def _unknown_layout_message(root: Path, entries: list[str]) -> str:
+def _unknown_layout_message(root: Path, entries: list[str], forced: str | None = None) -> str:
     shown = ", ".join(entries[:8]) + (f", … ({len(entries)} entries)" if len(entries) > 8 else "")
     known = "; ".join(f"{name}: {layout.summary}" for name, layout in LAYOUTS.items())
-    return f"{root}: no checkpoints of a known layout (found: {shown}). Known layouts — {known}"
+    what = f"no checkpoints of layout {forced!r}" if forced else "no checkpoints of a known layout"
+    fix = "drop --layout to detect the layout, or point at the folder that holds the checkpoints" if forced else (
+        "point at the folder that holds the checkpoints, or save them as one of these layouts")  # fmt: skip
+    return f"{root}: {what} (found: {shown}); {fix}. Known layouts — {known}"

@@ -41,7 +41,9 @@ def load_torch_file(path: Path, *, trust_pickles: bool = False):
             # Legacy (pre-zip) format cannot be memory-mapped: read it plainly.
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "weights only" not in str(e).lower():
+        # An opcode the restricted unpickler does not know ("Unsupported operand 110") means bytes that are no
+        # torch.save pickle (damaged or foreign), not a file to trust; the rest (a GLOBAL to import) needs a full one.
+        if "weights only" not in str(e).lower() or "unsupported operand" in str(e).lower():
             raise CheckpointReadError(_unreadable(path, e)) from e
         if not trust_pickles:
             lines = str(e).strip().splitlines()
@@ -59,7 +61,10 @@ def load_torch_file(path: Path, *, trust_pickles: bool = False):
 
 
 def _unreadable(path: Path, e: Exception) -> str:
-    first = (str(e).strip().splitlines() or [""])[0][:160]
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    # torch's weights-only refusal opens with a long preamble; the line after "WeightsUnpickler error:" says what
+    marker = next((i for i, ln in enumerate(lines) if "WeightsUnpickler error" in ln), None)
+    first = ((lines[marker + 1 : marker + 2] if marker is not None else lines[:1]) or [""])[0][:160]
     return (
         f"{path}: not a readable torch.save file ({type(e).__name__}: {first}); "
         "it may be truncated or still being written — re-save it or move it out of the run directory"

@@ -42,7 +42,8 @@ def output_dir(out: str | Path, run_dir: str | None = None) -> Path:
     if run_dir and (Path(run_dir).resolve() == out or Path(run_dir).resolve() in out.parents):
         raise CkptforceError(f"{out}: the report would be written into the run directory {run_dir}; choose an -o outside it")
     if not out.parent.is_dir():
-        raise CkptforceError(f"{out.parent}: no such directory; create it first or choose another -o")
+        what = "is a file, not a directory" if out.parent.exists() else "no such directory"
+        raise CkptforceError(f"{out.parent}: {what}; create it first or choose another -o")
     try:
         out.mkdir(exist_ok=True)
     except OSError as e:
