@@ -137,8 +137,9 @@ def _class_batch(n: int, seed: int, d: int = 5, classes: int = 4) -> ClassBatch:
 # ghost inner products == the loop, per layer type
 
 
-def _check_against_loop(model, params, probes, train, names=None, **kwargs):
-    res = gradient_kernel(model.logits, params, probes, train, module=model.module, names=names, by_param=True, **kwargs)
+def _check_against_loop(model, params, probes, train, names=None, products="ghost", **kwargs):
+    """The kernel per tensor, the norms: ghost products (by default) against the loop."""
+    res = gradient_kernel(model.logits, params, probes, train, module=model.module, names=names, by_param=True, products=products, **kwargs)
     sub = {n: params[n] for n in (names or params)}
     fn = lambda p, b: model.logits({**params, **p}, b)  # noqa: E731
     go = _example_grads(fn, sub, probes, _row(logp_rows))
@@ -185,6 +186,10 @@ def test_whole_gpt2_kernel_ghost_plus_per_row_equals_the_loop(batch):
     assert {n for n in params if ".ln_" in n or "ln_f" in n} <= set(res.per_row)
     plain = gradient_kernel(model.logits, params, batch.select([0, 3, 5]), batch, module=model.module, ghost=False)
     assert plain.ghost == [] and len(plain.per_row) == len(params)
+    for products in ("formed", "auto"):  # ghost factors formed into per-row gradients: the same numbers
+        other = gradient_kernel(model.logits, params, batch.select([0, 3, 5]), batch, module=model.module, products=products)
+        torch.testing.assert_close(other.k, res.k, rtol=1e-10, atol=1e-12 * float(res.k.abs().max()))
+        torch.testing.assert_close(other.probe_norm, res.probe_norm, rtol=1e-10, atol=0)
     torch.testing.assert_close(plain.k, res.k, rtol=1e-10, atol=1e-12 * float(res.k.abs().max()))
 
 

@@ -236,12 +236,37 @@ def materialise(grads: RowGrads, name: str) -> Tensor:
     return total
 
 
-def kernel_between(x: RowGrads, y: RowGrads) -> dict[str, Tensor]:
-    """{name: (X, Y)} ⟨g_i, g_j⟩ per tensor between the rows of two batches (ghost, dense or mixed)."""
+PRODUCTS = ("auto", "ghost", "formed")
+
+
+def _width(t: Tensor | None) -> int:
+    """Cost of one dot product of a factor: its width (ids: a comparison)."""
+    return 0 if t is None else (t.shape[-1] if t.is_floating_point() else 1)
+
+
+def _ghost_is_cheaper(xs: list[Use], ys: list[Use], size: int, rows_x: int, rows_y: int) -> bool:
+    """Multiply-adds of the ghost products, Σ_pq X·Y·Tx·Ty·(R + C), against forming both sides' per-row
+    gradients (Σ_p X·Tx·size + Σ_q Y·Ty·size) and one (X, size) × (size, Y) product. Ghost wins for short
+    rows and wide layers (an MLP: T = 1); forming wins for long rows of small layers (T² ≳ size / width)."""
+    ghost = sum(rows_x * rows_y * u.shape[1] * w.shape[1] * (_width(u) + _width(w) + _width(v) + _width(z))
+                for u, v in xs for w, z in ys)  # fmt: skip
+    formed = (sum(rows_x * u.shape[1] for u, _ in xs) + sum(rows_y * w.shape[1] for w, _ in ys) + rows_x * rows_y) * size
+    return ghost <= formed
+
+
+def kernel_between(x: RowGrads, y: RowGrads, products: str = "auto") -> dict[str, Tensor]:
+    """{name: (X, Y)} ⟨g_i, g_j⟩ per tensor between the rows of two batches.
+
+    ``products``: for tensors with ghost factors on both sides, "ghost" always uses the ghost products,
+    "formed" forms the per-row gradients from the factors and multiplies, "auto" picks the cheaper per tensor
+    (same numbers). Tensors dense on either side are formed on the other side as needed.
+    """
     out = {}
     for name in dict.fromkeys(x.names + y.names):
-        if name in x.factors and name in y.factors:
-            uses = [_use_products(p, q, x.dtype) for p in x.factors[name] for q in y.factors[name]]
+        xs, ys = x.factors.get(name), y.factors.get(name)
+        size = math.prod(x.shapes[name])
+        if xs is not None and ys is not None and (products == "ghost" or products == "auto" and _ghost_is_cheaper(xs, ys, size, x.n, y.n)):
+            uses = [_use_products(p, q, x.dtype) for p in xs for q in ys]
             out[name] = sum(uses) if uses else torch.zeros(x.n, y.n, dtype=x.dtype, device=x.device)
         else:
             gx = x.dense[name] if name in x.dense else materialise(x, name)
@@ -250,10 +275,15 @@ def kernel_between(x: RowGrads, y: RowGrads) -> dict[str, Tensor]:
     return out
 
 
-def sq_norms(x: RowGrads) -> dict[str, Tensor]:
-    """{name: (B,)} ‖g_b‖² per tensor."""
+def sq_norms(x: RowGrads, products: str = "auto") -> dict[str, Tensor]:
+    """{name: (B,)} ‖g_b‖² per tensor (``products`` as for ``kernel_between``, on the diagonal)."""
     out = {name: g.pow(2).sum(1) for name, g in x.dense.items()}
     for name, uses in x.factors.items():
+        size = math.prod(x.shapes[name])
+        ghost = sum(u.shape[1] * w.shape[1] * (_width(u) + _width(w) + _width(v) + _width(z)) for u, v in uses for w, z in uses)
+        if products == "formed" or products == "auto" and ghost > (sum(u.shape[1] for u, _ in uses) + 1) * size:
+            out[name] = materialise(x, name).pow(2).sum(1)
+            continue
         total = torch.zeros(x.n, dtype=x.dtype, device=x.device)
         for up, vp in uses:
             for uq, vq in uses:

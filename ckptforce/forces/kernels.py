@@ -37,7 +37,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from .ghost import RowGrads, kernel_between, materialise, row_grads, sq_norms
+from .ghost import PRODUCTS, RowGrads, kernel_between, materialise, row_grads, sq_norms
 from .observe import Fn, _wide, chunks
 
 LossRows = Callable[[Tensor, object], Tensor]  # (logits (B, T, V), batch) -> (B,): one scalar per row
@@ -136,7 +136,7 @@ class Kernel:
 def gradient_kernel(
     fn: Fn, params: dict, probes, train, *, module: nn.Module | None = None, probe_score: LossRows | None = None,
     train_loss: LossRows | Tensor | None = None, names: Sequence[str] | None = None, ghost: bool = True,
-    projection: Projection | None = None, by_param: bool = False, chunk_size: int | None = 64,
+    projection: Projection | None = None, by_param: bool = False, chunk_size: int | None = 64, products: str = "auto",
 ) -> Kernel:
     """K[o, u] = ⟨∇θ f_o, ∇θ L_u⟩ for every probe row o and training row u, with the norms (and cosine).
 
@@ -146,8 +146,13 @@ def gradient_kernel(
     tensors to differentiate (default: every floating tensor of ``params``). ``module`` (the ``nn.Module``
     that ``fn`` runs through ``functional_call``) enables ghost inner products; without it, or with
     ``ghost=False``, every tensor uses per-row gradients (same numbers, more memory). ``chunk_size`` rows are
-    processed at a time on each side.
+    processed at a time on each side. ``products``: "ghost" / "formed" / "auto" (default: the cheaper per
+    tensor, see ``ghost.kernel_between``); the numbers are the same.
     """
+    if products not in PRODUCTS:
+        raise ValueError(f"products={products!r}: give one of {', '.join(PRODUCTS)}")
+    if not len(probes) or not len(train):
+        raise ValueError(f"gradient_kernel needs probe and training rows, got {len(probes)} and {len(train)}")
     opts = dict(module=module, names=names, ghost=ghost)
     probe_score = probe_score or logp_rows
     p_parts = [row_grads(fn, params, sub, probe_score, **opts) for sub in chunks(probes, chunk_size)]
@@ -163,14 +168,14 @@ def gradient_kernel(
             blocks.append({n: torch.cat([p[:, at[n]] @ x[:, sl].T for p, at, _ in p_sketches]) for n, sl in where.items()})
             t_norm2.append(x.pow(2).sum(1))
         else:
-            per_probe_chunk = [kernel_between(p, g) for p in p_parts]
+            per_probe_chunk = [kernel_between(p, g, products) for p in p_parts]
             blocks.append({n: torch.cat([b[n] for b in per_probe_chunk]) for n in per_probe_chunk[0]})
-            t_norm2.append(sum(sq_norms(g).values()))
+            t_norm2.append(sum(sq_norms(g, products).values()))
     by = {n: torch.cat([b[n] for b in blocks], 1) for n in blocks[0]}  # name -> (O, U)
     if projection:
         p_norm2 = torch.cat([p.pow(2).sum(1) for p, _, _ in p_sketches])
     else:
-        p_norm2 = torch.cat([sum(sq_norms(g).values()) for g in p_parts])
+        p_norm2 = torch.cat([sum(sq_norms(g, products).values()) for g in p_parts])
     ghost_names = sorted({n for g in seen for n in g.factors})
     per_row = sorted({n for g in seen for n in g.dense})
     method = (f"projection {projection.kind} dim={projection.dim} seed={projection.seed}" if projection
