@@ -348,7 +348,7 @@ def main(argv=None) -> int:
     ap.add_argument("--gpt2-train", type=int, default=128, help="GPT-2 part: training sequences")
     ap.add_argument("--gpt2-probes", type=int, default=16, help="GPT-2 part: probe sequences")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="dtype of both methods")
-    ap.add_argument("--repeat", type=int, default=3, help="timed ckptforce runs after one warm-up; best reported")
+    ap.add_argument("--repeat", type=int, default=5, help="timed ckptforce runs after one warm-up; best reported")
     ap.add_argument("--chunk", type=int, default=512, help="ckptforce: rows per chunk on each side")
     ap.add_argument("--captum-batch", type=int, default=256, help="TracInCP batch_size for the training set")
     ap.add_argument("--parts", default="mlp,gpt2", help="which parts to run")

@@ -205,17 +205,31 @@ def _gram_diag(x: Tensor, y: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.einsum("btr,bsr->bts", x, y)
 
 
-def _use_products(p: Use, q: Use, dtype: torch.dtype) -> Tensor:
-    """(X, Y): Σ_{t,s} (u^p_t · u^q_s)(v^p_t · v^q_s) for every row pair, in blocks of Y rows."""
+def _use_products(p: Use, q: Use, dtype: torch.dtype, memo: dict) -> Tensor:
+    """(X, Y): Σ_{t,s} (u^p_t · u^q_s)(v^p_t · v^q_s) for every row pair, in blocks of Y rows.
+
+    ``memo`` keeps the last few grams that fit in one block: a layer's bias shares δ with its weight."""
     (up, vp), (uq, vq) = p, q
     step = max(1, GRAM_BUDGET // max(1, up.shape[0] * up.shape[1] * uq.shape[1]))
-    out = []
-    for j in range(0, uq.shape[0], step):
-        g = _gram(up, uq[j : j + step], dtype)
-        if vp is not None:
-            g = g * _gram(vp, vq[j : j + step], dtype)
-        out.append(g.sum((-2, -1)))
-    return torch.cat(out, 1)
+    if step < uq.shape[0]:
+        out = []
+        for j in range(0, uq.shape[0], step):
+            g = _gram(up, uq[j : j + step], dtype)
+            if vp is not None:
+                g = g * _gram(vp, vq[j : j + step], dtype)
+            out.append(g.sum((-2, -1)))
+        return torch.cat(out, 1)
+
+    def gram(a, b):
+        key = (id(a), id(b))
+        if key not in memo:
+            while len(memo) >= 4:
+                memo.pop(next(iter(memo)))
+            memo[key] = _gram(a, b, dtype)
+        return memo[key]
+
+    g = gram(up, uq)
+    return (g if vp is None else g * gram(vp, vq)).sum((-2, -1))
 
 
 def materialise(grads: RowGrads, name: str) -> Tensor:
@@ -261,12 +275,12 @@ def kernel_between(x: RowGrads, y: RowGrads, products: str = "auto") -> dict[str
     "formed" forms the per-row gradients from the factors and multiplies, "auto" picks the cheaper per tensor
     (same numbers). Tensors dense on either side are formed on the other side as needed.
     """
-    out = {}
+    out, memo = {}, {}
     for name in dict.fromkeys(x.names + y.names):
         xs, ys = x.factors.get(name), y.factors.get(name)
         size = math.prod(x.shapes[name])
         if xs is not None and ys is not None and (products == "ghost" or products == "auto" and _ghost_is_cheaper(xs, ys, size, x.n, y.n)):
-            uses = [_use_products(p, q, x.dtype) for p in xs for q in ys]
+            uses = [_use_products(p, q, x.dtype, memo) for p in xs for q in ys]
             out[name] = sum(uses) if uses else torch.zeros(x.n, y.n, dtype=x.dtype, device=x.device)
         else:
             gx = x.dense[name] if name in x.dense else materialise(x, name)

@@ -158,30 +158,46 @@ def gradient_kernel(
     p_parts = [row_grads(fn, params, sub, probe_score, **opts) for sub in chunks(probes, chunk_size)]
     p_sketches = [sketch(g, projection) for g in p_parts] if projection else []
     approximate = any(s[2] for s in p_sketches)
-    blocks, t_norm2, seen = [], [], list(p_parts)
+    blocks, totals, t_norm2, seen = [], [], [], list(p_parts)
     for sub in _train_chunks(train, train_loss, chunk_size):
         g = row_grads(fn, params, sub, _train_loss_fn(train_loss), **opts)
         seen.append(g)
         if projection:
             x, where, approx = sketch(g, projection)
             approximate |= approx
-            blocks.append({n: torch.cat([p[:, at[n]] @ x[:, sl].T for p, at, _ in p_sketches]) for n, sl in where.items()})
+            per = [{n: p[:, at[n]] @ x[:, sl].T for n, sl in where.items()} for p, at, _ in p_sketches]
             t_norm2.append(x.pow(2).sum(1))
         else:
-            per_probe_chunk = [kernel_between(p, g, products) for p in p_parts]
-            blocks.append({n: torch.cat([b[n] for b in per_probe_chunk]) for n in per_probe_chunk[0]})
-            t_norm2.append(sum(sq_norms(g, products).values()))
-    by = {n: torch.cat([b[n] for b in blocks], 1) for n in blocks[0]}  # name -> (O, U)
+            per = [kernel_between(p, g, products) for p in p_parts]  # per probe chunk: name -> (o, u)
+            t_norm2.append(_summed(sq_norms(g, products).values()))
+        if by_param:
+            blocks.append({n: _cat([b[n] for b in per]) for n in per[0]})
+        totals.append(_cat([_summed(b.values(), fresh=not by_param) for b in per]))
     if projection:
-        p_norm2 = torch.cat([p.pow(2).sum(1) for p, _, _ in p_sketches])
+        p_norm2 = _cat([p.pow(2).sum(1) for p, _, _ in p_sketches])
     else:
-        p_norm2 = torch.cat([sum(sq_norms(g, products).values()) for g in p_parts])
+        p_norm2 = _cat([_summed(sq_norms(g, products).values()) for g in p_parts])
     ghost_names = sorted({n for g in seen for n in g.factors})
     per_row = sorted({n for g in seen for n in g.dense})
     method = (f"projection {projection.kind} dim={projection.dim} seed={projection.seed}" if projection
               else f"exact: ghost {len(ghost_names)} tensors, per-row {len(per_row)} tensors")  # fmt: skip
-    return Kernel(sum(by.values()), p_norm2.clamp_min(0).sqrt(), torch.cat(t_norm2).clamp_min(0).sqrt(),
-                  by if by_param else None, approximate, method, ghost_names, per_row)  # fmt: skip
+    by = {n: _cat([b[n] for b in blocks], 1) for n in blocks[0]} if by_param else None  # name -> (O, U)
+    return Kernel(_cat(totals, 1), p_norm2.clamp_min(0).sqrt(), _cat(t_norm2).clamp_min(0).sqrt(), by, approximate,
+                  method, ghost_names, per_row)  # fmt: skip
+
+
+def _cat(parts: list[Tensor], dim: int = 0) -> Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
+
+
+def _summed(tensors, fresh: bool = False) -> Tensor:
+    """Σ of tensors; ``fresh``: they are ours to overwrite (summed in place into the first)."""
+    it = iter(tensors)
+    total = next(it)
+    total = total if fresh else total.clone()
+    for t in it:
+        total += t
+    return total
 
 
 def _train_loss_fn(train_loss) -> LossRows:
