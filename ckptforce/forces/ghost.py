@@ -191,6 +191,8 @@ def _gram(x: Tensor, y: Tensor, dtype: torch.dtype) -> Tensor:
         return y[:, :, x].permute(2, 0, 3, 1)  # (Y, Ty, X, Tx) -> (X, Y, Tx, Ty)
     if not y.is_floating_point():
         return _gram(y, x, dtype).permute(1, 0, 3, 2)
+    if x.shape[1] == 1 and y.shape[1] == 1:  # one position per row (a classifier): a plain matrix product
+        return (x[:, 0] @ y[:, 0].T)[:, :, None, None]
     return torch.einsum("xtr,ysr->xyts", x, y)
 
 
@@ -202,6 +204,8 @@ def _gram_diag(x: Tensor, y: Tensor, dtype: torch.dtype) -> Tensor:
         return torch.gather(y, 2, x[:, None, :].expand(-1, y.shape[1], -1)).transpose(1, 2)  # y_bs[x_bt]
     if not y.is_floating_point():
         return _gram_diag(y, x, dtype).transpose(1, 2)
+    if x.shape[1] == 1 and y.shape[1] == 1:
+        return (x * y).sum(-1, keepdim=True)  # (B, 1, 1)
     return torch.einsum("btr,bsr->bts", x, y)
 
 
@@ -229,7 +233,8 @@ def _use_products(p: Use, q: Use, dtype: torch.dtype, memo: dict) -> Tensor:
         return memo[key]
 
     g = gram(up, uq)
-    return (g if vp is None else g * gram(vp, vq)).sum((-2, -1))
+    g = g if vp is None else g * gram(vp, vq)
+    return g[:, :, 0, 0] if g.shape[2:] == (1, 1) else g.sum((-2, -1))
 
 
 def materialise(grads: RowGrads, name: str) -> Tensor:
@@ -304,6 +309,6 @@ def sq_norms(x: RowGrads, products: str = "auto") -> dict[str, Tensor]:
                 g = _gram_diag(up, uq, x.dtype)
                 if vp is not None:
                     g = g * _gram_diag(vp, vq, x.dtype)
-                total = total + g.sum((-2, -1))
+                total += g.sum((-2, -1))
         out[name] = total
     return out
