@@ -33,21 +33,23 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _memory import maxrss_kib  # noqa: E402
+from _memory import maxrss_kib
 
 REPO = Path(__file__).resolve().parent.parent
 OUT_DIR = REPO / "bench" / "out" / "kernels"
 MARKER = "BENCH_RESULT "
 CHECK_REL = 1e-5
 GOAL = 100.0
-CLASSES, DIM, HIDDEN = 10, 64, 128
-GPT2 = dict(n_layer=2, n_embd=64, n_head=4, vocab_size=128, n_positions=64)
+CONTENTION = 0.10  # warn when other processes took more than this share of the CPUs during a measurement
+CLASSES, DIM = 10, 64  # the shape of sklearn's digits (8×8 images, 10 classes)
+GPT2 = {"n_layer": 2, "n_embd": 64, "n_head": 4, "vocab_size": 128, "n_positions": 64}
 PROMPT, RESPONSE = 8, 16  # GPT-2 part: tokens per prompt and per response
 
 
@@ -65,9 +67,9 @@ def _imports():
     return torch
 
 
-def _mlp(torch):
-    return torch.nn.Sequential(torch.nn.Linear(DIM, HIDDEN), torch.nn.ReLU(), torch.nn.Linear(HIDDEN, HIDDEN),
-                               torch.nn.ReLU(), torch.nn.Linear(HIDDEN, CLASSES))  # fmt: skip
+def _mlp(torch, hidden: int):
+    return torch.nn.Sequential(torch.nn.Linear(DIM, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, hidden),
+                               torch.nn.ReLU(), torch.nn.Linear(hidden, CLASSES))  # fmt: skip
 
 
 def _gpt2(torch):
@@ -96,7 +98,7 @@ def worker_setup(args) -> dict:
     y = torch.randint(0, CLASSES, (args.train + args.probes,), generator=gen)
     x = means[y] + torch.randn(len(y), DIM, generator=gen)
     torch.manual_seed(args.seed)
-    model, info = _mlp(torch), {}
+    model, info = _mlp(torch, args.hidden), {}
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     paths, lrs = [], []
     for epoch in range(args.checkpoints):
@@ -162,7 +164,7 @@ def _load(args, torch, part):
     dtype = getattr(torch, args.dtype)
     data = torch.load(OUT_DIR / f"{part}_data.pt", weights_only=True)
     if part == "mlp":
-        module = _mlp(torch).to(dtype)
+        module = _mlp(torch, args.hidden).to(dtype)
 
         def cls(x, y):
             return ClassBatch(x.to(dtype), y[:, None], torch.ones(len(y), 1, dtype=torch.bool), list(range(len(y))))
@@ -179,8 +181,8 @@ def _timed(f):
     return time.perf_counter() - t0, out
 
 
-def worker_ours(args, part: str) -> dict:
-    torch = _imports()
+def _ours(args, torch, part):
+    """(probes, train, run): run(probe_score) loads the checkpoint files and returns ckptforce's TracIn."""
     from ckptforce.forces import nll_rows, tracin_kernel
     from ckptforce.model import BoundModel
 
@@ -197,18 +199,28 @@ def worker_ours(args, part: str) -> dict:
             ckpts.append(({n: state[n].to(dtype) for n in names}, lr))
         return tracin_kernel(model.logits, ckpts, probes, train, module=module, probe_score=probe_score, chunk_size=args.chunk)
 
+    return probes, train, run
+
+
+def _best(run, repeat: int) -> tuple[list[float], object]:
     run()  # warm-up
     times = []
-    for _ in range(args.repeat):
+    for _ in range(repeat):
         t, res = _timed(run)
         times.append(t)
-    peak = maxrss_kib()
+    return times, res
+
+
+def worker_ours(args, part: str) -> dict:
+    torch = _imports()
     import numpy as np
 
+    probes, train, run = _ours(args, torch, part)
+    times, res = _best(run, args.repeat)
+    peak = maxrss_kib()
     np.save(OUT_DIR / f"{part}_ours.npy", res.k.double().numpy())
     np.save(OUT_DIR / f"{part}_ours_logp.npy", run(probe_score=None).k.double().numpy())  # default score: log π
-    return {"times": times, "peak_kib": peak, "method": res.approximate and "approx" or "exact",
-            "rows": [len(probes), len(train)]}  # fmt: skip
+    return {"times": times, "peak_kib": peak, "approximate": res.approximate, "rows": [len(probes), len(train)]}
 
 
 def worker_captum(args, part: str, sample_wise: bool) -> dict:
@@ -260,11 +272,12 @@ def worker_captum(args, part: str, sample_wise: bool) -> dict:
 
     run(32, 1)  # warm-up
     t, scores = _timed(run)
-    peak = maxrss_kib()
+    peak = maxrss_kib()  # before ckptforce runs alongside (its peak is far lower anyway)
     import numpy as np
 
     np.save(OUT_DIR / f"{part}_captum{'_sw' if sample_wise else ''}.npy", scores.double().detach().numpy())
-    return {"times": [t], "peak_kib": peak}
+    alongside, _ = _best(_ours(args, torch, part)[2], args.repeat)  # the same CPU weather as the TracInCP run
+    return {"times": [t], "peak_kib": peak, "ours_alongside": alongside}
 
 
 def worker(args) -> dict:
@@ -292,22 +305,41 @@ def run_worker(kind: str, args) -> dict:
     env = dict(os.environ, PYTHONPATH=str(REPO) + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else ""))
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    busy0, own0 = _cpu_busy_s(), _children_cpu_s()
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, check=False)
+    wall = time.perf_counter() - t0
+    other = (_cpu_busy_s() - busy0) - (_children_cpu_s() - own0)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(MARKER)]
     if proc.returncode != 0 or not lines:
         sys.stderr.write(proc.stdout[-6000:] + proc.stderr[-6000:])
         raise SystemExit(f"worker {kind!r} failed (exit {proc.returncode})")
     out = json.loads(lines[-1][len(MARKER) :])
-    out["wall_s"] = time.perf_counter() - t0
+    out["wall_s"] = wall
+    out["other_load"] = max(0.0, other / (wall * (os.cpu_count() or 1))) if busy0 >= 0 else float("nan")
     return out
+
+
+def _cpu_busy_s() -> float:
+    """CPU seconds the machine has been busy (all processes, plus steal), from /proc/stat; −1 if unknown."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    except (OSError, ValueError, IndexError):
+        return -1.0
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def _children_cpu_s() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
 
 
 def _forward_args(args) -> list[str]:
     return ["--train", str(args.train), "--probes", str(args.probes), "--checkpoints", str(args.checkpoints),
             "--gpt2-train", str(args.gpt2_train), "--gpt2-probes", str(args.gpt2_probes), "--dtype", args.dtype,
             "--repeat", str(args.repeat), "--chunk", str(args.chunk), "--captum-batch", str(args.captum_batch),
-            "--seed", str(args.seed), "--threads", str(args.threads)]  # fmt: skip
+            "--seed", str(args.seed), "--threads", str(args.threads), "--hidden", str(args.hidden)]  # fmt: skip
 
 
 def _rel(a, b) -> float:
@@ -316,27 +348,35 @@ def _rel(a, b) -> float:
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
-def report(part: str, res: dict, base_kib: int) -> list[str]:
+def report(part: str, res: dict, base_kib: int) -> tuple[list[str], dict[str, float]]:
+    """Print one part's lines; (failures, {baseline: speed ratio}). The ratio divides the baseline's time by
+    ckptforce's best time measured in the same worker right after it (same CPU weather); the ratio to the
+    ckptforce worker's own best is printed beside it."""
     import numpy as np
 
     ours = np.load(OUT_DIR / f"{part}_ours.npy")
     logp = np.load(OUT_DIR / f"{part}_ours_logp.npy")
-    best = min(res["ours"]["times"])
-    failures = []
-    print(f"  {'ckptforce tracin_kernel':42s} best {best:8.3f} s (of {len(res['ours']['times'])})   "
-          f"peak RSS above import {(res['ours']['peak_kib'] - base_kib) / 1024:6.0f} MiB")  # fmt: skip
+    mine = res["ours"]
+    best = min(mine["times"])
+    failures, ratios = [], {}
+    print(f"  {'ckptforce tracin_kernel':40s} best {best:8.3f} s of {len(mine['times'])}   peak RSS above import "
+          f"{(mine['peak_kib'] - base_kib) / 1024:5.0f} MiB   (other processes {100 * mine['other_load']:.0f}% of the CPUs)")  # fmt: skip
     for key, label in (("captum", "TracInCP, per-example loop"), ("captum_sw", "TracInCP, sample_wise_grads_per_batch")):
         if key not in res:
             continue
+        r = res[key]
         ref = np.load(OUT_DIR / f"{part}_{key}.npy")
-        t = res[key]["times"][0]
+        t, along = r["times"][0], min(r["ours_alongside"])
         rel, rel_sign = _rel(ours, ref), _rel(-logp, ref)
-        print(f"  {label:42s} {t:13.3f} s (1 run)   peak RSS above import {(res[key]['peak_kib'] - base_kib) / 1024:6.0f} MiB"
-              f"   -> ckptforce {t / best:7.1f}× faster; max|ours − captum| / max|captum| = {rel:.1e};"
-              f" default score log π: max|K + captum| / max|captum| = {rel_sign:.1e}")  # fmt: skip
+        ratios[key] = t / along
+        print(f"  {label:40s} {t:13.3f} s, 1 run  peak RSS above import {(r['peak_kib'] - base_kib) / 1024:5.0f} MiB   "
+              f"(other processes {100 * r['other_load']:.0f}% of the CPUs)\n"
+              f"  {'':40s} ckptforce {t / along:6.1f}× faster (ckptforce alongside: {along:.3f} s; vs the ckptforce worker: "
+              f"{t / best:.1f}×); max|ours − captum| / max|captum| = {rel:.1e}; default score log π: "
+              f"max|K + captum| / max|captum| = {rel_sign:.1e}")  # fmt: skip
         if not rel <= CHECK_REL or not rel_sign <= CHECK_REL:
             failures.append(f"{part}: ckptforce and {label} differ (rel {rel:.1e}, sign check {rel_sign:.1e} > {CHECK_REL:g})")
-    return failures
+    return failures, ratios
 
 
 def main(argv=None) -> int:
@@ -344,6 +384,7 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
     ap.add_argument("--train", type=int, default=2000, help="MLP part: training examples")
     ap.add_argument("--probes", type=int, default=100, help="MLP part: probes (held-out examples)")
+    ap.add_argument("--hidden", type=int, default=128, help="MLP part: width of its two hidden layers")
     ap.add_argument("--checkpoints", type=int, default=3, help="checkpoints saved by each training loop")
     ap.add_argument("--gpt2-train", type=int, default=128, help="GPT-2 part: training sequences")
     ap.add_argument("--gpt2-probes", type=int, default=16, help="GPT-2 part: probe sequences")
@@ -366,11 +407,11 @@ def main(argv=None) -> int:
     info = run_worker("setup", args)
     base = run_worker("import", args)["peak_kib"]
     print(f"[import] torch + transformers + captum + ckptforce: peak RSS {base / 1024:.0f} MiB", flush=True)
-    failures, ratios = [], {}
+    failures, ratios, others = [], {}, {}
     for part in parts:
         i = info[part]
         if part == "mlp":
-            print(f"\n[mlp] MLP {DIM}-{HIDDEN}-{HIDDEN}-{CLASSES} ({i['params']:,} params), synthetic {CLASSES}-class "
+            print(f"\n[mlp] MLP {DIM}-{args.hidden}-{args.hidden}-{CLASSES} ({i['params']:,} params), synthetic {CLASSES}-class "
                   f"Gaussian mixture: {args.train} training examples × {args.probes} probes, {args.checkpoints} "
                   f"checkpoints (lr {i['lrs']}); probe accuracy {i['probe_accuracy']:.2f}", flush=True)  # fmt: skip
             methods = ["ours", "captum", "captum_sw"]
@@ -380,13 +421,18 @@ def main(argv=None) -> int:
                   f"(lr {i['lrs']}; training loss {i['loss_first']:.2f} -> {i['loss_last']:.2f})", flush=True)  # fmt: skip
             methods = ["ours", "captum"]
         res = {m: run_worker(f"{part}:{m}", args) for m in methods}
-        failures += report(part, res, base)
-        ratios[part] = {m: res[m]["times"][0] / min(res["ours"]["times"]) for m in methods if m != "ours"}
+        fails, ratios[part] = report(part, res, base)
+        failures += fails
+        others[part] = {m: r["other_load"] for m, r in res.items()}
     print(f"\n[summary] load average now {os.getloadavg()[0]:.2f}; driver peak RSS {maxrss_kib() / 1024:.0f} MiB")
     if "mlp" in ratios:
         r = ratios["mlp"]["captum"]
         print(f"[goal] ≥ {GOAL:.0f}× faster than TracInCP on the MLP: {r:.0f}× (per-example loop), "
               f"{ratios['mlp']['captum_sw']:.0f}× (sample-wise hooks) -> {'met' if r >= GOAL else 'NOT met'}")  # fmt: skip
+    busy = [f"{part} {m} {100 * r:.0f}%" for part, loads in others.items() for m, r in loads.items() if r > CONTENTION]
+    if busy:
+        print(f"[warn] other processes took > {100 * CONTENTION:.0f}% of the CPUs during: {', '.join(busy)}; times and "
+              "ratios move with them (the ratios divide by ckptforce timed right after each baseline): rerun on a quiet machine")  # fmt: skip
     for f in failures:
         print(f"[FAIL] {f}")
     return 1 if failures else 0

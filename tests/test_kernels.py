@@ -13,14 +13,22 @@ import math
 
 import pytest
 import torch
+from test_forces import _direction, _gpt2, _params
 from torch import nn
 from torch.func import functional_call, jacrev
 
 from ckptforce.class_probes import ClassBatch
-from ckptforce.forces import Projection, class_forces, gradient_kernel, logp_rows, nll_rows, sgd_prediction, tracin_kernel
+from ckptforce.forces import (
+    Projection,
+    class_forces,
+    gradient_kernel,
+    logp_rows,
+    nll_rows,
+    sgd_prediction,
+    tracin_kernel,
+)
 from ckptforce.model import BoundModel
 from ckptforce.probes import load_probe_set, make_batch, tokenize
-from test_forces import _direction, _gpt2, _params
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 REL = 1e-6
@@ -141,7 +149,7 @@ def _check_against_loop(model, params, probes, train, names=None, products="ghos
     """The kernel per tensor, the norms: ghost products (by default) against the loop."""
     res = gradient_kernel(model.logits, params, probes, train, module=model.module, names=names, by_param=True, products=products, **kwargs)
     sub = {n: params[n] for n in (names or params)}
-    fn = lambda p, b: model.logits({**params, **p}, b)  # noqa: E731
+    fn = lambda p, b: model.logits({**params, **p}, b)
     go = _example_grads(fn, sub, probes, _row(logp_rows))
     gu = _example_grads(fn, sub, train, _row(nll_rows))
     _assert_per_param(res.by_param, _loop_kernel(go, gu))
@@ -374,6 +382,6 @@ def test_sgd_prediction_matches_one_step_to_first_order():
 def test_ghost_with_a_module_that_fn_does_not_run_says_so(batch):
     model, other = _gpt2(), _gpt2(seed=1)
     params = _params(model)
-    fn = lambda p, b: model.logits(params, b)  # noqa: E731 - ignores the parameters it is given
+    fn = lambda p, b: model.logits(params, b)
     with pytest.raises(ValueError, match="none of the module's Linear / Conv1D / Embedding layers ran"):
         gradient_kernel(fn, params, batch.select([0]), batch, module=other.module)

@@ -17,7 +17,9 @@ their sign convention (then K[o, u] = ⟨∇L_o, ∇L_u⟩).
 
 How ⟨∇θ f_o, ∇θ L_u⟩ is computed, per parameter tensor (exact unless a ``Projection`` is asked for):
 - ghost inner products (``ghost.py``) for ``nn.Linear``, GPT-2's ``Conv1D`` and ``nn.Embedding``, tied uses
-  (GPT-2's lm_head / wte) included, from one batched backward — no per-example gradient is formed;
+  (GPT-2's lm_head / wte) included, from one batched backward — no per-example gradient is formed (for long
+  rows of small layers, where T² exceeds the layer's size over its width, ``products="auto"`` forms the
+  per-row gradients from the same factors instead: fewer operations, the same numbers);
 - per-row gradients by ``torch.func.vmap`` for every other tensor (LayerNorm, GPT-2's position embedding,
   which is called with a (1, T) index shared by all rows, custom modules).
 ``Projection`` replaces the exact products by seeded sketches of the per-row gradients (``approximate=True``).
@@ -30,9 +32,9 @@ from __future__ import annotations
 
 import math
 import zlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -123,8 +125,9 @@ class Kernel:
     by_param: dict[str, Tensor] | None  # name -> (O, U); sums to k
     approximate: bool  # True when a Projection sketched at least one tensor
     method: str  # e.g. "exact: ghost 26 tensors, per-row 2 tensors" or "projection sign dim=512 seed=0"
-    ghost: list[str]  # tensors done by ghost inner products
-    per_row: list[str]  # tensors done by per-row gradients (vmap)
+    ghost: list[str]  # tensors captured as ghost factors (their products ghost or formed: see ``products``)
+    per_row: list[str]  # tensors done by per-row gradients (vmap); a tensor can be in both lists when a
+    # layer shared by all rows (GPT-2's wpe) met a batch of one row, where the ghost rule holds
 
     @property
     def cosine(self) -> Tensor:
@@ -153,7 +156,7 @@ def gradient_kernel(
         raise ValueError(f"products={products!r}: give one of {', '.join(PRODUCTS)}")
     if not len(probes) or not len(train):
         raise ValueError(f"gradient_kernel needs probe and training rows, got {len(probes)} and {len(train)}")
-    opts = dict(module=module, names=names, ghost=ghost)
+    opts = {"module": module, "names": names, "ghost": ghost}
     probe_score = probe_score or logp_rows
     p_parts = [row_grads(fn, params, sub, probe_score, **opts) for sub in chunks(probes, chunk_size)]
     p_sketches = [sketch(g, projection) for g in p_parts] if projection else []
