@@ -13,7 +13,6 @@ import math
 
 import pytest
 import torch
-from test_forces import _direction, _gpt2, _params
 from torch import nn
 from torch.func import functional_call, jacrev
 
@@ -28,6 +27,8 @@ from ckptforce.forces import (
     tracin_kernel,
 )
 from ckptforce.model import BoundModel
+
+from test_forces import _direction, _gpt2, _params  # the tiny seeded GPT-2 of the force tests
 from ckptforce.probes import load_probe_set, make_batch, tokenize
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -385,3 +386,7 @@ def test_ghost_with_a_module_that_fn_does_not_run_says_so(batch):
     fn = lambda p, b: model.logits(params, b)
     with pytest.raises(ValueError, match="none of the module's Linear / Conv1D / Embedding layers ran"):
         gradient_kernel(fn, params, batch.select([0]), batch, module=other.module)
+    with pytest.raises(ValueError, match="products='fast': give one of auto, ghost, formed"):
+        gradient_kernel(model.logits, params, batch.select([0]), batch, products="fast")
+    with pytest.raises(ValueError, match=r"Projection\(dim=0, kind='sign'\): need dim ≥ 1"):
+        Projection(0)
