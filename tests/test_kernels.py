@@ -226,6 +226,23 @@ def test_ghost_factors_form_the_loops_per_example_gradients(batch):
         torch.testing.assert_close(materialise(grads, name), want, rtol=1e-9, atol=1e-12, msg=name)
 
 
+def test_per_row_fallback_without_vmap_agrees(batch, monkeypatch):
+    """A model vmap cannot trace takes the batched backward for its per-row tensors; the numbers are the same."""
+    import torch.func
+
+    model = _gpt2()
+    params = _params(model)
+    fast = gradient_kernel(model.logits, params, batch.select([0, 3]), batch, module=model.module)
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("vmap: data-dependent control flow")
+
+    monkeypatch.setattr(torch.func, "vmap", refuse)
+    slow = gradient_kernel(model.logits, params, batch.select([0, 3]), batch, module=model.module)
+    assert slow.per_row == fast.per_row != []
+    torch.testing.assert_close(slow.k, fast.k, rtol=1e-10, atol=1e-12 * float(fast.k.abs().max()))
+
+
 def test_chunks_change_no_number(batch):
     model = _gpt2()
     params = _params(model)
