@@ -73,8 +73,9 @@ class Projection:
 
     Every parameter tensor with more than ``dim`` entries is mapped to ``dim`` coordinates by its own matrix S
     (seeded by ``seed`` and the tensor's name, so probe and training rows see the same S) with E[SᵀS] = I, so
-    ⟨Sg, Sg'⟩ is an unbiased estimate of ⟨g, g'⟩ with relative spread about √(2/dim). Smaller tensors are kept
-    exactly. The per-row gradient of one tensor is formed (rows × its size) to be sketched.
+    ⟨Sg, Sg'⟩ is an unbiased estimate of ⟨g, g'⟩ with a standard deviation of about √(2/dim)·‖g‖‖g'‖ (less for
+    nearly orthogonal g, g'). Smaller tensors are kept exactly. The per-row gradient of one tensor is formed
+    (rows × its size) to be sketched.
     """
 
     dim: int  # sketch size per parameter tensor
