@@ -8,6 +8,9 @@ batches from ``ckptforce.probes``, parameters and directions from the checkpoint
     contributions_by_tensor(fn, θ, batch, Δθ)  the same split by parameter tensor (per-row gradients)
     delta_path(fn, θ, batch, Δθ, nodes=n)      ∫₀¹ A J(θ + sΔθ) Δθ ds by Gauss–Legendre quadrature
     interval_forces(fn, θ_t, θ_t+1, batch)     all of it for one checkpoint interval
+    gradient_kernel(fn, θ, probes, train)      K[o,u] = ⟨∇θ log π(y_o|x_o), ∇θ L_u⟩, norms, cosine (ghost + per-row)
+    tracin_kernel(fn, [(θ_t, η_t)], …)         Σ_t η_t K_t over checkpoints
+    class_forces / sgd_prediction              full V×V A, K, G of a classifier and −η·A·K·G
 """
 
 from .linear import (
@@ -22,9 +25,23 @@ from .linear import (
     remainder_ratio,
 )
 from .interval import DEFAULT_NODES, IntervalForces, interval_forces
+from .kernels import (
+    ClassForces,
+    Kernel,
+    Projection,
+    TracIn,
+    class_forces,
+    gradient_kernel,
+    logp_rows,
+    nll_rows,
+    sgd_prediction,
+    tracin_kernel,
+)
 from .observe import Observed, observe, observe_logits
 
 __all__ = [
     "DEFAULT_NODES", "IntervalForces", "interval_forces", "LinearChange", "Observed", "PathChange", "contributions_by_tensor", "delta_lin", "delta_path",
     "dlogp_from_dlogits", "gauss_legendre", "jvp_logits", "observe", "observe_logits", "remainder_ratio",
+    "ClassForces", "Kernel", "Projection", "TracIn", "class_forces", "gradient_kernel", "logp_rows", "nll_rows",
+    "sgd_prediction", "tracin_kernel",
 ]  # fmt: skip

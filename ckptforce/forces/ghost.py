@@ -1,0 +1,314 @@
+"""Per-row gradients of one batch without forming them: ghost factors, and inner products between two batches.
+
+In: ``fn(params, batch) -> logits``, θ, a batch, a per-row scalar ``score(logits, batch) -> (B,)`` and the
+``nn.Module`` that ``fn`` evaluates. Out: ``RowGrads`` — for every tensor either its ghost factors or its
+per-row gradients (B, size) — and ``kernel_between`` / ``sq_norms`` over them.
+
+Ghost rule (a layer's per-row gradient is a sum of outer products over the positions t of the row):
+
+    nn.Linear  W (out, in):  G_b = Σ_t δ_bt a_btᵀ      δ = ∂score_b/∂(layer output), a = layer input
+    Conv1D     W (in, out):  G_b = Σ_t a_bt δ_btᵀ      (GPT-2, y = x W + b)
+    Embedding  W (V, d):     G_b = Σ_t e_{id_bt} δ_btᵀ  (rows at padding_idx get no gradient)
+    bias       (out,):       G_b = Σ_t δ_bt
+
+With every use of a tensor written G_b = Σ_t u_bt v_btᵀ in the tensor's own layout (u along its rows, v
+along its columns), the inner product of rows i and j sums over every pair of uses (a tied tensor, such as
+GPT-2's wte / lm_head, or a layer called twice, has several, and their cross terms count):
+
+    ⟨G_i, G_j⟩ = Σ_{use p, use q} Σ_{t,s} (u^p_it · u^q_js)(v^p_it · v^q_js)
+               = Σ_{p,q} sum((U^p_i U^qᵀ_j) ⊙ (V^p_i V^qᵀ_j))         (Tx × Ty matrices; one-hot u as ids)
+
+δ per row comes from ONE backward of Σ_b score_b: rows are independent, so δ of row b only carries row b's
+score. Everything else (LayerNorm, a layer applied to inputs shared by all rows such as GPT-2's (1, T)
+position ids, tensors of other modules) gets per-row gradients from ``torch.func.vmap`` of ``grad`` over
+rows (a batch of one each), or a batched backward where vmap refuses the model. The total is exact as long
+as ghost tensors are used only through their layer's forward: a tensor also held by a module of another
+type is left to the per-row path; a tensor read directly by other code (``F.linear(x, layer.weight)``
+outside the layer) is not detected — pass ``ghost=False`` for such models.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import torch
+from torch import Tensor, nn
+
+from .linear import _batched_grads
+from .observe import _wide
+
+Use = tuple[Tensor, Tensor | None]  # (u (B, T, R) or ids (B, T) long, v (B, T, C) or None for a bias)
+GRAM_BUDGET = 2**24  # entries of one (X, Y, Tx, Ty) gram block
+
+
+@dataclass
+class RowGrads:
+    """Per-row gradients of one batch's scores, each tensor as ghost factors or dense (B, size)."""
+
+    n: int  # rows
+    dtype: torch.dtype  # of the products (float32 at least)
+    device: torch.device
+    factors: dict[str, list[Use]] = field(default_factory=dict)  # name -> every use in the forward
+    dense: dict[str, Tensor] = field(default_factory=dict)  # name -> (B, size)
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.factors) + list(self.dense)
+
+
+def _conv1d_type():
+    mod = sys.modules.get("transformers.pytorch_utils")  # GPT-2's Conv1D; loaded whenever an HF model is
+    return getattr(mod, "Conv1D", None)
+
+
+def ghost_sites(module: nn.Module, names: list[str]) -> dict[nn.Module, dict[str, str]]:
+    """{layer: {"weight": name, "bias": name}} for the Linear / Conv1D / Embedding layers (exact types: a
+    subclass may compute something else) whose tensors are in ``names`` and held by no other kind of module."""
+    kinds = {nn.Linear, nn.Embedding} | ({_conv1d_type()} - {None})
+    wanted = set(names)
+    canon, blocked, holders = {}, set(), []
+    for prefix, m in module.named_modules(remove_duplicate=False):
+        for attr, p in m._parameters.items():
+            if p is None:
+                continue
+            full = f"{prefix}.{attr}" if prefix else attr
+            if full in wanted:
+                canon[id(p)] = full
+            ok = type(m) in kinds and attr in ("weight", "bias")
+            if type(m) is nn.Embedding and (m.max_norm is not None or m.scale_grad_by_freq):
+                ok = False  # renormalised rows / rescaled gradients: not the plain rule
+            if ok:
+                holders.append((m, attr, p))
+            else:
+                blocked.add(id(p))
+    sites: dict[nn.Module, dict[str, str]] = {}
+    for m, attr, p in holders:
+        if id(p) in canon and id(p) not in blocked:
+            sites.setdefault(m, {})[attr] = canon[id(p)]
+    return sites
+
+
+def row_grads(fn, params: dict, batch, score, *, module: nn.Module | None = None, names=None, ghost: bool = True) -> RowGrads:
+    """Per-row gradients of ``score(fn(θ, batch), batch)`` (B,) w.r.t. the tensors ``names``: ghost factors
+    for the layers of ``module`` that the rule covers, vmap'd per-row gradients for the rest."""
+    names = list(names or [n for n, p in params.items() if p.is_floating_point()])
+    sites = ghost_sites(module, names) if module is not None and ghost else {}
+    first = params[names[0]]
+    out = RowGrads(0, _wide(first[:0]).dtype, first.device, shapes={n: tuple(params[n].shape) for n in names})
+    if sites:
+        out.n, out.factors = _ghost_pass(fn, params, batch, score, names, sites)
+    rest = [n for n in names if n not in out.factors]
+    if rest:
+        out.dense = _per_row_grads(fn, params, batch, score, rest)
+        out.n = next(iter(out.dense.values())).shape[0]
+    return out
+
+
+def _ghost_pass(fn, params, batch, score, names, sites) -> tuple[int, dict[str, list[Use]]]:
+    calls = []
+
+    def record(m, inputs, output):
+        calls.append((m, inputs[0], output, output._version))
+
+    handles = [m.register_forward_hook(record) for m in sites]
+    try:
+        with torch.enable_grad():
+            leaves = {n: params[n].detach().requires_grad_(True) for n in names}
+            scores = score(fn({**params, **leaves}, batch), batch)  # (B,)
+    finally:
+        for h in handles:
+            h.remove()
+    live = [c for c in calls if c[2].requires_grad]
+    if not live:
+        raise ValueError("ghost kernels: none of the module's Linear / Conv1D / Embedding layers ran on the parameters "
+                         "given (does fn evaluate this module through functional_call?); pass ghost=False")  # fmt: skip
+    for m, _, out, version in live:
+        if out._version != version:
+            raise ValueError(f"ghost kernels: the output of {type(m).__name__} is modified in place after the layer; pass ghost=False")
+    deltas = torch.autograd.grad(scores.sum(), [c[2] for c in live], allow_unused=True)
+    rows = scores.shape[0]
+    factors: dict[str, list[Use]] = {n: [] for site in sites.values() for n in site.values()}
+    failed: set[str] = set()
+    conv1d = _conv1d_type()
+    for (m, x, out, _), d in zip(live, deltas):
+        site = sites[m]
+        if d is None:  # this call does not reach the scores
+            continue
+        if out.shape[0] != rows or x.shape[0] != rows or out.dim() < 2:  # shared by all rows (GPT-2's wpe)
+            failed.update(site.values())
+            continue
+        d = _wide(d.detach()).reshape(rows, -1, d.shape[-1])  # (B, T, out)
+        if type(m) is nn.Embedding:
+            ids = x.reshape(rows, -1)  # (B, T)
+            if m.padding_idx is not None:
+                d = d * (ids != m.padding_idx).unsqueeze(-1).to(d)
+            factors[site["weight"]].append((ids, d))
+            continue
+        a = _wide(x.detach()).reshape(rows, -1, x.shape[-1])  # (B, T, in)
+        if "weight" in site:
+            factors[site["weight"]].append((a, d) if type(m) is conv1d else (d, a))
+        if "bias" in site:
+            factors[site["bias"]].append((d, None))
+    return rows, {n: uses for n, uses in factors.items() if n not in failed}
+
+
+def _per_row_grads(fn, params, batch, score, names) -> dict[str, Tensor]:
+    """{name: (B, size)} by vmap over rows (each a batch of one) of grad; a batched backward if vmap refuses."""
+    from torch.func import grad, vmap
+
+    moving = {n: params[n] for n in names}
+    fixed = {n: p for n, p in params.items() if n not in moving}
+    fields = {k: v for k, v in vars(batch).items() if isinstance(v, Tensor)}
+
+    def one_row(p, row):
+        single = SimpleNamespace(**{k: v.unsqueeze(0) for k, v in row.items()})  # a batch of one
+        return score(fn({**fixed, **p}, single), single)[0]
+
+    try:
+        with torch.enable_grad():
+            grads = vmap(grad(one_row), in_dims=(None, 0))(moving, fields)
+    except Exception:  # noqa: BLE001 - vmap refuses many constructs; the batched backward handles all
+        with torch.enable_grad():
+            leaves = {n: p.detach().requires_grad_(True) for n, p in moving.items()}
+            scores = score(fn({**fixed, **leaves}, batch), batch)
+            grads = dict(zip(names, _batched_grads(scores, list(leaves.values()))))
+    return {n: _wide(g.detach()).flatten(1) for n, g in grads.items()}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# inner products
+
+
+def _gram(x: Tensor, y: Tensor, dtype: torch.dtype) -> Tensor:
+    """(X, Y, Tx, Ty) with [i, j, t, s] = x_it · y_js; an integer tensor stands for one-hot rows (ids)."""
+    if not x.is_floating_point() and not y.is_floating_point():
+        return (x[:, None, :, None] == y[None, :, None, :]).to(dtype)
+    if not x.is_floating_point():  # e_{x_it} · y_js = y_js[x_it]
+        return y[:, :, x].permute(2, 0, 3, 1)  # (Y, Ty, X, Tx) -> (X, Y, Tx, Ty)
+    if not y.is_floating_point():
+        return _gram(y, x, dtype).permute(1, 0, 3, 2)
+    if x.shape[1] == 1 and y.shape[1] == 1:  # one position per row (a classifier): a plain matrix product
+        return (x[:, 0] @ y[:, 0].T)[:, :, None, None]
+    return torch.einsum("xtr,ysr->xyts", x, y)
+
+
+def _gram_diag(x: Tensor, y: Tensor, dtype: torch.dtype) -> Tensor:
+    """(B, Tx, Ty) with [b, t, s] = x_bt · y_bs (both from the same rows)."""
+    if not x.is_floating_point() and not y.is_floating_point():
+        return (x[:, :, None] == y[:, None, :]).to(dtype)
+    if not x.is_floating_point():
+        return torch.gather(y, 2, x[:, None, :].expand(-1, y.shape[1], -1)).transpose(1, 2)  # y_bs[x_bt]
+    if not y.is_floating_point():
+        return _gram_diag(y, x, dtype).transpose(1, 2)
+    if x.shape[1] == 1 and y.shape[1] == 1:
+        return (x * y).sum(-1, keepdim=True)  # (B, 1, 1)
+    return torch.einsum("btr,bsr->bts", x, y)
+
+
+def _use_products(p: Use, q: Use, dtype: torch.dtype, memo: dict) -> Tensor:
+    """(X, Y): Σ_{t,s} (u^p_t · u^q_s)(v^p_t · v^q_s) for every row pair, in blocks of Y rows.
+
+    ``memo`` keeps the last few grams that fit in one block: a layer's bias shares δ with its weight."""
+    (up, vp), (uq, vq) = p, q
+    step = max(1, GRAM_BUDGET // max(1, up.shape[0] * up.shape[1] * uq.shape[1]))
+    if step < uq.shape[0]:
+        out = []
+        for j in range(0, uq.shape[0], step):
+            g = _gram(up, uq[j : j + step], dtype)
+            if vp is not None:
+                g = g * _gram(vp, vq[j : j + step], dtype)
+            out.append(g.sum((-2, -1)))
+        return torch.cat(out, 1)
+
+    def gram(a, b):
+        key = (id(a), id(b))
+        if key not in memo:
+            while len(memo) >= 4:
+                memo.pop(next(iter(memo)))
+            memo[key] = _gram(a, b, dtype)
+        return memo[key]
+
+    g = gram(up, uq)
+    g = g if vp is None else g * gram(vp, vq)
+    return g[:, :, 0, 0] if g.shape[2:] == (1, 1) else g.sum((-2, -1))
+
+
+def materialise(grads: RowGrads, name: str) -> Tensor:
+    """(B, size): the per-row gradient of ``name``, formed from its ghost factors (in the tensor's layout)."""
+    shape = grads.shapes[name]
+    total = None
+    for u, v in grads.factors[name]:
+        if v is None:
+            g = u.sum(1)  # (B, out)
+        elif not u.is_floating_point():  # embedding: scatter δ_t into row id_t
+            g = torch.zeros(u.shape[0], shape[0], v.shape[-1], dtype=v.dtype, device=v.device)
+            g.scatter_add_(1, u.unsqueeze(-1).expand(-1, -1, v.shape[-1]), v)
+        else:
+            g = torch.einsum("btr,btc->brc", u, v)  # (B, R, C)
+        total = g.flatten(1) if total is None else total + g.flatten(1)
+    if total is None:  # the tensor never reached the scores
+        return torch.zeros(grads.n, math.prod(shape), dtype=grads.dtype, device=grads.device)
+    return total
+
+
+PRODUCTS = ("auto", "ghost", "formed")
+
+
+def _width(t: Tensor | None) -> int:
+    """Cost of one dot product of a factor: its width (ids: a comparison)."""
+    return 0 if t is None else (t.shape[-1] if t.is_floating_point() else 1)
+
+
+def _ghost_is_cheaper(xs: list[Use], ys: list[Use], size: int, rows_x: int, rows_y: int) -> bool:
+    """Multiply-adds of the ghost products, Σ_pq X·Y·Tx·Ty·(R + C), against forming both sides' per-row
+    gradients (Σ_p X·Tx·size + Σ_q Y·Ty·size) and one (X, size) × (size, Y) product. Ghost wins for short
+    rows and wide layers (an MLP: T = 1); forming wins for long rows of small layers (T² ≳ size / width)."""
+    ghost = sum(rows_x * rows_y * u.shape[1] * w.shape[1] * (_width(u) + _width(w) + _width(v) + _width(z))
+                for u, v in xs for w, z in ys)  # fmt: skip
+    formed = (sum(rows_x * u.shape[1] for u, _ in xs) + sum(rows_y * w.shape[1] for w, _ in ys) + rows_x * rows_y) * size
+    return ghost <= formed
+
+
+def kernel_between(x: RowGrads, y: RowGrads, products: str = "auto") -> dict[str, Tensor]:
+    """{name: (X, Y)} ⟨g_i, g_j⟩ per tensor between the rows of two batches.
+
+    ``products``: for tensors with ghost factors on both sides, "ghost" always uses the ghost products,
+    "formed" forms the per-row gradients from the factors and multiplies, "auto" picks the cheaper per tensor
+    (same numbers). Tensors dense on either side are formed on the other side as needed.
+    """
+    out, memo = {}, {}
+    for name in dict.fromkeys(x.names + y.names):
+        xs, ys = x.factors.get(name), y.factors.get(name)
+        size = math.prod(x.shapes[name])
+        if xs is not None and ys is not None and (products == "ghost" or products == "auto" and _ghost_is_cheaper(xs, ys, size, x.n, y.n)):
+            uses = [_use_products(p, q, x.dtype, memo) for p in xs for q in ys]
+            out[name] = sum(uses) if uses else torch.zeros(x.n, y.n, dtype=x.dtype, device=x.device)
+        else:
+            gx = x.dense[name] if name in x.dense else materialise(x, name)
+            gy = y.dense[name] if name in y.dense else materialise(y, name)
+            out[name] = gx @ gy.T
+    return out
+
+
+def sq_norms(x: RowGrads, products: str = "auto") -> dict[str, Tensor]:
+    """{name: (B,)} ‖g_b‖² per tensor (``products`` as for ``kernel_between``, on the diagonal)."""
+    out = {name: g.pow(2).sum(1) for name, g in x.dense.items()}
+    for name, uses in x.factors.items():
+        size = math.prod(x.shapes[name])
+        ghost = sum(u.shape[1] * w.shape[1] * (_width(u) + _width(w) + _width(v) + _width(z)) for u, v in uses for w, z in uses)
+        if products == "formed" or products == "auto" and ghost > (sum(u.shape[1] for u, _ in uses) + 1) * size:
+            out[name] = materialise(x, name).pow(2).sum(1)
+            continue
+        total = torch.zeros(x.n, dtype=x.dtype, device=x.device)
+        for up, vp in uses:
+            for uq, vq in uses:
+                g = _gram_diag(up, uq, x.dtype)
+                if vp is not None:
+                    g = g * _gram_diag(vp, vq, x.dtype)
+                total += g.sum((-2, -1))
+        out[name] = total
+    return out
