@@ -100,6 +100,7 @@ VARS: dict[str, Var] = {
     "dpo_weight": Var(("interval", "source"), "σ(−βh): how hard a preference pair still pushes", "1"),
     "kernel": Var(("checkpoint", "probe", "source"), "⟨∇θ log π(y_o|x_o), ∇θ L(x_u)⟩"),
     "kernel_cos": Var(("checkpoint", "probe", "source"), "cosine of the two gradients", "1"),
+    "kernel_tracin": Var(("probe", "source"), "TracIn: Σ_t η_t ⟨∇θ log π(y_o|x_o), ∇θ L(x_u)⟩ over the checkpoints starting an interval"),
 }
 
 COORDS = ("step", "step_source", "checkpoint_path", "step_from", "step_to", "lr", "probe_split", "probe_group", "probe_prompt",

@@ -224,11 +224,12 @@ def compute_part(config_json: str, k: int, device: str = "cpu", progress: Callab
             data["dlogp_path_tensor"] = grid.rows(res.path_by_tensor, None)[None]
     attrs = {"jvp_method": res.method}
     if p.training is not None:
-        part = training_part(p, p.training, k, before, res.dlogp_lin, res.argmax_lin, grid)
+        part = training_part(p, p.training, k, before, after, res.dlogp_lin, res.argmax_lin, grid)
         data.update(part["data"])
         index["source"] = p.training.sources
         attrs.update(training_notes=json.dumps(p.training.notes + part["notes"]), preconditioner=part["preconditioner"],
-                     objective=p.training.tset.objective)  # fmt: skip
+                     objective=p.training.tset.objective, kernel_method=part["kernel"]["method"],
+                     kernel_approximate=int(part["kernel"]["approximate"]))  # fmt: skip
     coords = {
         "step": [r.step for r in refs], "step_source": [r.step_source for r in refs], "checkpoint_path": [str(r.path) for r in refs],
         "step_from": [refs[0].step], "step_to": [refs[1].step], "probe_split": p.splits, "probe_group": p.groups,
@@ -353,11 +354,13 @@ def merge_parts(out: Path, n_intervals: int, anatomy_ds: xr.Dataset) -> xr.Datas
     per_ckpt = [n for n, v in parts[0].data_vars.items() if "checkpoint" in v.dims]
     per_iv = [n for n, v in parts[0].data_vars.items() if "interval" in v.dims]
     ckpt = xr.concat([d[per_ckpt] for d in parts], dim="checkpoint", coords="minimal", compat="override", join="outer")
-    ckpt = ckpt.drop_duplicates("checkpoint")
+    ckpt = ckpt.drop_duplicates("checkpoint", keep="last")  # part k+1 computed its start's kernel; logp agree
     iv = xr.concat([d[per_iv] for d in parts], dim="interval", coords="minimal", compat="override", join="outer")
     merged = xr.merge([ckpt, iv, anatomy_ds], compat="override", join="outer", combine_attrs="drop")
     notes = list(dict.fromkeys(n for d in parts for n in json.loads(d.attrs.get("training_notes", "[]"))))
-    extra = {k: parts[0].attrs[k] for k in ("objective",) if k in parts[0].attrs}
+    extra = {k: parts[0].attrs[k] for k in ("objective", "kernel_method") if k in parts[0].attrs}
+    if "kernel_approximate" in parts[0].attrs:
+        extra["kernel_approximate"] = int(max(int(d.attrs["kernel_approximate"]) for d in parts))
     if "preconditioner" in parts[0].attrs:
         extra["preconditioner"] = ",".join(dict.fromkeys(str(d.attrs["preconditioner"]) for d in parts))
     return merged.assign_attrs(jvp_method=parts[0].attrs.get("jvp_method", ""), training_notes=json.dumps(notes), **extra)
@@ -429,12 +432,16 @@ def analyze(
             progress(done, n)
     anatomy_ds, warnings = anatomy_dataset(run)
     merged = merge_parts(out, n, anatomy_ds)
+    if "kernel" in merged and "lr" in merged.coords:
+        # TracIn: Σ_t η_t K_t over the checkpoints that start an interval, η_t that interval's learning rate
+        starts = merged["kernel"].isel(checkpoint=slice(0, n)).rename(checkpoint="interval").assign_coords(interval=merged["interval"])
+        merged["kernel_tracin"] = (starts * merged["lr"]).sum("interval", min_count=1).drop_vars("lr", errors="ignore")
     attrs = cube.provenance(
         tool_version=__version__, history=command, run_dir=str(run.root), layout=run.layout, config=config.to_json(),
         device=device, jvp_method=merged.attrs["jvp_method"], step_source=",".join(r.step_source for r in run.checkpoints),
         checkpoint_fingerprints={str(r.path): fingerprint(r.path) for r in run.checkpoints},
         warnings=run.notes + warnings + _linearisation_warnings(merged) + json.loads(merged.attrs["training_notes"]),
-        attention=prepared.model.attention, **{k: merged.attrs[k] for k in ("objective", "preconditioner") if k in merged.attrs},
+        attention=prepared.model.attention, **{k: merged.attrs[k] for k in ("objective", "preconditioner", "kernel_method", "kernel_approximate") if k in merged.attrs},
         model_source=prepared.model.source,
     )  # fmt: skip
     final = cube.save(cube.describe(merged.assign_attrs(attrs)), out)

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from .errors import CkptforceError
-from .forces.attribution import direction_force, example_forces, preconditioner
+from .forces.attribution import direction_force, example_forces, example_gradient, preconditioner
+from .forces.kernels import gradient_kernel
 from .forces.objectives import NEEDS_REFERENCE, PREFERENCE, g_statistics, margin, response_weights
 from .probes import TokenBatch, make_batch, tokenize
 from .class_probes import CLASS_SUFFIXES, ClassBatch, load_class_probes, make_class_batch
@@ -136,7 +137,7 @@ def _coefficients(pt: PreparedTraining, lr: float, step_from: int, step_to: int,
     return torch.tensor(uses, dtype=torch.float64) * lr / float(pt.batch_size)
 
 
-def training_part(p, pt: PreparedTraining, k: int, before: dict, dlogp_lin: torch.Tensor, dlogp_lin_star: torch.Tensor, grid) -> dict[str, np.ndarray]:
+def training_part(p, pt: PreparedTraining, k: int, before: dict, after: dict, dlogp_lin: torch.Tensor, dlogp_lin_star: torch.Tensor, grid) -> dict:
     """Arrays of the part of interval k keyed by cube names (``force``, ``force_pos``, ``force_neg``,
     ``dlogp_unexplained``, the G statistics): see the module docstring."""
     config, run = p.config, p.run
@@ -149,11 +150,7 @@ def training_part(p, pt: PreparedTraining, k: int, before: dict, dlogp_lin: torc
     tset, n_ex = pt.tset, len(pt.tset)
     with torch.no_grad():
         logits = p.model.logits(before, pt.batch)
-    logp = _row_logp(logits, pt.batch).view(n_ex, pt.n_resp).cpu()
-    kw = {"lengths": pt.lengths, "ref_logp": pt.ref_logp, "beta": tset.beta, "gamma": tset.gamma}
-    if tset.objective == "grpo":
-        kw["rewards"] = torch.tensor([e.rewards for e in tset.examples], dtype=torch.float64)
-    weights = torch.ones_like(logp) / pt.lengths if tset.objective == "kd" else response_weights(tset.objective, logp, **kw)
+    logp, weights = _weights(p, pt, before)
     coeff = _coefficients(pt, lr, a.step, b.step, n_steps)
     forces = example_forces(p.model.logits, before, p.batch, pt.batch, pt.owners, weights.flatten(), coeff, pre,
                             teacher_logits=pt.teacher_logits, method=config.method, chunk_size=config.chunk_size)  # fmt: skip
@@ -185,7 +182,60 @@ def training_part(p, pt: PreparedTraining, k: int, before: dict, dlogp_lin: torc
         **{name: pad(v)[None] for name, v in g_stats.items()},
     }  # fmt: skip
     notes = [pre.note] if pre.note else []
-    return {"data": data, "lr": lr, "notes": notes, "preconditioner": pre.kind, "coeff": coeff}
+    # the kernel at the interval's start; the last interval also gives the run's last checkpoint its kernel
+    ends = [before] + ([after] if k + 2 == len(run.checkpoints) else [])
+    kernels = [probe_kernel(p, pt, theta, weights if theta is before else _weights(p, pt, theta)[1]) for theta in ends]
+    nan = np.full_like(kernels[0]["kernel"], np.nan)
+    for name in ("kernel", "kernel_cos"):
+        data[name] = np.stack([kernels[0][name], kernels[1][name] if len(kernels) > 1 else nan])
+    kernel_info = {"approximate": any(x["approximate"] for x in kernels), "method": kernels[0]["method"]}
+    return {"data": data, "lr": lr, "notes": notes, "preconditioner": pre.kind, "coeff": coeff, "kernel": kernel_info}
+
+
+def probe_kernel(p, pt: PreparedTraining, params: dict, weights: torch.Tensor) -> dict:
+    """K[o, u] = ⟨∇θ log π(y_o|x_o), ∇θ L_u⟩ and its cosine at θ = ``params`` for every probe o (its first
+    response type: chosen, or a classifier's label) and training example u, L_u = Σ_r w_r (−log π(y_r|x_u)).
+
+    Ghost inner products where the layers allow (kernels.py); rows of one example are summed (K is linear in
+    L), and ‖∇L_u‖ of a multi-response example is taken from its own gradient (the cross terms count)."""
+    config = p.config
+    focus = p.responses[0]
+    probes = p.batch.select([b for b, (_, t) in enumerate(p.batch.rows) if t == focus])
+    kern = gradient_kernel(p.model.logits, params, probes, pt.batch, module=p.model.module, train_loss=weights.to(torch.float64),
+                           chunk_size=config.chunk_size)  # fmt: skip
+    n_ex = len(pt.tset)
+    owners = torch.tensor(pt.owners, device=kern.k.device)
+    k = torch.zeros(kern.k.shape[0], n_ex, dtype=torch.float64).index_add_(1, owners.cpu(), kern.k.double().cpu())
+    if pt.n_resp == 1:
+        norm = kern.train_norm.double().cpu()
+    else:
+        norm = torch.empty(n_ex, dtype=torch.float64)
+        for u in range(n_ex):
+            rows = [i for i, o in enumerate(pt.owners) if o == u]
+            gp, gn = example_gradient(p.model.logits, params, pt.batch.select(rows), weights[rows])
+            g = [x for x in (gp, gn) if x is not None]
+            norm[u] = torch.sqrt(sum(sum(t.double().pow(2).sum() for t in part.values()) for part in [{n: sum(x[n] for x in g) for n in g[0]}]))
+    den = kern.probe_norm.double().cpu()[:, None] * norm[None, :]
+    cos = torch.where(den > 0, k / torch.where(den > 0, den, 1), torch.zeros_like(k))
+    rows_of = [i for i, _ in probes.rows]  # probe index of each kernel row
+    full_k = torch.full((len(p.probe_ids), n_ex + 2), math.nan, dtype=torch.float64)
+    full_cos = full_k.clone()
+    full_k[rows_of, :n_ex], full_cos[rows_of, :n_ex] = k, cos
+    return {"kernel": full_k.numpy(), "kernel_cos": full_cos.numpy(), "approximate": kern.approximate, "method": kern.method}
+
+
+def _weights(p, pt: PreparedTraining, params: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logp (U, R), w (U, R)): the training responses' log-probabilities at θ and their weights −∂L/∂logπ."""
+    tset, n_ex = pt.tset, len(pt.tset)
+    with torch.no_grad():
+        logits = p.model.logits(params, pt.batch)
+    logp = _row_logp(logits, pt.batch).view(n_ex, pt.n_resp).cpu()
+    if tset.objective == "kd":
+        return logp, torch.ones_like(logp) / pt.lengths
+    kw = {"lengths": pt.lengths, "ref_logp": pt.ref_logp, "beta": tset.beta, "gamma": tset.gamma}
+    if tset.objective == "grpo":
+        kw["rewards"] = torch.tensor([e.rewards for e in tset.examples], dtype=torch.float64)
+    return logp, response_weights(tset.objective, logp, **kw)
 
 
 def source_coords(pt: PreparedTraining) -> dict[str, list]:

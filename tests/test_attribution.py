@@ -258,3 +258,32 @@ def test_classifier_run_with_class_probes_and_training_arrays(runs, tmp_path):
         assert ds.sizes["source"] == 64 + 2 and ds.attrs["objective"] == "ce"
         np.testing.assert_allclose((ds["force"].sum("source") + ds["dlogp_unexplained"]).values, ds["dlogp_lin"].values, rtol=1e-7, atol=1e-10)
         assert float(abs(ds["force"].isel(source=slice(0, 64))).sum()) > 0
+        # the kernel at checkpoint 0 against a plain loop: ⟨∇ log π(label_o), ∇ −log π(y_u)⟩ for a few pairs
+        from ckptforce.io import open_run
+        from ckptforce.model import bind
+
+        run = open_run(runs["lightning"].root)
+        with run.open(run.checkpoints[0]) as ckpt:
+            model = bind(ckpt, model="fixtures.models:tiny_classifier", kind="classifier")
+            theta = {n: t.double() for n, t in model.params_from(ckpt).items()}
+        module = model.module.double()
+        probe_x = torch.from_numpy(np.load(tmp_path / "probes.npz")["x"]).double()
+
+        def grad_of(xi, yi, sign):
+            params = {n: t.clone().requires_grad_(True) for n, t in theta.items()}
+            out = torch.func.functional_call(module, params, (xi[None],))
+            logp = torch.log_softmax(out, -1)[0, yi]
+            return torch.autograd.grad(sign * logp, list(params.values()))
+
+        for o, u in [(0, 0), (3, 17), (5, 63)]:
+            go, gu = grad_of(probe_x[o], [0, 1, 2, 0, 1, 2][o], 1.0), grad_of(x[u].double(), int(y[u]), -1.0)
+            k = sum(float((a * b).sum()) for a, b in zip(go, gu))
+            cos = k / (math.sqrt(sum(float((a * a).sum()) for a in go)) * math.sqrt(sum(float((b * b).sum()) for b in gu)))
+            assert float(ds["kernel"].isel(checkpoint=0, probe=o, source=u)) == pytest.approx(k, rel=1e-6)
+            assert float(ds["kernel_cos"].isel(checkpoint=0, probe=o, source=u)) == pytest.approx(cos, rel=1e-6)
+        assert np.isnan(ds["kernel"].sel(source="momentum")).all()
+        assert not np.isnan(ds["kernel"].isel(source=slice(0, 64))).any(), "every checkpoint has its kernel, the last one too"
+        lr = ds["lr"].values
+        tracin = sum(lr[i] * ds["kernel"].isel(checkpoint=i).values for i in range(len(lr)))
+        np.testing.assert_allclose(ds["kernel_tracin"].values[:, :64], tracin[:, :64], rtol=1e-9)
+        assert ds.attrs["kernel_approximate"] == 0 and "exact" in ds.attrs["kernel_method"]
