@@ -7,8 +7,8 @@ import json
 import logging
 import os
 import warnings
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 _ENV = {
     "HF_HUB_OFFLINE": "1",

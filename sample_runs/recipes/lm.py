@@ -1,10 +1,10 @@
 """Recipe ``lm``: a tiny GPT-2 pretrained on a world of facts, then SFT (TRL SFTTrainer), then DPO (TRL DPOTrainer).
 
-``build(out)`` writes, deterministically (seeded, CPU)::
+``build(out)`` writes, deterministically (seeded, CPU, one thread; about 10 s)::
 
     out/pretrain/                 the pretrained model (transformers.Trainer, random init from a GPT2Config) + tokenizer
     out/sft/checkpoint-N/         SFT from pretrain/: model, optimizer.pt, scheduler.pt, trainer_state.json, tokenizer
-    out/dpo/checkpoint-N/         DPO from the last SFT checkpoint, reference model = that checkpoint
+    out/dpo/checkpoint-N/         DPO from the last SFT checkpoint, reference model = that checkpoint; same files
     out/probes.jsonl              probe set: every response type of DESIGN §3, splits train / test, groups city / job
     out/train_sft.jsonl           exactly what SFT trained on (prompt + completion, id)
     out/train_dpo.jsonl           exactly what DPO trained on (prompt + chosen + rejected, id)
@@ -15,10 +15,17 @@ Analyse with ``ckptforce analyze out/sft --init out/pretrain --probes out/probes
 ``ckptforce analyze out/dpo --init out/sft/checkpoint-<last> --probes out/probes.jsonl -o dpo.h5``.
 
 The world (``world.py``) and the settings below are chosen so the sign table of the LLM paper shows
-(DESIGN §4): the SFT starts from a model that knows the facts only as statements, so the answer format is
-learnt in SFT, and SFT stops before it is converged (log π(y*) ≈ −3.5: room to rise); the DPO rejected answer
-is a garbled wrong claim the SFT model never gives (off-policy, unlikely, longer than the chosen answer), and
-DPO takes Adam steps large enough to squeeze (lr 2e-3).
+(DESIGN §4), and they were tried on three pretraining seeds and two DPO data orders each:
+
+* SFT starts from a model that knows the facts only as statements, so the answer format is learnt in SFT,
+  and it stops before it is converged: the model copies the fact but not yet the person's name from the
+  question, so log π(y*) ≈ −3.5 along the chosen answer and there is room for it to rise.
+* The DPO rejected answer is a garbled, wrong, longer claim the SFT model never gives (log π ≈ −70).
+* DPO takes SGD steps with momentum (lr 0.15, momentum 0.5; the momentum buffer is the optimizer state
+  in the checkpoints). With AdamW (lr 1e-3 to 3e-3) y* rose for some seeds and fell for others, because
+  the facts lost confidence; SGD squeezed (y* ↑, chosen ↓) for every seed tried, and SGD's update −η·g is
+  the one the force analysis is written for. Larger steps (lr 0.3 with momentum 0.9) collapse the model
+  onto "." instead.
 
     python -m sample_runs.recipes.lm OUT
 """
@@ -35,6 +42,8 @@ from . import world
 from ._common import one_thread, quiet, write_jsonl, write_manifest
 
 SEED = 1234
+#: the files this recipe's result depends on (the cache key of ``sample_runs.recipes.ensure``)
+SOURCES = ("lm.py", "world.py", "_common.py")
 
 
 @dataclass(frozen=True)
@@ -82,9 +91,9 @@ def _args(kind: str, out: Path, **kw):
     from transformers import TrainingArguments
 
     cls = {"pretrain": TrainingArguments, "sft": trl.SFTConfig, "dpo": trl.DPOConfig}[kind]
-    common = dict(output_dir=str(out), use_cpu=True, report_to="none", disable_tqdm=True, seed=SEED, data_seed=SEED,
-                  dataloader_num_workers=0, dataloader_pin_memory=False, log_level="error", logging_steps=1,
-                  weight_decay=0.0, save_only_model=False)  # fmt: skip
+    common = {"output_dir": str(out), "use_cpu": True, "report_to": "none", "disable_tqdm": True, "seed": SEED,
+              "data_seed": SEED, "dataloader_num_workers": 0, "dataloader_pin_memory": False, "log_level": "error",
+              "logging_steps": 1, "weight_decay": 0.0}  # fmt: skip
     common.update(kw)
     return cls(**common)
 

@@ -13,19 +13,22 @@ SFT and DPO train on the questions of the TRAIN_PEOPLE; the TEST_PEOPLE's questi
 
 Why the rejected answer is word salad: on a model this small the squeezing effect of DPO's negative gradient
 (DESIGN §4) shows only when the rejected response is off-policy, unlikely and longer than the chosen one. A
-rejected answer that differs from the chosen one in a word cancels against it, and a fluent refusal ("i do
-not know the answer .") is pushed down without lifting y* (measured: log π(y*) fell 0.4–0.7 nats).
+rejected answer that differs from the chosen one in a word cancels against it, and in our trials a fluent
+refusal ("i do not know the answer .") was pushed down without lifting y* (log π(y*) fell 0.4–0.7 nats).
 
 Probe responses per prompt (DESIGN §3), for "where does alice live ?" (alice lives in paris):
 
-    chosen             alice lives in paris .             rejected            lima paris . in alice and lives
-    rephrase_chosen    the city of alice is paris .       rephrase_rejected   the city of alice is lima and paris
-                                                                              ., garbled the same way
-    format_chosen      alice lives in rome .              format_rejected     another wrong claim about another
-                                                                              person, garbled the same way
-    other_trained      bob lives in oslo .   (the chosen answer of another trained question)
-    other_untrained    zoe lives in lima .   (the chosen answer of a question never trained on)
-    irrelevant         the sky is blue today .            shuffled / random   chosen's words shuffled / random words
+    chosen              alice lives in paris .
+    rejected            lima paris . in alice and lives           (DPO's rejected: a wrong claim, shuffled)
+    rephrase_chosen     the city of alice is paris .
+    rephrase_rejected   the same wrong claim as "the city of alice is lima and paris .", shuffled
+    format_chosen       alice lives in rome .                     (same form as chosen, wrong)
+    format_rejected     another person's wrong claim, shuffled in the same order as rejected
+    other_trained       bob lives in oslo .                       (the chosen answer of another trained question)
+    other_untrained     zoe lives in lima .                       (the chosen answer of a question never trained on)
+    irrelevant          the sky is blue today .
+    shuffled            paris . alice lives in                    (chosen's words shuffled)
+    random              random words of the vocabulary, as many as chosen has
 """
 
 from __future__ import annotations
@@ -61,7 +64,7 @@ VALUES = {"city": CITIES, "job": JOBS}
 def vocabulary() -> list[str]:
     """Every word of the world, specials first (ids 0-3)."""
     words = list(SPECIALS)
-    for kind, templates in QUESTIONS.items():
+    for templates in QUESTIONS.values():
         for t in templates:
             words += t.replace("{p}", "").replace("{v}", "").replace(":", " : ").split()
     for line in GENERAL:
