@@ -90,6 +90,14 @@ def test_digits_arrays_load_as_class_probes(recipes, tmp_path):
     assert not set(test.ids) & set(train.ids)
 
 
+def test_a_build_refuses_a_folder_in_use(recipes, tmp_path):
+    from sample_runs.recipes import lm
+
+    (tmp_path / "old.txt").write_text("a previous build")
+    with pytest.raises(FileExistsError, match="not empty"):
+        lm.build(tmp_path)
+
+
 def test_cache_key_follows_the_sources(recipes, tmp_path, monkeypatch):
     monkeypatch.setenv("CKPTFORCE_SAMPLE_RUNS", str(tmp_path))
     assert recipes.cache_root() == tmp_path

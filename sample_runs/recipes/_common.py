@@ -64,6 +64,15 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(saved)
 
 
+def fresh_dir(out) -> Path:
+    """``out`` created, and refused when it already holds files: trainers would mix two builds in one folder."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out}: not empty; build into a new folder (or remove this one)")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
 def write_jsonl(path: Path, rows: Iterable[dict]) -> Path:
     """One JSON object per line, UTF-8, keys in the order given."""
     path = Path(path)

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._common import one_thread, quiet, write_manifest
+from ._common import fresh_dir, one_thread, quiet, write_manifest
 
 SEED = 1234
 #: the files this recipe's result depends on (the cache key of ``sample_runs.recipes.ensure``)
@@ -253,8 +253,7 @@ def checkpoints(run: Path) -> list[Path]:
 
 def build(out, cfg: DigitsConfig = CONFIG) -> Path:
     """Train the noisy-label run and the head-probing → fine-tuning pair into ``out``; returns ``out``."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = fresh_dir(out)
     seconds: dict[str, float] = {}
     with quiet(preimport=("lightning",)), one_thread():
         files = write_data(out, cfg)

@@ -18,14 +18,14 @@ The world (``world.py``) and the settings below are chosen so the sign table of 
 (DESIGN §4), and they were tried on three pretraining seeds and two DPO data orders each:
 
 * SFT starts from a model that knows the facts only as statements, so the answer format is learnt in SFT,
-  and it stops before it is converged: the model copies the fact but not yet the person's name from the
+  and it stops before it is converged: the model recalls the fact but does not yet copy the person's name from the
   question, so log π(y*) ≈ −3.5 along the chosen answer and there is room for it to rise.
 * The DPO rejected answer is a garbled, wrong, longer claim the SFT model never gives (log π ≈ −70).
 * DPO takes SGD steps with momentum (lr 0.15, momentum 0.5; the momentum buffer is the optimizer state
-  in the checkpoints). With AdamW (lr 1e-3 to 3e-3) y* rose for some seeds and fell for others, because
+  in the checkpoints). With AdamW (lr 2e-3, 3e-3) y* rose for some seeds and fell for others, because
   the facts lost confidence; SGD squeezed (y* ↑, chosen ↓) for every seed tried, and SGD's update −η·g is
-  the one the force analysis is written for. Larger steps (lr 0.3 with momentum 0.9) collapse the model
-  onto "." instead.
+  the one the force analysis is written for. Larger steps (plain SGD at lr 1–3, momentum 0.9 at lr 0.06)
+  tip into a collapse instead (chosen falls by 18 to over 200 nats).
 
     python -m sample_runs.recipes.lm OUT
 """
@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import world
-from ._common import one_thread, quiet, write_jsonl, write_manifest
+from ._common import fresh_dir, one_thread, quiet, write_jsonl, write_manifest
 
 SEED = 1234
 #: the files this recipe's result depends on (the cache key of ``sample_runs.recipes.ensure``)
@@ -183,8 +183,7 @@ def write_data(out: Path) -> dict[str, str]:
 
 def build(out, cfg: LmConfig = CONFIG) -> Path:
     """Train pretrain → SFT → DPO into ``out`` (which must not hold a previous build); returns ``out``."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = fresh_dir(out)
     seconds: dict[str, float] = {}
     with quiet(), one_thread():
         files = write_data(out)
