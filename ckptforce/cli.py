@@ -219,6 +219,33 @@ def audit(run_dir, out, html, pdf, **options):
         click.echo(f"wrote {path}")
 
 
+@main.command()
+@click.option("-o", "--output", "out", type=click.Path(path_type=Path), default=Path("ckptforce-demo"), show_default=True,
+              help="Folder for the audits (one sub-folder per sample run).")
+@click.option("--only", multiple=True, type=click.Choice(["sft", "dpo", "digits-noisy", "digits-finetune"]), help="Audit only these sample runs (repeatable).")
+def demo(out: Path, only: tuple[str, ...]) -> None:
+    """Train (first time, cached after) the sample runs of sample_runs/recipes with real trainers — a tiny
+    GPT-2 pretrained on a world of facts, then SFT and DPO with TRL; a Lightning MLP on scikit-learn's digits
+    with flipped labels, and a head-probing → fine-tuning pair — audit each, and print where the reports
+    are. About two minutes on 2 CPU cores; nothing is downloaded.
+
+    \b
+    Examples:
+      ckptforce demo
+      ckptforce demo -o /tmp/demo --only sft --only dpo
+    """
+    from .demo import run_demo
+
+    summaries = run_demo(out, only=list(only) or None, echo=lambda line: click.echo(line, err=True))
+    for s in summaries:
+        click.echo(f"\n{s['name']}: {s['what']}  ({s['seconds']} s)")
+        click.echo(f"  report: {s['html']}")
+        click.echo(f"          {s['pdf']}")
+        for key in ("trajectories", "squeezing", "hallucination", "learning_paths"):
+            if key in s["verdicts"]:
+                click.echo(f"  {key}: {s['verdicts'][key]}")
+
+
 class _progress_bar:
     """A rich progress bar with ETA, on stderr, as a progress callback."""
 

@@ -247,7 +247,8 @@ class _Grid:
         self.p = p
         self.shape = (len(p.probe_ids), len(p.responses))
         self.where = [(i, p.responses.index(t)) for i, t in p.batch.rows]
-        self.chosen = [(i, b) for b, (i, t) in enumerate(p.batch.rows) if t == "chosen"]
+        along = "chosen" if "chosen" in p.responses else CLASS_LABEL  # y* is read along this row of each probe
+        self.chosen = [(i, b) for b, (i, t) in enumerate(p.batch.rows) if t == along]
         mask = p.batch.target_mask.cpu()
         self.positions = [mask[b].nonzero().flatten() for b in range(len(p.batch))]  # response positions per row
         self.width = max(len(x) for x in self.positions)

@@ -201,6 +201,7 @@ def probe_kernel(p, pt: PreparedTraining, params: dict, weights: torch.Tensor) -
     config = p.config
     focus = p.responses[0]
     probes = p.batch.select([b for b, (_, t) in enumerate(p.batch.rows) if t == focus])
+    weights = weights.flatten()  # (U·R,) one weight per training row
     kern = gradient_kernel(p.model.logits, params, probes, pt.batch, module=p.model.module, train_loss=weights.to(torch.float64),
                            chunk_size=config.chunk_size)  # fmt: skip
     n_ex = len(pt.tset)

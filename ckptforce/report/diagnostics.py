@@ -118,13 +118,18 @@ def squeezing(ds: xr.Dataset) -> Diagnostic:
         idx = per_interval.sel(response=ARGMAX) - per_interval.sel(response=given).mean("response")
         tables["per_interval"] = pd.DataFrame({"step_to": ds["step_to"].values, "squeeze_index": idx.values})
     shape = {}
+    focus = "chosen" if "chosen" in given else given[0]  # the distributions along which y* is read
     for name in ("peakiness", "entropy", "top1"):
         if name in ds:
-            shape[name] = ds[name].sel(response="chosen").mean(["probe", "token"], skipna=True).values
-    top1_all = float(ds["top1"].isel(checkpoint=-1).mean(skipna=True)) if "top1" in ds else float("nan")
-    top1_start = float(ds["top1"].isel(checkpoint=0).mean(skipna=True)) if "top1" in ds else float("nan")
+            shape[name] = ds[name].sel(response=focus).mean(["probe", "token"], skipna=True).values
+    # collapse: confident even where no answer should be (random-like responses); a classifier growing sure of
+    # its labels is learning, so without such responses there is nothing to call a collapse
+    wild = [r for r in ("random", "shuffled", "irrelevant") if r in given] or ([] if given == ["label"] else given)
+    top1 = ds["top1"].sel(response=wild) if "top1" in ds and wild else None
+    top1_all = float(top1.isel(checkpoint=-1).mean(skipna=True)) if top1 is not None else float("nan")
+    top1_start = float(top1.isel(checkpoint=0).mean(skipna=True)) if top1 is not None else float("nan")
     if shape:
-        tables["shape"] = pd.DataFrame({"step": ds["step"].values, **shape})
+        tables["shape"] = pd.DataFrame({"step": ds["step"].values, **shape}).assign(along=focus)
     if "logp_tok" in ds:
         start, end = ds["logp_tok"].isel(checkpoint=0), ds["logp_tok"].isel(checkpoint=-1)
         rich = xr.Dataset({"logp_start": start, "dlogp": end - start}).to_dataframe().reset_index()
@@ -134,8 +139,8 @@ def squeezing(ds: xr.Dataset) -> Diagnostic:
     a, b = _steps(ds)
     if np.isfinite(top1_all) and top1_all >= COLLAPSE_TOP1 and top1_all > top1_start:
         verdict = (f"collapse: at step {b} the next-token distribution puts {top1_all:.0%} of its mass on one token on "
-                   f"average over every response position (from {top1_start:.0%} at step {a}); this is a collapse onto "
-                   f"single tokens, not a gentle squeeze — the steps were likely too large")  # fmt: skip
+                   f"average over the positions of {', '.join(wild)} (from {top1_start:.0%} at step {a}); this is a collapse "
+                   f"onto single tokens, not a gentle squeeze — the steps were likely too large")  # fmt: skip
     elif d_star > 0 and fell > len(given) / 2:
         verdict = f"squeezing: log π(y*) rose {d_star:.2f} nats while {fell} of {len(given)} response types fell (squeeze index {_fmt(index)})"
     elif d_star > 0:
@@ -249,7 +254,8 @@ def first_order(ds: xr.Dataset) -> Diagnostic:
     poor = intervals[ratios > POOR_LINEARISATION]
     numbers = {"max_ratio": float(np.nanmax(ratios)), "median_ratio": float(np.nanmedian(ratios)), "poor": len(poor)}
     if len(poor):
-        steps = ", ".join(f"{a}→{b}" for a, b in zip(poor["step_from"], poor["step_to"]))
+        named = [f"{a}→{b}" for a, b in zip(poor["step_from"], poor["step_to"])]
+        steps = ", ".join(named[:5]) + (f" and {len(named) - 5} more" if len(named) > 5 else "")
         verdict = (f"first-order prediction poor on {len(poor)} of {len(ratios)} intervals (remainder ratio > {POOR_LINEARISATION}): "
                    f"steps {steps}; read those intervals from Δ_path, or analyze checkpoints closer together")  # fmt: skip
     else:

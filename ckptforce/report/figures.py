@@ -77,7 +77,7 @@ def squeezing(d: Diagnostic) -> Figure:
         for name, style in (("top1", "-"), ("entropy", "--")):
             if name in shape:
                 ax.plot(shape["step"], shape[name], style, marker="o", ms=3, color=colour("chosen"), label={"top1": "top-1 mass [1]", "entropy": "entropy [nat]"}[name])
-        ax.set(title="Next-token distribution along chosen", xlabel="training step", ylabel="mean over probes and positions")
+        ax.set(title=f"Next-token distribution along {shape['along'].iloc[0]}", xlabel="training step", ylabel="mean over probes and positions")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if "peakiness" in shape:
             twin = ax.twinx()

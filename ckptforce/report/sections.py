@@ -86,6 +86,10 @@ SECTIONS: list[Section] = [
 ]  # fmt: skip
 
 
+#: How a section whose diagnostic raised is marked (tests look for it).
+FAILED = "this diagnostic failed on this cube"
+
+
 @dataclass
 class Evaluated:
     section: Section
@@ -97,7 +101,10 @@ def evaluate(ds: xr.Dataset) -> list[Evaluated]:
     """Every section's diagnostic on ``ds``, with its figure when the cube supports it."""
     out = []
     for s in SECTIONS:
-        result = s.diagnostic(ds)
-        figure = s.figure(result) if s.figure is not None and not result.missing and result.tables else None
+        try:
+            result = s.diagnostic(ds)
+            figure = s.figure(result) if s.figure is not None and not result.missing and result.tables else None
+        except Exception as e:  # noqa: BLE001 - one diagnostic's failure must not cost the reader the others
+            result, figure = dg.Diagnostic.absent(s.key, f"{FAILED} ({type(e).__name__}: {e}); please report this with the cube"), None
         out.append(Evaluated(s, result, figure))
     return out

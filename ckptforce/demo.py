@@ -1,0 +1,95 @@
+"""``ckptforce demo``: build (or reuse) the bundled sample runs, audit each, and say where the reports are.
+
+The runs are trained on demand by the recipes in ``sample_runs/recipes`` (a tiny GPT-2 pretrained on a world
+of facts, then SFT with TRL, then DPO; a Lightning MLP on scikit-learn's digits with 20 % flipped labels and
+a head-probing → fine-tuning pair) and cached (``~/.cache/ckptforce/sample_runs``). Each audit is exactly
+``ckptforce audit`` with the probe and training-example files the recipes write.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from .errors import CkptforceError
+
+
+@dataclass(frozen=True)
+class DemoAudit:
+    name: str
+    recipe: str
+    what: str
+    run: str  # folder inside the recipe's build
+    probes: str
+    train: str | None = None
+    init: str | None = None
+    model: str | None = None
+
+
+#: What the demo audits, in order (paths relative to the recipe's build folder).
+AUDITS = (
+    DemoAudit("sft", "lm", "SFT with TRL on a world of facts (hallucination: other_trained rises)", "sft", "probes.jsonl", "train_sft.jsonl"),
+    DemoAudit("dpo", "lm", "DPO with TRL from the SFT model (squeezing: rejected falls, y* rises)", "dpo", "probes.jsonl", "train_dpo.jsonl",
+              init="sft/checkpoint-40"),
+    DemoAudit("digits-noisy", "digits", "Lightning MLP on digits with 20% flipped labels (zig-zag learning paths)", "noisy",
+              "probes_noisy.npz", model="sample_runs.recipes.digits:model"),
+    DemoAudit("digits-finetune", "digits", "Lightning: fine-tuning after head probing", "ft", "probes_test.npz",
+              init="hp/epoch=9-step=410.ckpt", model="sample_runs.recipes.digits:model"),
+)  # fmt: skip
+
+
+def recipes_module():
+    """``sample_runs.recipes`` from the source tree beside the package (the recipes ship with the repository)."""
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "sample_runs" / "recipes" / "__init__.py").is_file():
+        raise CkptforceError(f"{root}: the sample-run recipes are not here (they ship with the source tree); "
+                             "clone the repository and install it with pip install -e .")  # fmt: skip
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    import sample_runs.recipes as recipes
+
+    return recipes
+
+
+def run_demo(out: Path, *, only: list[str] | None = None, echo: Callable[[str], None] = print) -> list[dict]:
+    """Build or reuse the sample runs and audit each into ``out/<name>/``; returns one summary per audit."""
+    from .pipeline import AnalysisConfig, analyze
+    from .report import output_dir, write_report
+
+    recipes = recipes_module()
+    out = output_dir(out)
+    chosen = [a for a in AUDITS if not only or a.name in only]
+    builds = {}
+    for name in dict.fromkeys(a.recipe for a in chosen):
+        cached = recipes.cached_path(name)
+        echo(f"sample run {name}: " + ("cached at " if cached.is_dir() else "training (first time, ~10-20 s) into ") + str(cached))
+        builds[name] = recipes.ensure(name)
+    summaries = []
+    for a in chosen:
+        base = builds[a.recipe]
+        folder = output_dir(out / a.name)
+        start = time.perf_counter()
+        echo(f"auditing {a.name}: {a.what}")
+        config = AnalysisConfig.for_run(
+            base / a.run, base / a.probes, train=str(base / a.train) if a.train else None,
+            init=str(base / a.init) if a.init else None, model=a.model,
+        )  # fmt: skip
+        cube_path = analyze(config, folder / "cube.h5", command=f"ckptforce demo ({a.name})")
+        paths = write_report(cube_path, folder)
+        summaries.append({"name": a.name, "what": a.what, "cube": str(cube_path), "html": str(paths[0]), "pdf": str(paths[1]),
+                          "seconds": round(time.perf_counter() - start, 1), "verdicts": _verdicts(cube_path)})  # fmt: skip
+    (out / "demo.json").write_text(json.dumps(summaries, indent=1))
+    return summaries
+
+
+def _verdicts(cube_path: Path) -> dict[str, str]:
+    from .cube import open_cube
+    from .report.sections import SECTIONS
+
+    ds = open_cube(cube_path)
+    results = {s.key: s.diagnostic(ds) for s in SECTIONS}
+    return {key: r.verdict for key, r in results.items() if not r.missing}

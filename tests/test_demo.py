@@ -1,0 +1,36 @@
+"""``ckptforce demo`` end to end on CPU, as a user runs it: the installed console script trains the sample runs
+into a fresh cache, audits each, and the reports and their verdicts show what the runs are built to show."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("sklearn", reason="the digits sample run needs scikit-learn (the test extra installs it)")
+
+
+def test_demo_builds_audits_and_reports(tmp_path):
+    exe = shutil.which("ckptforce") or pytest.skip("the ckptforce console script is not installed")
+    env = {**os.environ, "CKPTFORCE_SAMPLE_RUNS": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
+    out = tmp_path / "demo"
+    done = subprocess.run([exe, "demo", "-o", str(out)], capture_output=True, text=True, timeout=900, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summaries = json.loads((out / "demo.json").read_text())
+    assert [s["name"] for s in summaries] == ["sft", "dpo", "digits-noisy", "digits-finetune"]
+    for s in summaries:
+        for key in ("cube", "html", "pdf"):
+            assert Path(s[key]).is_file() and Path(s[key]).stat().st_size > 10_000, s[key]
+            assert s[key] in done.stdout or key == "cube"
+        assert "this diagnostic failed" not in Path(s["html"]).read_text()
+    by = {s["name"]: s["verdicts"] for s in summaries}
+    assert by["sft"]["hallucination"].startswith("hallucination signal")
+    assert by["dpo"]["squeezing"].startswith("squeezing: log π(y*) rose")
+    assert "flipped-label probes take longer, more winding paths" in by["digits-noisy"]["learning_paths"]
+    assert "force_attribution" in by["sft"] and "force_attribution" in by["dpo"]
+    rerun = subprocess.run([exe, "demo", "-o", str(tmp_path / "again"), "--only", "digits-noisy"], capture_output=True, text=True, timeout=600, env=env)
+    assert rerun.returncode == 0 and "cached at" in rerun.stderr, rerun.stderr[-2000:]
