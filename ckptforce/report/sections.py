@@ -69,8 +69,12 @@ SECTIONS: list[Section] = [
             "trained responses (a fading pull). For preference objectives σ(−βh) is how hard a pair still pushes. The "
             "rank of the tokens pushed down says where the negative gradient lands: at a large rank (a valley of π) "
             "the mass it removes flows to the argmax — the squeezing effect."),
-    Section("similarity", "8. Similarity maps", dg.similarity, None,
-            "Gradient inner products and cosines between probes and training examples."),
+    Section("similarity", "8. Similarity maps", dg.similarity, fg.similarity,
+            "K[o, u] = ⟨∇θ log π(y_o|x_o), ∇θ L_u⟩ is the empirical NTK between a probe and a training example: one SGD "
+            "step on u changes the probe by about −η·K (so a negative K means training on u raises the probe). Left: "
+            "the cosine of the two gradients, for the examples most aligned with the probes (red: same direction, "
+            "blue: opposite). Right: the mean cosine of each probe group with the whole training set over training; "
+            "trained prompts usually align more than untrained ones. The cube also holds the TracIn sum Σ_t η_t K_t."),
     Section("feature_adaptation", "9. Feature adaptation", dg.feature_adaptation, None,
             "Drift of a named hidden layer's features over checkpoints."),
     Section("learning_paths", "10. Learning paths of classifier examples", dg.learning_paths, fg.learning_paths,
