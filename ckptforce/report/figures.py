@@ -231,7 +231,7 @@ def g_statistics(d: Diagnostic) -> Figure:
     ax.plot(table["step_to"], table["g_gap"], marker="s", ls="--", color=colour("rephrase_chosen"), label="‖π − e_y‖")
     if "dpo_weight" in table:
         ax.plot(table["step_to"], table["dpo_weight"], marker="^", color=colour("rejected"), label="σ(−βh) (DPO weight)")
-    ax.set(title="Strength of the training signal", xlabel="training step (start of interval + 1)", ylabel="mean over training examples  [1]", ylim=(0, None))
+    ax.set(title="Strength of the training signal", xlabel="training step (end of interval)", ylabel="mean over training examples  [1]", ylim=(0, None))
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(fontsize="x-small")
     ax = axes[1]
