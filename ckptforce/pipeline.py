@@ -74,6 +74,7 @@ class AnalysisConfig:
     train: str | None = dataclasses.field(default=None, metadata={"help": "training-examples file (--train)"})
     train_sha256: str | None = dataclasses.field(default=None, metadata={"help": "hash of the training-examples file"})
     objective: str | None = dataclasses.field(default=None, metadata={"help": "training objective (--objective; else the file / trainer)"})
+    kernel_projection: int | None = dataclasses.field(default=None, metadata={"help": "sketch size of the approximate kernels (--kernel-projection; None: exact)"})
 
     @classmethod
     def for_run(cls, run_dir, probes, **kw) -> "AnalysisConfig":

@@ -20,7 +20,7 @@ import torch
 
 from .errors import CkptforceError
 from .forces.attribution import direction_force, example_forces, example_gradient, preconditioner
-from .forces.kernels import gradient_kernel
+from .forces.kernels import Projection, gradient_kernel
 from .forces.objectives import NEEDS_REFERENCE, PREFERENCE, g_statistics, margin, response_weights
 from .probes import TokenBatch, make_batch, tokenize
 from .class_probes import CLASS_SUFFIXES, ClassBatch, load_class_probes, make_class_batch
@@ -202,8 +202,9 @@ def probe_kernel(p, pt: PreparedTraining, params: dict, weights: torch.Tensor) -
     focus = p.responses[0]
     probes = p.batch.select([b for b, (_, t) in enumerate(p.batch.rows) if t == focus])
     weights = weights.flatten()  # (U·R,) one weight per training row
+    projection = Projection(config.kernel_projection) if config.kernel_projection else None
     kern = gradient_kernel(p.model.logits, params, probes, pt.batch, module=p.model.module, train_loss=weights.to(torch.float64),
-                           chunk_size=config.chunk_size)  # fmt: skip
+                           chunk_size=config.chunk_size, projection=projection)  # fmt: skip
     n_ex = len(pt.tset)
     owners = torch.tensor(pt.owners, device=kern.k.device)
     k = torch.zeros(kern.k.shape[0], n_ex, dtype=torch.float64).index_add_(1, owners.cpu(), kern.k.double().cpu())

@@ -287,3 +287,11 @@ def test_classifier_run_with_class_probes_and_training_arrays(runs, tmp_path):
         tracin = sum(lr[i] * ds["kernel"].isel(checkpoint=i).values for i in range(len(lr)))
         np.testing.assert_allclose(ds["kernel_tracin"].values[:, :64], tracin[:, :64], rtol=1e-9)
         assert ds.attrs["kernel_approximate"] == 0 and "exact" in ds.attrs["kernel_method"]
+        exact = ds["kernel"].isel(checkpoint=0, source=slice(0, 64)).values
+    sketched = CliRunner().invoke(main, [*args[:-5], "-o", str(tmp_path / "sketch.h5"), "-q", "--dtype", "float64", "--nodes", "0",
+                                         "--no-by-tensor", "--kernel-projection", "48"])  # fmt: skip
+    assert sketched.exit_code == 0, sketched.output
+    with xr.open_dataset(tmp_path / "sketch.h5", engine="h5netcdf") as ds:
+        assert ds.attrs["kernel_approximate"] == 1 and "projection sign dim=48" in ds.attrs["kernel_method"]
+        approx = ds["kernel"].isel(checkpoint=0, source=slice(0, 64)).values
+        assert np.corrcoef(approx.ravel(), exact.ravel())[0, 1] > 0.5, "a sketch of 48 coordinates still tracks the exact kernel"

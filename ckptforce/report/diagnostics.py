@@ -432,6 +432,8 @@ def similarity(ds: xr.Dataset, *, top: int = 20) -> Diagnostic:
                f"{float(cos_map[strongest].abs().mean()):.2f}); mean cosine with the training set at step "
                f"{int(by_split['step'].max())}: " + ", ".join(f"{v:+.3f} ({k})" for k, v in final.items()))  # fmt: skip
     numbers = {f"mean_cos_{k}": float(v) for k, v in final.items()}
+    if int(ds.attrs.get("kernel_approximate", 0) or 0):
+        verdict = f"approximate kernels ({ds.attrs.get('kernel_method', 'random projection')}): " + verdict
     return Diagnostic("similarity", tables, numbers, verdict + ".")
 
 
