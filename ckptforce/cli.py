@@ -103,6 +103,8 @@ def _analysis_options(f):
         click.option("--train", type=click.Path(path_type=Path), help="Training examples the run used (JSONL, schemas/train_set.schema.json): adds the force of each example on each probe."),
         click.option("--objective", type=click.Choice(["sft", "ce", "unlearn", "dpo", "ipo", "simpo", "grpo", "kd"]),
                      help="Training objective of --train (default: the file's header, the trainer's record, else the examples' shape)."),
+        click.option("--feature-layer", metavar="NAME", help="Track the output of this submodule (e.g. backbone, transformer.ln_f) "
+                     "for every probe at every checkpoint: feature adaptation (drift, cosine with the first checkpoint)."),
         click.option("--kernel-projection", type=click.IntRange(1), metavar="DIM",
                      help="Approximate the probe × training-example kernels by a seeded random sketch of DIM coordinates per "
                           "tensor (for very large training sets); the cube labels them approximate. Default: exact."),
@@ -125,7 +127,7 @@ def _analysis_options(f):
     return f
 
 
-def _run_analysis(run_dir, out, *, probes, train, objective, kernel_projection, init, layout, trust_pickles, model, base_model, tokenizer, device, dtype, nodes, no_by_tensor, method, chunk_size, workers, scheduler, quiet) -> Path:
+def _run_analysis(run_dir, out, *, probes, train, objective, feature_layer, kernel_projection, init, layout, trust_pickles, model, base_model, tokenizer, device, dtype, nodes, no_by_tensor, method, chunk_size, workers, scheduler, quiet) -> Path:
     import shlex
 
     from .forces import DEFAULT_NODES
@@ -139,6 +141,7 @@ def _run_analysis(run_dir, out, *, probes, train, objective, kernel_projection, 
         run_dir, probes, init=init, model=model, base_model=base_model, tokenizer=tokenizer, layout=layout,
         nodes=DEFAULT_NODES if nodes is None else nodes, by_tensor=not no_by_tensor, method=method, dtype=dtype,
         chunk_size=chunk_size, trust_pickles=trust_pickles, train=train, objective=objective, kernel_projection=kernel_projection,
+        feature_layer=feature_layer,
     )  # fmt: skip
     bar = None if (quiet or not sys.stderr.isatty()) else _progress_bar("analysing", "intervals")
     try:

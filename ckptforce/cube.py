@@ -83,6 +83,11 @@ VARS: dict[str, Var] = {
     "dlogp_lin_tensor": Var(("interval", "probe", "response", "tensor"), "first-order prediction split by parameter tensor", "nat"),
     "dlogp_path_tensor": Var(("interval", "probe", "response", "tensor"), "path-integrated change split by parameter tensor", "nat"),
     "remainder_ratio": Var(("interval",), "‖Δ_obs − Δ_lin‖ / ‖Δ_obs‖ over probes and responses", "1"),
+    # feature adaptation (--feature-layer): the named layer's output z against z_0 at the first checkpoint
+    "feature_norm": Var(("checkpoint", "probe"), "‖z‖ of the probe's features at the named layer"),
+    "feature_drift": Var(("checkpoint", "probe"), "‖z − z_0‖: distance from the features at the first checkpoint"),
+    "feature_one_minus_cos": Var(("checkpoint", "probe"), "1 − cos(z, z_0)", "1"),
+    "feature_dot": Var(("checkpoint", "probe"), "z · z_0"),
     # update anatomy
     "update_norm": Var(("interval", "tensor"), "‖Δθ‖₂ of the tensor over the interval"),
     "param_norm": Var(("interval", "tensor"), "‖θ‖₂ of the tensor at the start of the interval"),

@@ -28,6 +28,7 @@ class DemoAudit:
     train: str | None = None
     init: str | None = None
     model: str | None = None
+    feature_layer: str | None = None
 
 
 #: What the demo audits, in order (paths relative to the recipe's build folder).
@@ -37,8 +38,8 @@ AUDITS = (
               init="sft/checkpoint-40"),
     DemoAudit("digits-noisy", "digits", "Lightning MLP on digits with 20% flipped labels (zig-zag learning paths)", "noisy",
               "probes_noisy.npz", model="sample_runs.recipes.digits:model"),
-    DemoAudit("digits-finetune", "digits", "Lightning: fine-tuning after head probing", "ft", "probes_test.npz",
-              init="hp/epoch=9-step=410.ckpt", model="sample_runs.recipes.digits:model"),
+    DemoAudit("digits-finetune", "digits", "Lightning: fine-tuning after head probing (feature adaptation)", "ft", "probes_test.npz",
+              init="hp/epoch=9-step=410.ckpt", model="sample_runs.recipes.digits:model", feature_layer="backbone"),
 )  # fmt: skip
 
 
@@ -76,7 +77,7 @@ def run_demo(out: Path, *, only: list[str] | None = None, echo: Callable[[str], 
         echo(f"auditing {a.name}: {a.what}")
         config = AnalysisConfig.for_run(
             base / a.run, base / a.probes, train=str(base / a.train) if a.train else None,
-            init=str(base / a.init) if a.init else None, model=a.model,
+            init=str(base / a.init) if a.init else None, model=a.model, feature_layer=a.feature_layer,
         )  # fmt: skip
         cube_path = analyze(config, folder / "cube.h5", command=f"ckptforce demo ({a.name})")
         paths = write_report(cube_path, folder)

@@ -29,6 +29,7 @@ import xarray as xr
 from . import __version__, cube
 from .errors import CkptforceError, ProbeFileNotFoundError
 from .forces import DEFAULT_NODES, interval_forces
+from .forces.features import drift, features
 from .io import Run, open_run
 from .model import BoundModel, bind
 from .names import POOR_LINEARISATION
@@ -74,6 +75,7 @@ class AnalysisConfig:
     train: str | None = dataclasses.field(default=None, metadata={"help": "training-examples file (--train)"})
     train_sha256: str | None = dataclasses.field(default=None, metadata={"help": "hash of the training-examples file"})
     objective: str | None = dataclasses.field(default=None, metadata={"help": "training objective (--objective; else the file / trainer)"})
+    feature_layer: str | None = dataclasses.field(default=None, metadata={"help": "submodule whose output is tracked (--feature-layer)"})
     kernel_projection: int | None = dataclasses.field(default=None, metadata={"help": "sketch size of the approximate kernels (--kernel-projection; None: exact)"})
 
     @classmethod
@@ -113,6 +115,7 @@ class Prepared:
     prompts: list[str] = field(default_factory=list)  # prompt text per probe ("" when given as ids)
     texts: list[list[str]] = field(default_factory=list)  # (probe, response) text ("" for ids and argmax)
     training: PreparedTraining | None = None  # with --train
+    z0: torch.Tensor | None = None  # (P, D) features of each probe's first response at the first checkpoint (--feature-layer)
 
 
 _PREPARED: dict[tuple[str, str], Prepared] = {}
@@ -156,6 +159,7 @@ def prepare(config: AnalysisConfig, device: str = "cpu") -> Prepared:
     )  # fmt: skip
     if config.train:
         prepared.training = prepare_training(config, run, model, tokenizer, device, dtype)
+    _prepare_features(prepared, dtype)
     _PREPARED[key] = prepared
     return prepared
 
@@ -172,7 +176,21 @@ def _prepare_classifier(config: AnalysisConfig, run: Run, model: BoundModel, dev
                         [""] * len(probes), [["", ""] for _ in probes.ids])  # fmt: skip
     if config.train:
         prepared.training = prepare_training(config, run, model, None, device, dtype)
+    _prepare_features(prepared, dtype)
     return prepared
+
+
+def _focus_rows(p: Prepared):
+    """Each probe's first response row (chosen, or a classifier's label), in probe order."""
+    focus = p.responses[0]
+    return p.batch.select([b for b, (_, t) in enumerate(p.batch.rows) if t == focus])
+
+
+def _prepare_features(p: Prepared, dtype) -> None:
+    if p.config.feature_layer:
+        with p.run.open(p.run.checkpoints[0]) as ckpt:
+            theta0 = p.model.params_from(ckpt, device=p.device, dtype=dtype)
+        p.z0 = features(p.model, theta0, _focus_rows(p), p.config.feature_layer)
 
 
 def _check_device(device: str) -> None:
@@ -224,6 +242,15 @@ def compute_part(config_json: str, k: int, device: str = "cpu", progress: Callab
         if res.path_by_tensor is not None:
             data["dlogp_path_tensor"] = grid.rows(res.path_by_tensor, None)[None]
     attrs = {"jvp_method": res.method}
+    if p.z0 is not None:
+        rows = _focus_rows(p)
+        where = [i for i, _ in rows.rows]
+        stats = [drift(features(p.model, theta, rows, config.feature_layer), p.z0) for theta in (before, after)]
+        for key, name in (("norm", "feature_norm"), ("drift", "feature_drift"), ("one_minus_cos", "feature_one_minus_cos"), ("dot", "feature_dot")):
+            values = np.full((2, len(p.probe_ids)), np.nan)
+            values[:, where] = np.stack([st[key].cpu().numpy() for st in stats])
+            data[name] = values
+        attrs["feature_layer"] = config.feature_layer
     if p.training is not None:
         part = training_part(p, p.training, k, before, after, res.dlogp_lin, res.argmax_lin, grid)
         data.update(part["data"])
@@ -360,7 +387,7 @@ def merge_parts(out: Path, n_intervals: int, anatomy_ds: xr.Dataset) -> xr.Datas
     iv = xr.concat([d[per_iv] for d in parts], dim="interval", coords="minimal", compat="override", join="outer")
     merged = xr.merge([ckpt, iv, anatomy_ds], compat="override", join="outer", combine_attrs="drop")
     notes = list(dict.fromkeys(n for d in parts for n in json.loads(d.attrs.get("training_notes", "[]"))))
-    extra = {k: parts[0].attrs[k] for k in ("objective", "kernel_method") if k in parts[0].attrs}
+    extra = {k: parts[0].attrs[k] for k in ("objective", "kernel_method", "feature_layer") if k in parts[0].attrs}
     if "kernel_approximate" in parts[0].attrs:
         extra["kernel_approximate"] = int(max(int(d.attrs["kernel_approximate"]) for d in parts))
     if "preconditioner" in parts[0].attrs:
@@ -443,7 +470,7 @@ def analyze(
         device=device, jvp_method=merged.attrs["jvp_method"], step_source=",".join(r.step_source for r in run.checkpoints),
         checkpoint_fingerprints={str(r.path): fingerprint(r.path) for r in run.checkpoints},
         warnings=run.notes + warnings + _linearisation_warnings(merged) + json.loads(merged.attrs["training_notes"]),
-        attention=prepared.model.attention, **{k: merged.attrs[k] for k in ("objective", "preconditioner", "kernel_method", "kernel_approximate") if k in merged.attrs},
+        attention=prepared.model.attention, **{k: merged.attrs[k] for k in ("objective", "preconditioner", "kernel_method", "kernel_approximate", "feature_layer") if k in merged.attrs},
         model_source=prepared.model.source,
     )  # fmt: skip
     final = cube.save(cube.describe(merged.assign_attrs(attrs)), out)

@@ -288,6 +288,18 @@ def test_classifier_run_with_class_probes_and_training_arrays(runs, tmp_path):
         np.testing.assert_allclose(ds["kernel_tracin"].values[:, :64], tracin[:, :64], rtol=1e-9)
         assert ds.attrs["kernel_approximate"] == 0 and "exact" in ds.attrs["kernel_method"]
         exact = ds["kernel"].isel(checkpoint=0, source=slice(0, 64)).values
+    featured = CliRunner().invoke(main, [*args[:-5], "-o", str(tmp_path / "feat.h5"), "-q", "--dtype", "float64", "--nodes", "0",
+                                         "--no-by-tensor", "--feature-layer", "backbone"])  # fmt: skip
+    assert featured.exit_code == 0, featured.output
+    with xr.open_dataset(tmp_path / "feat.h5", engine="h5netcdf") as ds:
+        np.testing.assert_allclose(ds["feature_drift"].isel(checkpoint=0), 0, atol=1e-12)
+        feats = [torch.func.functional_call(module.backbone, {n.split(".", 1)[1]: t.double() for n, t in model.params_from(c).items() if n.startswith("backbone.")}, (probe_x,))
+                 for c in (run.open(run.checkpoints[0]), run.open(run.checkpoints[-1]))]  # fmt: skip
+        np.testing.assert_allclose(ds["feature_drift"].isel(checkpoint=-1), (feats[1] - feats[0]).norm(dim=-1).detach().numpy(), rtol=1e-9)
+        np.testing.assert_allclose(ds["feature_norm"].isel(checkpoint=-1), feats[1].norm(dim=-1).detach().numpy(), rtol=1e-9)
+        assert ds.attrs["feature_layer"] == "backbone"
+    bad = CliRunner().invoke(main, [*args[:-5], "-o", str(tmp_path / "bad.h5"), "-q", "--feature-layer", "backbon"])
+    assert bad.exit_code == 2 and "did you mean backbone" in bad.output, bad.output
     sketched = CliRunner().invoke(main, [*args[:-5], "-o", str(tmp_path / "sketch.h5"), "-q", "--dtype", "float64", "--nodes", "0",
                                          "--no-by-tensor", "--kernel-projection", "48"])  # fmt: skip
     assert sketched.exit_code == 0, sketched.output

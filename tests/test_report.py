@@ -316,3 +316,19 @@ def test_learning_paths_zigzag_score_and_rival_peak():
     assert "flipped-label probes take longer, more winding paths" in d.verdict and "most winding is p0" in d.verdict
     two = make_cube(logp[:2], responses=["label"], logp_class=np.log(q[:2])).assign_coords(probe_label=("probe", [0, 0]))
     assert "three checkpoints" in dg.learning_paths(two).missing
+
+
+def test_feature_adaptation_drift_and_head_energy():
+    q0 = np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]])  # p_0 of two probes with labels 0 and 2
+    logp_class = np.log(np.stack([q0, q0, q0]))
+    drift = np.array([[0.0, 0.0], [1.0, 3.0], [2.0, 4.0]])
+    norm = np.full((3, 2), 10.0)
+    ds = make_cube(np.log(q0[None, :, :1].repeat(3, 0)), responses=["label"], logp_class=logp_class, feature_drift=drift,
+                   feature_one_minus_cos=drift / 100, feature_norm=norm, feature_dot=norm * 9)  # fmt: skip
+    ds = ds.assign_coords(probe_label=("probe", [0, 2])).assign_attrs(feature_layer="backbone")
+    d = dg.feature_adaptation(ds)
+    assert d.numbers["drift_end"] == pytest.approx(3.0) and d.numbers["relative_drift_end"] == pytest.approx(0.3)
+    e0 = (np.linalg.norm([0.3, -0.2, -0.1]) + np.linalg.norm([-0.1, -0.1, 0.2])) / 2
+    assert d.numbers["energy_start"] == pytest.approx(e0)
+    assert d.verdict.startswith("features of backbone moved ‖z − z_0‖ = 3 by step 20 (30% of ‖z_0‖")
+    assert "missing" not in d.verdict and d.tables["steps"]["drift"].tolist() == pytest.approx([0, 2, 3])

@@ -438,8 +438,32 @@ def similarity(ds: xr.Dataset, *, top: int = 20) -> Diagnostic:
 
 
 def feature_adaptation(ds: xr.Dataset) -> Diagnostic:
-    """Hidden-feature drift of a named layer (DESIGN §4 item 9)."""
-    return Diagnostic.absent("feature_adaptation", "needs the hidden features of a named layer at each checkpoint, which this cube does not hold")
+    """Drift of a named hidden layer's features over checkpoints (DESIGN §4 item 9).
+
+    Table ``steps``: step and the means over probes of ‖z_t − z_0‖, 1 − cos(z_t, z_0), z_t·z_0, ‖z_t‖ (per probe
+    group in ``groups``). ``numbers`` add E_0 = mean ‖e_y − p_0‖ of the head at the first checkpoint for a
+    classifier (the "energy" that drives feature change when fine-tuning starts: small after head probing).
+    """
+    need = ["feature_drift", "feature_one_minus_cos", "feature_norm", "feature_dot"]
+    if (d := _needs(ds, "feature_adaptation", need, "needs the features of a named layer (analyze --feature-layer NAME)")) is not None:
+        return d
+    mean = lambda name: ds[name].mean("probe", skipna=True).values  # noqa: E731
+    steps = pd.DataFrame({"step": ds["step"].values, "drift": mean("feature_drift"), "one_minus_cos": mean("feature_one_minus_cos"),
+                          "dot": mean("feature_dot"), "norm": mean("feature_norm")})  # fmt: skip
+    groups = pd.Series(_probe_labels(ds), index=ds["probe"].values)
+    per_group = ds["feature_drift"].to_pandas().T.groupby(groups.to_numpy()).mean().T  # (checkpoint, group)
+    per_group.index = ds["step"].values
+    numbers = {"drift_end": float(steps["drift"].iloc[-1]), "one_minus_cos_end": float(steps["one_minus_cos"].iloc[-1]),
+               "relative_drift_end": float(steps["drift"].iloc[-1] / steps["norm"].iloc[0]) if steps["norm"].iloc[0] else float("nan")}  # fmt: skip
+    layer = ds.attrs.get("feature_layer", "the named layer")
+    verdict = (f"features of {layer} moved ‖z − z_0‖ = {numbers['drift_end']:.3g} by step {int(steps['step'].iloc[-1])} "
+               f"({numbers['relative_drift_end']:.0%} of ‖z_0‖; 1 − cos = {numbers['one_minus_cos_end']:.3f})")  # fmt: skip
+    if "logp_class" in ds and "probe_label" in ds.coords:
+        p0 = np.exp(ds["logp_class"].isel(checkpoint=0).values)  # (P, V)
+        onehot = np.eye(p0.shape[1])[ds["probe_label"].values.astype(int)]
+        numbers["energy_start"] = float(np.linalg.norm(onehot - p0, axis=1).mean())
+        verdict += f"; the head's energy at the start E_0 = mean ‖e_y − p_0‖ = {numbers['energy_start']:.2f}"
+    return Diagnostic("feature_adaptation", {"steps": steps, "groups": per_group}, numbers, verdict + ".")
 
 
 def learning_paths(ds: xr.Dataset, *, ema: float = 0.95) -> Diagnostic:

@@ -285,3 +285,28 @@ def similarity(d: Diagnostic) -> Figure:
     ax.legend(title="probe group", fontsize="x-small")
     fig.suptitle("Similarity: which training examples share gradient directions with each probe")
     return fig
+
+
+def feature_adaptation(d: Diagnostic) -> Figure:
+    steps, groups = d.tables["steps"], d.tables["groups"]
+    fig, axes = _figure(11.0, 4.0, ncols=2)
+    ax = axes[0]
+    for group in groups.columns:
+        ax.plot(groups.index, groups[group], marker="o", ms=3, label=f"‖z − z_0‖ ({group})")
+    ax.set(title="Distance from the first checkpoint", xlabel="training step", ylabel="mean ‖z − z_0‖")
+    twin = ax.twinx()
+    twin.plot(steps["step"], steps["one_minus_cos"], ls="--", color="grey", label="1 − cos(z, z_0)")
+    twin.set(ylabel="1 − cos  [1]")
+    twin.grid(False)
+    h1, l1 = ax.get_legend_handles_labels()
+    h2, l2 = twin.get_legend_handles_labels()
+    ax.legend(h1 + h2, l1 + l2, fontsize="x-small")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax = axes[1]
+    ax.plot(steps["step"], steps["norm"], marker="o", color="black", label="‖z‖")
+    ax.plot(steps["step"], np.sqrt(np.clip(steps["dot"], 0, None)), marker="s", ls=":", color=colour("chosen"), label="√(z·z_0)")
+    ax.set(title="Size of the features", xlabel="training step", ylabel="mean over probes")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.legend(fontsize="x-small")
+    fig.suptitle("Feature adaptation of the named layer")
+    return fig

@@ -75,8 +75,12 @@ SECTIONS: list[Section] = [
             "the cosine of the two gradients, for the examples most aligned with the probes (red: same direction, "
             "blue: opposite). Right: the mean cosine of each probe group with the whole training set over training; "
             "trained prompts usually align more than untrained ones. The cube also holds the TracIn sum Σ_t η_t K_t."),
-    Section("feature_adaptation", "9. Feature adaptation", dg.feature_adaptation, None,
-            "Drift of a named hidden layer's features over checkpoints."),
+    Section("feature_adaptation", "9. Feature adaptation", dg.feature_adaptation, fg.feature_adaptation,
+            "z is the output of the layer named with --feature-layer for each probe. Left: how far the features moved "
+            "from the first checkpoint (‖z − z_0‖, per probe group) and how much they turned (1 − cos). Right: their "
+            "norm and their projection on the start (z·z_0). Fine-tuning from a well-fitted head (small energy "
+            "E_0 = mean ‖e_y − p_0‖, e.g. after head probing) changes the features little and mostly along z_0; a "
+            "random head pushes them far (Ren et al., ICLR 2023)."),
     Section("learning_paths", "10. Learning paths of classifier examples", dg.learning_paths, fg.learning_paths,
             "Each probe's predicted distribution moves through the simplex as training goes on. The zig-zag score is the "
             "length of that path over the distance it finally covered: 1 is a straight path, large values mean the "
