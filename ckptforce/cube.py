@@ -50,6 +50,7 @@ DIMS = {
     "token": "a response position",
     "source": "a training example or other source of force",
     "class": "a class of a classifier",
+    "class_to": "a class, as the second index of a V×V matrix",
 }
 
 #: Coordinates and data variables: name -> dims, long_name, units. Declared once; builders and readers use these.
@@ -88,6 +89,10 @@ VARS: dict[str, Var] = {
     "feature_drift": Var(("checkpoint", "probe"), "‖z − z_0‖: distance from the features at the first checkpoint"),
     "feature_one_minus_cos": Var(("checkpoint", "probe"), "1 − cos(z, z_0)", "1"),
     "feature_dot": Var(("checkpoint", "probe"), "z · z_0"),
+    # small-vocabulary classifiers with --train: the full matrices of DESIGN §1 at the interval's start
+    "a_class": Var(("interval", "probe", "class", "class_to"), "A(x_o) = I − 1π_oᵀ", "1"),
+    "g_class": Var(("interval", "source", "class"), "G(x_u, y_u) = π_u − e_{y_u}", "1"),
+    "k_class": Var(("interval", "probe", "source", "class", "class_to"), "K(x_o, x_u) = J_o J_uᵀ (empirical NTK on the logits)"),
     # update anatomy
     "update_norm": Var(("interval", "tensor"), "‖Δθ‖₂ of the tensor over the interval"),
     "param_norm": Var(("interval", "tensor"), "‖θ‖₂ of the tensor at the start of the interval"),

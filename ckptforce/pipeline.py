@@ -255,6 +255,9 @@ def compute_part(config_json: str, k: int, device: str = "cpu", progress: Callab
         part = training_part(p, p.training, k, before, after, res.dlogp_lin, res.argmax_lin, grid)
         data.update(part["data"])
         index["source"] = p.training.sources
+        if "a_class" in data:
+            index["class"] = index.get("class") or list(range(data["a_class"].shape[-1]))
+            index["class_to"] = index["class"]
         attrs.update(training_notes=json.dumps(p.training.notes + part["notes"]), preconditioner=part["preconditioner"],
                      objective=p.training.tset.objective, kernel_method=part["kernel"]["method"],
                      kernel_approximate=int(part["kernel"]["approximate"]))  # fmt: skip

@@ -20,11 +20,16 @@ import torch
 
 from .errors import CkptforceError
 from .forces.attribution import direction_force, example_forces, example_gradient, preconditioner
-from .forces.kernels import Projection, gradient_kernel
+from .forces.kernels import Projection, class_forces, gradient_kernel
 from .forces.objectives import NEEDS_REFERENCE, PREFERENCE, g_statistics, margin, response_weights
 from .probes import TokenBatch, make_batch, tokenize
 from .class_probes import CLASS_SUFFIXES, ClassBatch, load_class_probes, make_class_batch
 from .train_examples import TrainExample, TrainingSet, infer_objective, load_training_set
+
+#: The full V×V matrices of a classifier are stored when the Jacobians (rows × V × |θ|) and K (P × U × V²) stay
+#: under these sizes (entries); bigger runs keep the kernels, and a note says how to get the matrices.
+CLASS_JACOBIAN_BUDGET = 50_000_000
+CLASS_K_BUDGET = 4_000_000
 
 #: Sources that are not training examples: their forces come from the optimizer state, and what is left.
 MOMENTUM, WEIGHT_DECAY = "momentum", "weight_decay"
@@ -182,6 +187,10 @@ def training_part(p, pt: PreparedTraining, k: int, before: dict, after: dict, dl
         **{name: pad(v)[None] for name, v in g_stats.items()},
     }  # fmt: skip
     notes = [pre.note] if pre.note else []
+    if p.model.kind == "classifier" and tset.objective == "ce":
+        matrices, note = class_matrices(p, pt, before)
+        data.update(matrices)
+        notes += [note] if note else []
     # the kernel at the interval's start; the last interval also gives the run's last checkpoint its kernel
     ends = [before] + ([after] if k + 2 == len(run.checkpoints) else [])
     kernels = [probe_kernel(p, pt, theta, weights if theta is before else _weights(p, pt, theta)[1]) for theta in ends]
@@ -224,6 +233,28 @@ def probe_kernel(p, pt: PreparedTraining, params: dict, weights: torch.Tensor) -
     full_cos = full_k.clone()
     full_k[rows_of, :n_ex], full_cos[rows_of, :n_ex] = k, cos
     return {"kernel": full_k.numpy(), "kernel_cos": full_cos.numpy(), "approximate": kern.approximate, "method": kern.method}
+
+
+def class_matrices(p, pt: PreparedTraining, params: dict) -> tuple[dict[str, np.ndarray], str]:
+    """A (P, V, V), G (U + 2, V) and K (P, U + 2, V, V) at θ for a classifier (NaN for momentum / weight decay),
+    or ({}, a note) when they would not fit the budgets above."""
+    focus = p.responses[0]
+    probes = p.batch.select([b for b, (_, t) in enumerate(p.batch.rows) if t == focus])
+    n_params = sum(t.numel() for t in params.values() if t.is_floating_point())
+    vocab = len(p.model.logits(params, probes.select([0]))[0, 0])
+    rows = len(probes) + len(pt.batch)
+    if rows * vocab * n_params > CLASS_JACOBIAN_BUDGET or len(probes) * len(pt.tset) * vocab**2 > CLASS_K_BUDGET:
+        return {}, (f"the full A, K, G matrices are not stored ({len(probes)} probes × {len(pt.tset)} examples × {vocab}² classes, "
+                    f"{n_params} parameters): analyze fewer probes or training examples to get them; the kernels are stored")  # fmt: skip
+    cf = class_forces(p.model.logits, params, probes, pt.batch)
+    n_ex, where = len(pt.tset), [i for i, _ in probes.rows]
+    a = np.full((len(p.probe_ids), vocab, vocab), np.nan)
+    a[where] = cf.a_term.double().cpu().numpy()
+    g = np.full((n_ex + 2, vocab), np.nan)
+    g[:n_ex] = cf.g_term.double().cpu().numpy()
+    k = np.full((len(p.probe_ids), n_ex + 2, vocab, vocab), np.nan)
+    k[where, :n_ex] = cf.k_term.double().cpu().numpy()
+    return {"a_class": a[None], "g_class": g[None], "k_class": k[None]}, ""
 
 
 def _weights(p, pt: PreparedTraining, params: dict) -> tuple[torch.Tensor, torch.Tensor]:

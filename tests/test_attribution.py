@@ -287,6 +287,11 @@ def test_classifier_run_with_class_probes_and_training_arrays(runs, tmp_path):
         tracin = sum(lr[i] * ds["kernel"].isel(checkpoint=i).values for i in range(len(lr)))
         np.testing.assert_allclose(ds["kernel_tracin"].values[:, :64], tracin[:, :64], rtol=1e-9)
         assert ds.attrs["kernel_approximate"] == 0 and "exact" in ds.attrs["kernel_method"]
+        # the full classifier matrices: the kernel is the probe label's row of A·K·G (DESIGN §1)
+        akg = np.einsum("pvw,puwx,ux->puv", ds["a_class"].isel(interval=0).values, ds["k_class"].isel(interval=0, source=slice(0, 64)).values,
+                        ds["g_class"].isel(interval=0, source=slice(0, 64)).values)  # fmt: skip
+        at_label = np.take_along_axis(akg, np.array([0, 1, 2, 0, 1, 2])[:, None, None], 2)[..., 0]
+        np.testing.assert_allclose(at_label, ds["kernel"].isel(checkpoint=0, source=slice(0, 64)).values, rtol=1e-8)
         exact = ds["kernel"].isel(checkpoint=0, source=slice(0, 64)).values
     featured = CliRunner().invoke(main, [*args[:-5], "-o", str(tmp_path / "feat.h5"), "-q", "--dtype", "float64", "--nodes", "0",
                                          "--no-by-tensor", "--feature-layer", "backbone"])  # fmt: skip
