@@ -103,6 +103,8 @@ VARS: dict[str, Var] = {
     "force_pos": Var(("interval", "probe", "response", "source"), "force of the source's positive part (responses pulled up)", "nat"),
     "force_neg": Var(("interval", "probe", "response", "source"), "force of the source's negative part (responses pushed down)", "nat"),
     "dlogp_unexplained": Var(("interval", "probe", "response"), "Δ_lin minus the sum of every source's force", "nat"),
+    "force_pos_tok": Var(("interval", "probe", "response", "token"), "Σ over training examples of their positive parts, per response token", "nat"),
+    "force_neg_tok": Var(("interval", "probe", "response", "token"), "Σ over training examples of their negative parts, per response token", "nat"),
     "g_gap": Var(("interval", "source"), "mean ‖π − e_y‖ over the tokens of the responses the example pulls up", "1"),
     "g_one_minus_p": Var(("interval", "source"), "mean 1 − π(y) over the tokens of the responses the example pulls up", "1"),
     "g_neg_rank": Var(("interval", "source"), "mean rank under π of the tokens the example pushes down (1 = argmax)", "1"),

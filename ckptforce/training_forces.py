@@ -184,6 +184,7 @@ def training_part(p, pt: PreparedTraining, k: int, before: dict, after: dict, dl
         "force_pos": grid.rows(torch.cat([forces.pos, nan]).T, torch.cat([forces.pos_argmax, nan]).T)[None],
         "force_neg": grid.rows(torch.cat([forces.neg, nan]).T, torch.cat([forces.neg_argmax, nan]).T)[None],
         "dlogp_unexplained": grid.rows(unexplained, unexplained_star)[None],
+        "force_pos_tok": grid.tokens(forces.pos_tok, None)[None], "force_neg_tok": grid.tokens(forces.neg_tok, None)[None],
         **{name: pad(v)[None] for name, v in g_stats.items()},
     }  # fmt: skip
     notes = [pre.note] if pre.note else []

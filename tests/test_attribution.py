@@ -100,6 +100,9 @@ def test_sum_of_example_forces_equals_delta_lin_for_an_sgd_step(objective, tmp_p
     forces = example_forces(model.logits, params, batch, train, owners, weights, torch.full((n_ex,), eta / n_ex, dtype=torch.float64), sgd)
     torch.testing.assert_close(forces.total.sum(0), lin.total.double(), rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(forces.pos_argmax.sum(0) + forces.neg_argmax.sum(0), lin.argmax.double(), rtol=1e-9, atol=1e-12)
+    # per token: the positive and negative parts add up to Δ_lin at every response position
+    torch.testing.assert_close(forces.pos_tok + forces.neg_tok, lin.tok.double(), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close((forces.pos_tok).sum(1), forces.pos.sum(0), rtol=1e-9, atol=1e-12)
     if objective == "dpo":
         assert forces.neg.abs().sum() > 0 and forces.pos.abs().sum() > 0
     else:

@@ -137,6 +137,8 @@ class ExampleForces:
     neg: torch.Tensor  # (U, B)
     pos_argmax: torch.Tensor  # (U, B) the same on y* of each probe row
     neg_argmax: torch.Tensor  # (U, B)
+    pos_tok: torch.Tensor | None = None  # (B, T) Σ_u of the positive parts, per response token of each probe row
+    neg_tok: torch.Tensor | None = None  # (B, T) Σ_u of the negative parts
 
     @property
     def total(self) -> torch.Tensor:
@@ -152,19 +154,22 @@ def example_forces(
     n_ex, n_probe = len(coeff), len(probes)
     zeros = lambda: torch.zeros(n_ex, n_probe, dtype=torch.float64)  # noqa: E731
     pos, neg, pos_star, neg_star = zeros(), zeros(), zeros(), zeros()
+    width = probes.targets.shape[1]
+    tok = {1: torch.zeros(n_probe, width, dtype=torch.float64), -1: torch.zeros(n_probe, width, dtype=torch.float64)}
     for u in range(n_ex):
         rows = [i for i, o in enumerate(owners) if o == u]
         if not rows or float(coeff[u]) == 0:
             continue
         teacher = None if teacher_logits is None else teacher_logits[rows]
         parts = example_gradient(fn, params, train_rows.select(rows), weights[rows], teacher)
-        for g, total, star in zip(parts, (pos, neg), (pos_star, neg_star)):
+        for g, total, star, sign in zip(parts, (pos, neg), (pos_star, neg_star), (1, -1)):
             if g is None:
                 continue
             step = {n: -float(coeff[u]) * d for n, d in precond.apply(g).items()}
             change = delta_lin(fn, params, probes, step, method=method, chunk_size=chunk_size)
             total[u], star[u] = change.total.double().cpu(), change.argmax.double().cpu()
-    return ExampleForces(pos, neg, pos_star, neg_star)
+            tok[sign][:, : change.tok.shape[1]] += change.tok.double().cpu()
+    return ExampleForces(pos, neg, pos_star, neg_star, tok[1], tok[-1])
 
 
 def direction_force(fn: Fn, params: dict, probes, direction: dict | None, *, method: str = "auto", chunk_size: int | None = None):
