@@ -11,10 +11,7 @@ foreign or damaged file. Nothing here imports torch: a user needs only xarray to
 
 from __future__ import annotations
 
-import errno
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -22,6 +19,7 @@ from typing import Any, Mapping
 import numpy as np
 import xarray as xr
 
+from .atomic import write_atomic
 from .errors import CkptforceError
 from .names import ARGMAX, RESPONSE_TYPES  # noqa: F401 - re-exported: the cube's response labels
 
@@ -170,27 +168,7 @@ def save(ds: xr.Dataset, path: str | Path, *, compress: bool = True) -> Path:
         for name, var in ds.data_vars.items():
             if var.dtype.kind in "fiub" and var.ndim:
                 encoding[name] = {"compression": "gzip", "compression_opts": 4, "chunksizes": _chunks(var)}
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    except OSError as e:
-        raise CubeError(f"{path}: cannot write ({e.strerror or e}); {_write_fix(e)}") from e
-    os.close(fd)
-    try:
-        ds.to_netcdf(tmp, engine=ENGINE, encoding=encoding)
-        os.replace(tmp, path)
-    except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
-        raise CubeError(f"{path}: cannot write ({e.strerror or e}); {_write_fix(e)}") from e
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _write_fix(e: OSError) -> str:
-    if e.errno == errno.ENOSPC:
-        return "the disk is full: free some space and rerun the same command (parts already written are kept)"
-    return "check the disk and the directory's permissions, or choose another -o"
+    return write_atomic(path, lambda tmp: ds.to_netcdf(tmp, engine=ENGINE, encoding=encoding), error=CubeError)
 
 
 def _chunks(var: xr.DataArray) -> tuple[int, ...]:

@@ -9,31 +9,14 @@ Nothing here imports torch: a report needs only the cube.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
-from typing import Callable
 
+from ..atomic import write_atomic
 from ..cube import open_cube
 from ..errors import CkptforceError
 
 HTML_NAME = "report.html"
 PDF_NAME = "report.pdf"
-
-
-def _atomic(path: Path, write: Callable[[str], None]) -> Path:
-    """Write through a temporary file beside ``path``, then ``os.replace``: never half a file under the final name."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
-        raise CkptforceError(f"{path}: cannot write ({e.strerror or e}); check the disk and the directory's permissions") from e
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def output_dir(out: str | Path, run_dir: str | None = None) -> Path:
@@ -65,9 +48,9 @@ def write_report(cube_path: str | Path, out: str | Path, *, html: bool = True, p
     written = []
     if html:
         text = html_mod.render(ctx)
-        written.append(_atomic(out / HTML_NAME, lambda tmp: Path(tmp).write_text(text, encoding="utf-8")))
+        written.append(write_atomic(out / HTML_NAME, lambda tmp: Path(tmp).write_text(text, encoding="utf-8")))
     if pdf:
-        written.append(_atomic(out / PDF_NAME, lambda tmp: pdf_mod.write(ctx, tmp)))
+        written.append(write_atomic(out / PDF_NAME, lambda tmp: pdf_mod.write(ctx, tmp)))
     return written
 
 
