@@ -108,6 +108,9 @@ def squeezing(ds: xr.Dataset) -> Diagnostic:
         return Diagnostic.absent("squeezing", "needs the argmax response y*, computed along 'chosen'; give probes a 'chosen' response")
     change = _run_change(ds).mean("probe", skipna=True)
     given = _given(ds)
+    if given == ["label"]:
+        return Diagnostic.absent("squeezing", "needs language-model probes with several response types; a classifier probe has one "
+                                 "label (its moves are in the learning paths)")  # fmt: skip
     d_star = float(change.sel(response=ARGMAX))
     others = change.sel(response=given)
     index = d_star - float(others.mean())
