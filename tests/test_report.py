@@ -18,6 +18,7 @@ from click.testing import CliRunner
 from ckptforce import cube
 from ckptforce.cli import main
 from ckptforce.report import diagnostics as dg
+from ckptforce.report import diagnostics_train as dt
 from ckptforce.report.context import gather
 from ckptforce.report.html import render
 from ckptforce.report.sections import SECTIONS
@@ -280,7 +281,7 @@ def test_force_attribution_budget_and_leading_example():
     unexplained = lin - force.sum(-1)
     ds = make_cube(logp, responses=["chosen", "rejected"], dlogp_lin=lin, force=force, force_pos=pos, force_neg=neg, dlogp_unexplained=unexplained)
     ds = ds.assign_coords(source=src, source_kind=("source", ["example", "example", "momentum", "weight_decay"]))
-    d = dg.force_attribution(ds)
+    d = dt.force_attribution(ds)
     budget = d.tables["budget"].set_index("response")
     assert budget.loc["chosen", "positive"] == pytest.approx(0.7) and budget.loc["chosen", "negative"] == pytest.approx(0.0)
     assert budget.loc["rejected", "negative"] == pytest.approx(-0.6) and budget.loc["rejected", "momentum"] == pytest.approx(0.1)
@@ -297,7 +298,7 @@ def test_g_statistics_verdict_reads_the_last_interval():
          "g_neg_rank": np.array([[3.0, 5.0], [40.0, 60.0]]), "dpo_weight": np.array([[0.5, 0.5], [0.2, 0.4]]),
          "dpo_margin": np.array([[0.0, 0.0], [1.0, 2.0]])}  # fmt: skip
     ds = make_cube(logp, responses=["chosen", "rejected"], **g).assign_coords(source=["u0", "u1"])
-    d = dg.g_statistics(ds)
+    d = dt.g_statistics(ds)
     assert d.numbers["g_one_minus_p"] == pytest.approx(0.4) and d.numbers["g_neg_rank"] == pytest.approx(50)
     assert "from 1 − π(y) = 0.80 to 0.40" in d.verdict and "σ(−βh) = 0.30" in d.verdict and "mean rank 50" in d.verdict
 

@@ -13,6 +13,7 @@ import xarray as xr
 from matplotlib.figure import Figure
 
 from . import diagnostics as dg
+from . import diagnostics_train as dt
 from . import figures as fg
 
 
@@ -56,7 +57,7 @@ SECTIONS: list[Section] = [
             "The first-order change of each response type, split exactly into the contributions of each parameter "
             "tensor's update and summed over intervals (red: raised log π, blue: lowered it). The tensors are sorted by "
             "their total effect; a layer that dominates one type but not the others is where that behaviour is learnt."),
-    Section("force_attribution", "6. Force attribution by training example", dg.force_attribution, fg.force_attribution,
+    Section("force_attribution", "6. Force attribution by training example", dt.force_attribution, fg.force_attribution,
             "Each training example u moved each probe by Δ_u = A·J·δθ_u, with δθ_u = −η·P·g_u its share of the update "
             "(P: the optimizer's preconditioner from the saved state, η: the logged learning rate). Left: the examples "
             "with the largest total force, per probe response type (red raised log π, blue lowered it). Right: the "
@@ -64,12 +65,12 @@ SECTIONS: list[Section] = [
             "push (responses they train down, e.g. DPO's rejected), the optimizer's momentum carry-over and weight "
             "decay, and what none of these explains; the bars add up to Δ_lin (diamond). A large 'unexplained' bar "
             "means the training file does not cover what the run trained on, or the interval spans many steps."),
-    Section("g_statistics", "7. G statistics of the training signal", dg.g_statistics, fg.g_statistics,
+    Section("g_statistics", "7. G statistics of the training signal", dt.g_statistics, fg.g_statistics,
             "G = ∂L/∂z is the 'energy' of each training example. 1 − π(y) and ‖π − e_y‖ fall as the model learns its "
             "trained responses (a fading pull). For preference objectives σ(−βh) is how hard a pair still pushes. The "
             "rank of the tokens pushed down says where the negative gradient lands: at a large rank (a valley of π) "
             "the mass it removes flows to the argmax — the squeezing effect."),
-    Section("similarity", "8. Similarity maps", dg.similarity, fg.similarity,
+    Section("similarity", "8. Similarity maps", dt.similarity, fg.similarity,
             "K[o, u] = ⟨∇θ log π(y_o|x_o), ∇θ L_u⟩ is the empirical NTK between a probe and a training example: one SGD "
             "step on u changes the probe by about −η·K (so a negative K means training on u raises the probe). Left: "
             "the cosine of the two gradients, for the examples most aligned with the probes (red: same direction, "

@@ -1,0 +1,126 @@
+"""Diagnostics of the training-example forces (DESIGN §4 items 6–8): the cube in, tables and a verdict out.
+
+They need an analysis with ``--train``: ``force`` / ``force_pos`` / ``force_neg`` / ``dlogp_unexplained``,
+the G statistics, and the kernels. Same conventions as ``diagnostics.py`` (whose helpers they use).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+from .diagnostics import Diagnostic, _fmt, _given, _needs, _probe_labels
+
+
+def force_attribution(ds: xr.Dataset, *, top: int = 12) -> Diagnostic:
+    """Force of each training example on each probe (DESIGN §4 item 6), summed over intervals, mean over probes.
+
+    Tables: ``heatmap`` (response × the ``top`` examples by total |force|), ``budget`` (per response: the
+    positive and negative parts of the examples' forces, momentum, weight decay, unexplained, Δ_lin), ``top``
+    (per probe, the three examples with the largest force on its chosen response, or its first type).
+    """
+    need = ["force", "dlogp_lin", "dlogp_unexplained"]
+    if (d := _needs(ds, "force_attribution", need, "needs training-example forces (analyze --train FILE)")) is not None:
+        return d
+    given = _given(ds)
+    kind = ds["source_kind"].values.astype(str) if "source_kind" in ds.coords else np.full(ds.sizes["source"], "example")
+    examples = list(ds["source"].values[kind == "example"])
+    force = ds["force"].sel(response=given).sum("interval", min_count=1)  # (probe, response, source)
+    per_type = force.mean("probe", skipna=True)  # (response, source)
+    ex = per_type.sel(source=examples)
+    order = abs(ex).sum("response").to_series().sort_values(ascending=False).index[:top]
+    heatmap = ex.sel(source=list(order)).transpose("response", "source").to_pandas()
+
+    def total(name: str) -> xr.DataArray:
+        return ds[name].sel(response=given).sum("interval", min_count=1).mean("probe", skipna=True)
+
+    special = lambda name: per_type.sel(source=name).values if name in ds["source"].values else np.zeros(len(given))  # noqa: E731
+    budget = pd.DataFrame({
+        "positive": total("force_pos").sel(source=examples).sum("source").values,
+        "negative": total("force_neg").sel(source=examples).sum("source").values,
+        "momentum": special("momentum"), "weight_decay": special("weight_decay"),
+        "unexplained": total("dlogp_unexplained").values, "dlogp_lin": total("dlogp_lin").values,
+    }, index=pd.Index(given, name="response")).reset_index()  # fmt: skip
+    focus = "chosen" if "chosen" in given else given[0]
+    rows = []
+    for probe in ds["probe"].values:
+        f = force.sel(probe=probe, response=focus, source=examples).to_series().dropna()
+        for src, value in f.reindex(f.abs().sort_values(ascending=False).index[:3]).items():
+            rows.append({"probe": str(probe), "response": focus, "source": str(src), "force": float(value)})
+    b = budget.set_index("response").loc[focus]
+    explained = float(b["positive"] + b["negative"])
+    lead = str(heatmap.loc[focus].abs().idxmax()) if heatmap.shape[1] else ""
+    numbers = {"explained": explained, "unexplained": float(b["unexplained"]), "positive": float(b["positive"]),
+               "negative": float(b["negative"]), "dlogp_lin": float(b["dlogp_lin"])}  # fmt: skip
+    verdict = (f"on {focus}, the training examples account for {_fmt(explained)} of Δ_lin {_fmt(b['dlogp_lin'])} nats "
+               f"(pull {_fmt(b['positive'])}, push {_fmt(b['negative'])}; momentum {_fmt(b['momentum'])}, "
+               f"weight decay {_fmt(b['weight_decay'])}, unexplained {_fmt(b['unexplained'])})")  # fmt: skip
+    if lead:
+        verdict += f"; the strongest single force on it comes from example {lead}"
+    tables = {"heatmap": heatmap, "budget": budget, "top": pd.DataFrame(rows)}
+    return Diagnostic("force_attribution", tables, numbers, verdict + ".")
+
+
+def g_statistics(ds: xr.Dataset) -> Diagnostic:
+    """Statistics of the training signal G per training example (DESIGN §4 item 7), over intervals.
+
+    Table ``intervals``: step_to and the mean over examples of 1 − π(y) and ‖π − e_y‖ on the responses pulled
+    up, the mean rank of the tokens pushed down, and for preference objectives σ(−βh) and the margin h.
+    """
+    need = ["g_one_minus_p", "g_gap"]
+    if (d := _needs(ds, "g_statistics", need, "needs the G statistics of training examples (analyze --train FILE)")) is not None:
+        return d
+    names = [n for n in ("g_one_minus_p", "g_gap", "g_neg_rank", "dpo_weight", "dpo_margin") if n in ds]
+    table = pd.DataFrame({"step_to": ds["step_to"].values, **{n: ds[n].mean("source", skipna=True).values for n in names}})
+    first, last = table.iloc[0], table.iloc[-1]
+    verdict = f"the pull on the trained responses went from 1 − π(y) = {first['g_one_minus_p']:.2f} to {last['g_one_minus_p']:.2f}"
+    if np.isfinite(last.get("dpo_weight", np.nan)):
+        verdict += f"; preference pairs still push with σ(−βh) = {last['dpo_weight']:.2f} (margin {_fmt(last['dpo_margin'])} nats)"
+    if np.isfinite(last.get("g_neg_rank", np.nan)):
+        verdict += f"; pushed-down tokens sit at mean rank {last['g_neg_rank']:.0f} under π (a large rank is a valley: squeezing risk)"
+    per_source = ds[names].to_dataframe().reset_index()
+    return Diagnostic("g_statistics", {"intervals": table, "per_source": per_source}, {n: float(last[n]) for n in names}, verdict + ".")
+
+
+def similarity(ds: xr.Dataset, *, top: int = 20) -> Diagnostic:
+    """⟨∇log π(y_o|x_o), ∇L_u⟩ and its cosine between probes and training examples (DESIGN §4 item 8).
+
+    Tables: ``cos`` (probe × the ``top`` examples by mean |cos|, at the first checkpoint that has the kernel),
+    ``by_split`` (step, split, mean cosine over probes of that split and all examples) and ``tracin`` (per
+    probe, the example with the largest Σ_t η_t K_t: a positive TracIn score means training on it lowered the
+    probe's log π — the kernel pairs the probe's log-likelihood with the example's loss).
+    """
+    if (d := _needs(ds, "similarity", ["kernel", "kernel_cos"], "needs probe × training-example kernels (analyze --train FILE)")) is not None:
+        return d
+    kind = ds["source_kind"].values.astype(str) if "source_kind" in ds.coords else np.full(ds.sizes["source"], "example")
+    examples = list(ds["source"].values[kind == "example"])
+    cos = ds["kernel_cos"].sel(source=examples)
+    have = [int(i) for i in range(ds.sizes["checkpoint"]) if np.isfinite(cos.isel(checkpoint=i).values).any()]
+    if not have:
+        return Diagnostic.absent("similarity", "the kernel was not computed at any checkpoint")
+    at = cos.isel(checkpoint=have[0]).dropna("probe", how="all")
+    order = abs(at).mean("probe").to_series().sort_values(ascending=False).index[:top]
+    cos_map = at.sel(source=list(order)).transpose("probe", "source").to_pandas()
+    split = pd.Series(_probe_labels(ds), index=ds["probe"].values)
+    rows = []
+    for i in have:
+        mean = cos.isel(checkpoint=i).mean("source", skipna=True).to_series()
+        for label, values in mean.groupby(split.reindex(mean.index).to_numpy()):
+            rows.append({"step": int(ds["step"].values[i]), "split": label, "mean_cos": float(values.mean())})
+    by_split = pd.DataFrame(rows)
+    tables = {"cos": cos_map, "by_split": by_split}
+    if "kernel_tracin" in ds:
+        tr = ds["kernel_tracin"].sel(source=examples).dropna("probe", how="all")
+        lead = tr.idxmax("source").to_series()
+        tables["tracin"] = pd.DataFrame({"probe": lead.index.astype(str), "source": lead.values.astype(str),
+                                         "tracin": tr.max("source").values})  # fmt: skip
+    final = by_split[by_split["step"] == by_split["step"].max()].set_index("split")["mean_cos"]
+    strongest = cos_map.abs().mean(axis=0).idxmax()
+    verdict = (f"probe gradients align most with training example {strongest} (mean |cos| "
+               f"{float(cos_map[strongest].abs().mean()):.2f}); mean cosine with the training set at step "
+               f"{int(by_split['step'].max())}: " + ", ".join(f"{v:+.3f} ({k})" for k, v in final.items()))  # fmt: skip
+    numbers = {f"mean_cos_{k}": float(v) for k, v in final.items()}
+    if int(ds.attrs.get("kernel_approximate", 0) or 0):
+        verdict = f"approximate kernels ({ds.attrs.get('kernel_method', 'random projection')}): " + verdict
+    return Diagnostic("similarity", tables, numbers, verdict + ".")
