@@ -96,7 +96,7 @@ VARS: dict[str, Var] = {
     "param_norm": Var(("interval", "tensor"), "‖θ‖₂ of the tensor at the start of the interval"),
     "update_cos": Var(("interval", "tensor"), "cosine of the tensor's update with the previous interval's", "1"),
     "zero_frac": Var(("interval", "tensor"), "share of exactly-zero update entries", "1"),
-    # training-example forces (a later stage fills these)
+    # training-example forces (analyze --train)
     "force": Var(("interval", "probe", "response", "source"), "force of each source on each probe: A·J·δθ_source", "nat"),
     "force_pos": Var(("interval", "probe", "response", "source"), "force of the source's positive part (responses pulled up)", "nat"),
     "force_neg": Var(("interval", "probe", "response", "source"), "force of the source's negative part (responses pushed down)", "nat"),

@@ -21,8 +21,8 @@ import torch
 from .errors import CkptforceError
 from .forces.attribution import direction_force, example_forces, example_gradient, preconditioner
 from .forces.kernels import Projection, class_forces, gradient_kernel
-from .forces.objectives import NEEDS_REFERENCE, PREFERENCE, g_statistics, margin, response_weights
-from .probes import TokenBatch, make_batch, tokenize
+from .forces.objectives import DEFAULT_BETA, NEEDS_REFERENCE, PREFERENCE, g_statistics, margin, response_weights
+from .probes import TokenBatch, load_tokenizer, make_batch, tokenize
 from .class_probes import CLASS_SUFFIXES, ClassBatch, load_class_probes, make_class_batch
 from .train_examples import TrainExample, TrainingSet, infer_objective, load_training_set
 
@@ -66,10 +66,18 @@ def _trainer_state(run) -> dict:
 
 def prepare_training(config, run, model, tokenizer, device: str, dtype: torch.dtype) -> PreparedTraining:
     state = _trainer_state(run)
-    if Path(config.train).suffix in CLASS_SUFFIXES:
+    arrays = Path(config.train).suffix in CLASS_SUFFIXES
+    if arrays != (model.kind == "classifier"):
+        probes = "classification arrays" if model.kind == "classifier" else "a JSONL file of language-model probes"
+        raise CkptforceError(f"{config.train}: the probes are {probes}, so the training examples must be "
+                             f"{'arrays (.npz with x, y)' if model.kind == 'classifier' else 'JSONL (prompt + completion, …)'} too")  # fmt: skip
+    if arrays:
         return _prepare_class_training(config, state, device, dtype)
     tset = load_training_set(config.train, config.objective, record=infer_objective(state.get("log_history", [])))
-    tok = tokenize(tset.as_probe_set(), tokenizer, max_length=model.context)
+    if tokenizer is None and any(isinstance(x, str) for e in tset.examples for x in [e.prompt, *e.responses.values()] if x is not None):
+        first = run.checkpoints[-1].path
+        tokenizer = load_tokenizer(Path(config.tokenizer) if config.tokenizer else None, [first if first.is_dir() else first.parent, run.root])
+    tok = tokenize(tset.as_probe_set(), tokenizer, max_length=model.context, vocab_size=model.vocab_size)
     pad = getattr(tokenizer, "pad_token_id", None) or 0
     roles = list(tset.examples[0].responses)
     if any(list(e.responses) != roles for e in tset.examples):
@@ -88,7 +96,8 @@ def prepare_training(config, run, model, tokenizer, device: str, dtype: torch.dt
             teacher = logits.detach()
         else:
             ref_logp = _row_logp(logits, batch).view(len(tset), len(roles)).double().cpu()
-        notes.append(f"reference model: the first checkpoint (step {run.checkpoints[0].step})")
+        who = "teacher" if tset.objective == "kd" else "reference model"
+        notes.append(f"{who}: the first checkpoint (step {run.checkpoints[0].step}; give the run's start with --init)")
     batch_size = tset.batch_size or state.get("train_batch_size")
     if tset.has_steps and not batch_size:
         raise CkptforceError(f"{tset.path}: 'steps' says when each example was used, but the batch size is unknown; "
@@ -175,9 +184,9 @@ def training_part(p, pt: PreparedTraining, k: int, before: dict, after: dict, dl
         "g_neg_rank": mean_over(per_ex["rank"], pushed_down),
     }  # fmt: skip
     if tset.objective in PREFERENCE and pt.ref_logp is not None:
-        h = margin(logp, pt.ref_logp)
-        beta = tset.beta if tset.beta is not None else 0.1
-        g_stats["dpo_margin"], g_stats["dpo_weight"] = h, torch.sigmoid(-beta * h)
+        g_stats["dpo_margin"] = h = margin(logp, pt.ref_logp)
+        if tset.objective == "dpo":  # σ(−βh) is DPO's weight; IPO and SimPO weigh pairs otherwise
+            g_stats["dpo_weight"] = torch.sigmoid(-(tset.beta if tset.beta is not None else DEFAULT_BETA["dpo"]) * h)
     pad = lambda v: np.concatenate([v.numpy(), [math.nan, math.nan]])  # noqa: E731 - no G for momentum / decay
     data = {
         "force": grid.rows(total, total_star)[None],
@@ -194,10 +203,16 @@ def training_part(p, pt: PreparedTraining, k: int, before: dict, after: dict, dl
         notes += [note] if note else []
     # the kernel at the interval's start; the last interval also gives the run's last checkpoint its kernel
     ends = [before] + ([after] if k + 2 == len(run.checkpoints) else [])
-    kernels = [probe_kernel(p, pt, theta, weights if theta is before else _weights(p, pt, theta)[1]) for theta in ends]
-    nan = np.full_like(kernels[0]["kernel"], np.nan)
+    if tset.objective == "kd":  # the kernel's training side would need the teacher's distribution per row
+        empty = {"kernel": np.full((len(p.probe_ids), n_ex + 2), np.nan), "approximate": False, "method": "not computed for kd"}
+        empty["kernel_cos"] = empty["kernel"]
+        kernels = [empty for _ in ends]
+        notes.append("kernels are not computed for knowledge distillation (kd); the forces are")
+    else:
+        kernels = [probe_kernel(p, pt, theta, weights if theta is before else _weights(p, pt, theta)[1]) for theta in ends]
+    absent = np.full_like(kernels[0]["kernel"], np.nan)  # the end checkpoint's kernel comes from the next part
     for name in ("kernel", "kernel_cos"):
-        data[name] = np.stack([kernels[0][name], kernels[1][name] if len(kernels) > 1 else nan])
+        data[name] = np.stack([kernels[0][name], kernels[1][name] if len(kernels) > 1 else absent])
     kernel_info = {"approximate": any(x["approximate"] for x in kernels), "method": kernels[0]["method"]}
     return {"data": data, "lr": lr, "notes": notes, "preconditioner": pre.kind, "coeff": coeff, "kernel": kernel_info}
 
@@ -224,9 +239,12 @@ def probe_kernel(p, pt: PreparedTraining, params: dict, weights: torch.Tensor) -
         norm = torch.empty(n_ex, dtype=torch.float64)
         for u in range(n_ex):
             rows = [i for i, o in enumerate(pt.owners) if o == u]
-            gp, gn = example_gradient(p.model.logits, params, pt.batch.select(rows), weights[rows])
-            g = [x for x in (gp, gn) if x is not None]
-            norm[u] = torch.sqrt(sum(sum(t.double().pow(2).sum() for t in part.values()) for part in [{n: sum(x[n] for x in g) for n in g[0]}]))
+            parts = [g for g in example_gradient(p.model.logits, params, pt.batch.select(rows), weights[rows]) if g is not None]
+            if not parts:  # every weight 0 (e.g. a GRPO group with equal rewards): no gradient
+                norm[u] = 0.0
+                continue
+            total = {n: sum(g[n] for g in parts) for n in parts[0]}
+            norm[u] = torch.sqrt(sum(t.double().pow(2).sum() for t in total.values()))
     den = kern.probe_norm.double().cpu()[:, None] * norm[None, :]
     cos = torch.where(den > 0, k / torch.where(den > 0, den, 1), torch.zeros_like(k))
     rows_of = [i for i, _ in probes.rows]  # probe index of each kernel row
@@ -264,8 +282,8 @@ def _weights(p, pt: PreparedTraining, params: dict) -> tuple[torch.Tensor, torch
     with torch.no_grad():
         logits = p.model.logits(params, pt.batch)
     logp = _row_logp(logits, pt.batch).view(n_ex, pt.n_resp).cpu()
-    if tset.objective == "kd":
-        return logp, torch.ones_like(logp) / pt.lengths
+    if tset.objective == "kd":  # kd_loss already averages over the response tokens
+        return logp, torch.ones_like(logp)
     kw = {"lengths": pt.lengths, "ref_logp": pt.ref_logp, "beta": tset.beta, "gamma": tset.gamma}
     if tset.objective == "grpo":
         kw["rewards"] = torch.tensor([e.rewards for e in tset.examples], dtype=torch.float64)

@@ -63,11 +63,14 @@ def preconditioner(params: dict, *, start=None, end=None, lr: float, n_steps: in
         return Preconditioner("sgd", None, None, None, note)
     group_of = {n: g for g in end.groups for n in g.get("names", [])}
     scale, momentum, decay = {}, {}, {}
-    notes = []
+    notes, frozen = [], []
+    key = {"adam": "exp_avg_sq", "rmsprop": "square_avg"}.get(end.kind)
     for name, p in params.items():
         state, group = end.per_param.get(name), group_of.get(name, {})
-        if state is None:
-            notes.append(name)
+        if not state or (key and state.get(key) is None):
+            # not in the optimizer (frozen, a buffer) or never given a gradient: the optimizer did not move it
+            frozen.append(name)
+            scale[name] = torch.zeros_like(p)
             continue
         prior = start.per_param.get(name) if start is not None else None
         wd = float(group.get("weight_decay", 0.0) or 0.0)
@@ -95,11 +98,21 @@ def preconditioner(params: dict, *, start=None, end=None, lr: float, n_steps: in
                 momentum[name] = -lr * sum(mu**j for j in range(1, n_steps + 1)) * b0
             if wd:
                 decay[name] = -lr * n_steps * wd * p
-    if notes:
-        return Preconditioner("sgd", None, None, None, f"optimizer state lacks {len(notes)} tensors (e.g. {notes[0]}): plain SGD assumed")
-    if start is None and end.kind in ("adam", "sgd-momentum"):
+    if len(frozen) == len(params):
+        return Preconditioner("sgd", None, None, None, "the optimizer state names none of the model's tensors: plain SGD assumed (P = I)")
+    if frozen:
+        notes.append(f"{len(frozen)} tensors have no optimizer state (e.g. {frozen[0]}): taken as not moved by the optimizer")
+    if start is None and end.kind in ("adam", "sgd-momentum") and not _first_step(end):
         notes.append("no optimizer state at the start of the interval: the momentum carry-over is left in 'unexplained'")
+    if end.kind == "adam" and any(float(g.get("weight_decay", 0) or 0) for g in end.groups):
+        notes.append("weight decay taken as decoupled (AdamW); torch.optim.Adam's coupled L2 would land in 'unexplained'")
     return Preconditioner(end.kind, scale or None, momentum or None, decay or None, "; ".join(notes))
+
+
+def _first_step(state) -> bool:
+    """True when the end state is after the optimizer's first step (so the start's moments were zero)."""
+    steps = [float(torch.as_tensor(s.get("step", 0))) for s in state.per_param.values() if s and "step" in s]
+    return bool(steps) and max(steps) <= 1
 
 
 def _row_losses(fn: Fn, params: dict, batch, teacher_logits: torch.Tensor | None) -> torch.Tensor:

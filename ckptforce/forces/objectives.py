@@ -15,9 +15,9 @@ force splits exactly into its positive and negative parts. Knowledge distillatio
 | sft / ce  | −log π(y)/|y|                                    | 1/|y|                                         |
 | unlearn   | +log π(y)/|y|  (gradient ascent)                 | −1/|y|                                        |
 | dpo       | −log σ(β h), h = (ℓ⁺ − ℓ⁺_ref) − (ℓ⁻ − ℓ⁻_ref)    | ±β σ(−βh)                                     |
-| ipo       | (h − 1/(2β))²                                    | ±2(1/(2β) − h)                                |
+| ipo       | (h − 1/(2β))², h on token-averaged ℓ/|y| (TRL)    | ±2(1/(2β) − h)/|y±|                           |
 | simpo     | −log σ(β(ℓ⁺/|y⁺| − ℓ⁻/|y⁻|) − γ)                 | ±(β/|y±|) σ(−(β(ℓ⁺/|y⁺| − ℓ⁻/|y⁻|) − γ))       |
-| grpo      | −Σ_i Â_i ℓ_i / (n|y_i|), Â = (r − mean r)/std r  | Â_i/(n|y_i|)                                  |
+| grpo      | −Σ_i Â_i ℓ_i / (n|y_i|), Â = (r − r̄)/(s_r + 1e-4) | Â_i/(n|y_i|)                                  |
 
 (ℓ = log π(y|x) summed over the response tokens.) The pure functions take tensors of shape (U, R): U
 training examples, R responses each (1 for sft/unlearn/kd, 2 = (chosen, rejected) for preferences, n for grpo).
@@ -30,9 +30,11 @@ import torch
 OBJECTIVES = ("sft", "ce", "unlearn", "dpo", "ipo", "simpo", "grpo", "kd")
 PREFERENCE = ("dpo", "ipo", "simpo")
 NEEDS_REFERENCE = ("dpo", "ipo", "kd")
-#: Defaults of TRL for β (DPOConfig.beta, CPOConfig.beta for SimPO) and SimPO's γ/β ratio (gamma = ratio·β).
-DEFAULT_BETA = {"dpo": 0.1, "ipo": 0.1, "simpo": 2.0}
-DEFAULT_SIMPO_GAMMA = 1.0
+#: TRL's defaults: DPOConfig.beta (dpo, ipo), CPOConfig.beta and CPOConfig.simpo_gamma (SimPO's margin γ).
+DEFAULT_BETA = {"dpo": 0.1, "ipo": 0.1, "simpo": 0.1}
+DEFAULT_SIMPO_GAMMA = 0.5
+#: TRL's GRPO adds this to the (Bessel-corrected) standard deviation of a group's rewards.
+GRPO_STD_EPS = 1e-4
 
 
 def margin(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
@@ -54,10 +56,10 @@ def loss(objective: str, logp: torch.Tensor, *, ref_logp=None, lengths=None, rew
         return (logp / lengths).sum(1)
     if objective == "dpo":
         return -torch.nn.functional.logsigmoid(beta * margin(logp, ref_logp))
-    if objective == "ipo":
-        return (margin(logp, ref_logp) - 1 / (2 * beta)) ** 2
+    if objective == "ipo":  # TRL's IPO uses log-probabilities averaged over the response tokens
+        return (margin(logp / lengths, ref_logp / lengths) - 1 / (2 * beta)) ** 2
     if objective == "simpo":
-        gamma = DEFAULT_SIMPO_GAMMA * beta if gamma is None else gamma
+        gamma = DEFAULT_SIMPO_GAMMA if gamma is None else gamma
         norm = logp / lengths
         return -torch.nn.functional.logsigmoid(beta * (norm[:, 0] - norm[:, 1]) - gamma)
     if objective == "grpo":
@@ -67,13 +69,15 @@ def loss(objective: str, logp: torch.Tensor, *, ref_logp=None, lengths=None, rew
 
 
 def advantages(rewards: torch.Tensor) -> torch.Tensor:
-    """Group-normalised advantages Â = (r − mean r)/std r per example (U, n); 0 where a group has one reward.
-
-    With binary rewards and success rate p this is Â⁺ = (1−p)/√(p(1−p)), Â⁻ = −p/√(p(1−p)) (population std).
+    """Group-normalised advantages Â = (r − mean r)/(std r + 1e-4) per example (U, n), as TRL's GRPO computes
+    them (Bessel-corrected std); 0 for a group of one. With binary rewards and success rate p this is close to
+    Â⁺ = (1−p)/√(p(1−p)), Â⁻ = −p/√(p(1−p)) of DESIGN §1 (which uses the population std).
     """
     mean = rewards.mean(1, keepdim=True)
-    std = rewards.std(1, unbiased=False, keepdim=True)
-    return torch.where(std > 0, (rewards - mean) / std.clamp_min(1e-12), torch.zeros_like(rewards))
+    if rewards.shape[1] < 2:
+        return torch.zeros_like(rewards)
+    std = rewards.std(1, unbiased=True, keepdim=True)
+    return (rewards - mean) / (std + GRPO_STD_EPS)
 
 
 def response_weights(objective: str, logp: torch.Tensor, **kw) -> torch.Tensor:

@@ -76,6 +76,8 @@ def gather(ds: xr.Dataset, source: Path | None = None) -> ReportContext:
         ("steps", ", ".join(str(int(s)) for s in ds["step"].values)), ("step source", str(ds.attrs.get("step_source", ""))),
         ("model", str(ds.attrs.get("model_source", ""))), ("attention", str(ds.attrs.get("attention", ""))),
         ("first-order method", str(ds.attrs.get("jvp_method", ""))), ("device", str(ds.attrs.get("device", ""))),
+        ("training objective", str(ds.attrs.get("objective", ""))), ("optimizer preconditioner", str(ds.attrs.get("preconditioner", ""))),
+        ("kernels", str(ds.attrs.get("kernel_method", ""))), ("feature layer", str(ds.attrs.get("feature_layer", ""))),
         ("command line", str(ds.attrs.get("history", ""))), ("ckptforce", str(ds.attrs.get("tool_version", ""))),
         ("cube schema", str(ds.attrs.get("ckptforce_schema", ""))),
     ]  # fmt: skip

@@ -127,7 +127,7 @@ def squeezing(ds: xr.Dataset) -> Diagnostic:
             shape[name] = ds[name].sel(response=focus).mean(["probe", "token"], skipna=True).values
     # collapse: confident even where no answer should be (random-like responses); a classifier growing sure of
     # its labels is learning, so without such responses there is nothing to call a collapse
-    wild = [r for r in ("random", "shuffled", "irrelevant") if r in given] or ([] if given == ["label"] else given)
+    wild = [r for r in ("random", "shuffled", "irrelevant") if r in given]
     top1 = ds["top1"].sel(response=wild) if "top1" in ds and wild else None
     top1_all = float(top1.isel(checkpoint=-1).mean(skipna=True)) if top1 is not None else float("nan")
     top1_start = float(top1.isel(checkpoint=0).mean(skipna=True)) if top1 is not None else float("nan")
@@ -255,15 +255,19 @@ def first_order(ds: xr.Dataset) -> Diagnostic:
     scatter = xr.Dataset({"dlogp_obs": obs, "dlogp_lin": lin}).to_dataframe().reset_index().dropna(subset=["dlogp_obs", "dlogp_lin"])
     ratios = intervals["remainder_ratio"].to_numpy()
     poor = intervals[ratios > POOR_LINEARISATION]
-    numbers = {"max_ratio": float(np.nanmax(ratios)), "median_ratio": float(np.nanmedian(ratios)), "poor": len(poor)}
+    finite = ratios[np.isfinite(ratios)]
+    if not len(finite):
+        return Diagnostic("first_order", {"intervals": intervals, "scatter": scatter}, {"poor": 0},
+                          "cannot tell: no probe changed over any interval (the remainder ratio is undefined).")
+    numbers = {"max_ratio": float(finite.max()), "median_ratio": float(np.median(finite)), "poor": len(poor)}
     if len(poor):
         named = [f"{a}→{b}" for a, b in zip(poor["step_from"], poor["step_to"])]
         steps = ", ".join(named[:5]) + (f" and {len(named) - 5} more" if len(named) > 5 else "")
         verdict = (f"first-order prediction poor on {len(poor)} of {len(ratios)} intervals (remainder ratio > {POOR_LINEARISATION}): "
                    f"steps {steps}; read those intervals from Δ_path, or analyze checkpoints closer together")  # fmt: skip
     else:
-        verdict = (f"first-order prediction holds: remainder ratio ≤ {numbers['max_ratio']:.2f} on all {len(ratios)} "
-                   f"intervals (median {numbers['median_ratio']:.2f})")  # fmt: skip
+        verdict = (f"first-order prediction holds: remainder ratio ≤ {numbers['max_ratio']:.2f} on all {len(finite)} "
+                   f"intervals with a change (median {numbers['median_ratio']:.2f})")  # fmt: skip
     return Diagnostic("first_order", {"intervals": intervals, "scatter": scatter}, numbers, verdict + ".")
 
 

@@ -84,43 +84,43 @@ def g_statistics(ds: xr.Dataset) -> Diagnostic:
 
 
 def similarity(ds: xr.Dataset, *, top: int = 20) -> Diagnostic:
-    """⟨∇log π(y_o|x_o), ∇L_u⟩ and its cosine between probes and training examples (DESIGN §4 item 8).
+    """How each training example's update direction aligns with each probe (DESIGN §4 item 8).
 
-    Tables: ``cos`` (probe × the ``top`` examples by mean |cos|, at the first checkpoint that has the kernel),
-    ``by_split`` (step, split, mean cosine over probes of that split and all examples) and ``tracin`` (per
-    probe, the example with the largest Σ_t η_t K_t: a positive TracIn score means training on it lowered the
-    probe's log π — the kernel pairs the probe's log-likelihood with the example's loss).
+    The cube's kernel pairs the probe's log-likelihood with the example's loss, K = ⟨∇log π(y_o|x_o), ∇L_u⟩, so a
+    step on u changes the probe by −η·K. The report shows the *alignment* −cos(∇log π(y_o), ∇L_u): positive when
+    training on u raises the probe. Tables: ``align`` (probe × the ``top`` examples by mean |alignment|, at the
+    first checkpoint with a kernel), ``by_split`` (step, probe group, mean alignment with all examples) and
+    ``tracin`` (per probe, the example that helped it most: the lowest Σ_t η_t K_t).
     """
     if (d := _needs(ds, "similarity", ["kernel", "kernel_cos"], "needs probe × training-example kernels (analyze --train FILE)")) is not None:
         return d
     kind = ds["source_kind"].values.astype(str) if "source_kind" in ds.coords else np.full(ds.sizes["source"], "example")
     examples = list(ds["source"].values[kind == "example"])
-    cos = ds["kernel_cos"].sel(source=examples)
-    have = [int(i) for i in range(ds.sizes["checkpoint"]) if np.isfinite(cos.isel(checkpoint=i).values).any()]
+    align = -ds["kernel_cos"].sel(source=examples)
+    have = [int(i) for i in range(ds.sizes["checkpoint"]) if np.isfinite(align.isel(checkpoint=i).values).any()]
     if not have:
         return Diagnostic.absent("similarity", "the kernel was not computed at any checkpoint")
-    at = cos.isel(checkpoint=have[0]).dropna("probe", how="all")
+    at = align.isel(checkpoint=have[0]).dropna("probe", how="all")
     order = abs(at).mean("probe").to_series().sort_values(ascending=False).index[:top]
-    cos_map = at.sel(source=list(order)).transpose("probe", "source").to_pandas()
+    align_map = at.sel(source=list(order)).transpose("probe", "source").to_pandas()
     split = pd.Series(_probe_labels(ds), index=ds["probe"].values)
     rows = []
     for i in have:
-        mean = cos.isel(checkpoint=i).mean("source", skipna=True).to_series()
+        mean = align.isel(checkpoint=i).mean("source", skipna=True).to_series()
         for label, values in mean.groupby(split.reindex(mean.index).to_numpy()):
-            rows.append({"step": int(ds["step"].values[i]), "split": label, "mean_cos": float(values.mean())})
+            rows.append({"step": int(ds["step"].values[i]), "split": label, "mean_align": float(values.mean())})
     by_split = pd.DataFrame(rows)
-    tables = {"cos": cos_map, "by_split": by_split}
+    tables = {"align": align_map, "by_split": by_split}
     if "kernel_tracin" in ds:
         tr = ds["kernel_tracin"].sel(source=examples).dropna("probe", how="all")
-        lead = tr.idxmax("source").to_series()
-        tables["tracin"] = pd.DataFrame({"probe": lead.index.astype(str), "source": lead.values.astype(str),
-                                         "tracin": tr.max("source").values})  # fmt: skip
-    final = by_split[by_split["step"] == by_split["step"].max()].set_index("split")["mean_cos"]
-    strongest = cos_map.abs().mean(axis=0).idxmax()
-    verdict = (f"probe gradients align most with training example {strongest} (mean |cos| "
-               f"{float(cos_map[strongest].abs().mean()):.2f}); mean cosine with the training set at step "
+        helper = tr.idxmin("source").to_series()
+        tables["tracin"] = pd.DataFrame({"probe": helper.index.astype(str), "helped_most_by": helper.values.astype(str),
+                                         "tracin": tr.min("source").values})  # fmt: skip
+    final = by_split[by_split["step"] == by_split["step"].max()].set_index("split")["mean_align"]
+    strongest = align_map.abs().mean(axis=0).idxmax()
+    verdict = (f"the update direction of training example {strongest} is the most aligned with the probes (mean |alignment| "
+               f"{float(align_map[strongest].abs().mean()):.2f}); mean alignment with the training set at step "
                f"{int(by_split['step'].max())}: " + ", ".join(f"{v:+.3f} ({k})" for k, v in final.items()))  # fmt: skip
-    numbers = {f"mean_cos_{k}": float(v) for k, v in final.items()}
     if int(ds.attrs.get("kernel_approximate", 0) or 0):
         verdict = f"approximate kernels ({ds.attrs.get('kernel_method', 'random projection')}): " + verdict
-    return Diagnostic("similarity", tables, numbers, verdict + ".")
+    return Diagnostic("similarity", tables, {f"mean_align_{k}": float(v) for k, v in final.items()}, verdict + ".")

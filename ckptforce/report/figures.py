@@ -271,19 +271,19 @@ def learning_paths(d: Diagnostic) -> Figure:
 
 
 def similarity(d: Diagnostic) -> Figure:
-    cos, by_split = d.tables["cos"], d.tables["by_split"]
-    fig, axes = _figure(13.0, max(4.0, 0.22 * len(cos) + 2.4), ncols=2, width_ratios=[1.6, 1])
-    sns.heatmap(cos, cmap="RdBu_r", center=0, vmin=-1, vmax=1, cbar_kws={"label": "cosine of ∇log π(y_o|x_o) and ∇L_u  [1]"}, ax=axes[0])
-    axes[0].set(title="Gradient cosine, probe × training example (strongest first)", xlabel="training example", ylabel="probe")
+    align, by_split = d.tables["align"], d.tables["by_split"]
+    fig, axes = _figure(13.0, max(4.0, 0.22 * len(align) + 2.4), ncols=2, width_ratios=[1.6, 1])
+    sns.heatmap(align, cmap="RdBu_r", center=0, vmin=-1, vmax=1, cbar_kws={"label": "alignment −cos(∇log π(y_o|x_o), ∇L_u)  [1]"}, ax=axes[0])
+    axes[0].set(title="Alignment of each example's update with each probe (strongest first)", xlabel="training example", ylabel="probe")
     axes[0].tick_params(axis="x", rotation=60)
     ax = axes[1]
     for split, rows in by_split.groupby("split"):
-        ax.plot(rows["step"], rows["mean_cos"], marker="o", label=split)
+        ax.plot(rows["step"], rows["mean_align"], marker="o", label=split)
     ax.axhline(0, color="black", lw=0.8)
-    ax.set(title="Mean cosine with the training set", xlabel="training step", ylabel="mean cosine  [1]")
+    ax.set(title="Mean alignment with the training set", xlabel="training step", ylabel="mean alignment  [1]")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(title="probe group", fontsize="x-small")
-    fig.suptitle("Similarity: which training examples share gradient directions with each probe")
+    fig.suptitle("Similarity: which training examples push each probe up (red) or down (blue)")
     return fig
 
 

@@ -72,10 +72,11 @@ SECTIONS: list[Section] = [
             "the mass it removes flows to the argmax — the squeezing effect."),
     Section("similarity", "8. Similarity maps", dt.similarity, fg.similarity,
             "K[o, u] = ⟨∇θ log π(y_o|x_o), ∇θ L_u⟩ is the empirical NTK between a probe and a training example: one SGD "
-            "step on u changes the probe by about −η·K (so a negative K means training on u raises the probe). Left: "
-            "the cosine of the two gradients, for the examples most aligned with the probes (red: same direction, "
-            "blue: opposite). Right: the mean cosine of each probe group with the whole training set over training; "
-            "trained prompts usually align more than untrained ones. The cube also holds the TracIn sum Σ_t η_t K_t."),
+            "step on u changes the probe by about −η·K. The figures show the alignment −cos of the two gradients: red "
+            "means training on u pushes the probe up, blue pushes it down. Left: the examples most aligned (either "
+            "way) with the probes. Right: the mean alignment of each probe group with the whole training set over "
+            "training; trained prompts usually align more than untrained ones. The cube also holds the raw kernel, its "
+            "cosine and the TracIn sum Σ_t η_t K_t (negative: the example helped the probe)."),
     Section("feature_adaptation", "9. Feature adaptation", dg.feature_adaptation, fg.feature_adaptation,
             "z is the output of the layer named with --feature-layer for each probe. Left: how far the features moved "
             "from the first checkpoint (‖z − z_0‖, per probe group) and how much they turned (1 − cos). Right: their "
