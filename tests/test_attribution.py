@@ -315,3 +315,28 @@ def test_classifier_run_with_class_probes_and_training_arrays(runs, tmp_path):
         assert ds.attrs["kernel_approximate"] == 1 and "projection sign dim=48" in ds.attrs["kernel_method"]
         approx = ds["kernel"].isel(checkpoint=0, source=slice(0, 64)).values
         assert np.corrcoef(approx.ravel(), exact.ravel())[0, 1] > 0.5, "a sketch of 48 coordinates still tracks the exact kernel"
+
+
+def test_tensors_without_optimizer_state_are_not_moved(tmp_path):
+    from ckptforce.io.base import OptimizerState
+
+    params = {"a": torch.ones(3, dtype=torch.float64), "frozen": torch.ones(2, dtype=torch.float64), "unused": torch.ones(2, dtype=torch.float64)}
+    adam = {"exp_avg": torch.full((3,), 0.1), "exp_avg_sq": torch.full((3,), 0.04), "step": torch.tensor(5.0)}
+    group = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0, "names": ["a", "unused"]}
+    end = OptimizerState(tmp_path / "optimizer.pt", {"a": adam, "unused": {}}, [group], "test")
+    pre = preconditioner(params, start=end, end=end, lr=1e-3)
+    assert pre.kind == "adam" and "2 tensors have no optimizer state" in pre.note
+    assert float(pre.scale["frozen"].abs().sum()) == 0 and float(pre.scale["unused"].abs().sum()) == 0
+    expected = (1 - 0.9) / (1 - 0.9**5) / ((0.04 / (1 - 0.999**5)) ** 0.5 + 1e-8)
+    torch.testing.assert_close(pre.scale["a"], torch.full((3,), expected, dtype=torch.float64))
+    none = preconditioner(params, start=None, end=OptimizerState(tmp_path / "o.pt", {"x": adam}, [group], "test"), lr=1e-3)
+    assert none.kind == "sgd" and none.scale is None and "none of the model's tensors" in none.note
+
+
+def test_grpo_group_with_equal_rewards_has_no_gradient():
+    from ckptforce.forces.objectives import advantages
+
+    adv = advantages(torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]], dtype=torch.float64))
+    assert float(adv[0].abs().sum()) == 0
+    s = torch.tensor([1.0, 0.0, 0.0]).std(unbiased=True)
+    torch.testing.assert_close(adv[1], (torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64) - 1 / 3) / (float(s) + 1e-4))
