@@ -51,7 +51,7 @@ from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _memory import maxrss_kib, vmhwm_kib  # noqa: E402
+from _memory import children_cpu_s, cpu_busy_s, maxrss_kib, vmhwm_kib  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 OUT_DIR = REPO / "bench" / "out" / "forces"
@@ -408,29 +408,14 @@ def _common_args(args) -> list[str]:
     return out
 
 
-def _cpu_busy_s() -> float:
-    """CPU seconds the whole machine has spent busy (all processes, plus steal), from /proc/stat; −1 if unknown."""
-    try:
-        fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    except (OSError, ValueError, IndexError):
-        return -1.0
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
-def _children_cpu_s() -> float:
-    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return ru.ru_utime + ru.ru_stime
-
-
 def run_worker(kind: str, args, timeout: int = 1800) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, *_common_args(args)]
-    busy0, own0 = _cpu_busy_s(), _children_cpu_s()
+    busy0, own0 = cpu_busy_s(), children_cpu_s()
     t0 = time.perf_counter()
     env = _env(args.malloc_keep)
     proc = subprocess.run(cmd, check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     wall = time.perf_counter() - t0
-    busy1, own1 = _cpu_busy_s(), _children_cpu_s()
+    busy1, own1 = cpu_busy_s(), children_cpu_s()
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(MARKER)]
     if proc.returncode != 0 or not lines:
         sys.stderr.write(proc.stdout[-8000:] + proc.stderr[-8000:])

@@ -33,14 +33,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _memory import maxrss_kib
+from _memory import children_cpu_s, cpu_busy_s, maxrss_kib
 
 REPO = Path(__file__).resolve().parent.parent
 OUT_DIR = REPO / "bench" / "out" / "kernels"
@@ -305,11 +304,11 @@ def run_worker(kind: str, args) -> dict:
     env = dict(os.environ, PYTHONPATH=str(REPO) + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else ""))
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    busy0, own0 = _cpu_busy_s(), _children_cpu_s()
+    busy0, own0 = cpu_busy_s(), children_cpu_s()
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, check=False)
     wall = time.perf_counter() - t0
-    other = (_cpu_busy_s() - busy0) - (_children_cpu_s() - own0)
+    other = (cpu_busy_s() - busy0) - (children_cpu_s() - own0)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(MARKER)]
     if proc.returncode != 0 or not lines:
         sys.stderr.write(proc.stdout[-6000:] + proc.stderr[-6000:])
@@ -318,21 +317,6 @@ def run_worker(kind: str, args) -> dict:
     out["wall_s"] = wall
     out["other_load"] = max(0.0, other / (wall * (os.cpu_count() or 1))) if busy0 >= 0 else float("nan")
     return out
-
-
-def _cpu_busy_s() -> float:
-    """CPU seconds the machine has been busy (all processes, plus steal), from /proc/stat; −1 if unknown."""
-    try:
-        fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    except (OSError, ValueError, IndexError):
-        return -1.0
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
-def _children_cpu_s() -> float:
-    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return ru.ru_utime + ru.ru_stime
 
 
 def _forward_args(args) -> list[str]:

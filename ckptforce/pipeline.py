@@ -36,7 +36,7 @@ from .names import POOR_LINEARISATION
 from .parts import (  # noqa: F401 - re-exported: the parts' API lives in parts.py
     ConfigMismatchError, check_or_write_config, check_parts_match, merge_parts, missing_parts, part_path, parts_dir,
 )
-from .training_forces import PreparedTraining, prepare_training, source_coords, train_path_ok, training_part
+from .training_forces import PreparedTraining, focus_rows, prepare_training, source_coords, train_path_ok, training_part
 from .class_probes import CLASS_SUFFIXES, ClassBatch, load_class_probes, make_class_batch
 from .probes import ARGMAX, TokenBatch, load_probe_set, load_tokenizer, make_batch, tokenize
 from .updates import update_anatomy
@@ -178,17 +178,11 @@ def _prepare_classifier(config: AnalysisConfig, run: Run, model: BoundModel, dev
     return prepared
 
 
-def _focus_rows(p: Prepared):
-    """Each probe's first response row (chosen, or a classifier's label), in probe order."""
-    focus = p.responses[0]
-    return p.batch.select([b for b, (_, t) in enumerate(p.batch.rows) if t == focus])
-
-
 def _prepare_features(p: Prepared, dtype) -> None:
     if p.config.feature_layer:
         with p.run.open(p.run.checkpoints[0]) as ckpt:
             theta0 = p.model.params_from(ckpt, device=p.device, dtype=dtype)
-        p.z0 = features(p.model, theta0, _focus_rows(p), p.config.feature_layer)
+        p.z0 = features(p.model, theta0, focus_rows(p.batch, p.responses[0]), p.config.feature_layer)
 
 
 def _check_device(device: str) -> None:
@@ -241,7 +235,7 @@ def compute_part(config_json: str, k: int, device: str = "cpu", progress: Callab
             data["dlogp_path_tensor"] = grid.rows(res.path_by_tensor, None)[None]
     attrs = {"jvp_method": res.method}
     if p.z0 is not None:
-        rows = _focus_rows(p)
+        rows = focus_rows(p.batch, p.responses[0])
         where = [i for i, _ in rows.rows]
         stats = [drift(features(p.model, theta, rows, config.feature_layer), p.z0) for theta in (before, after)]
         for key, name in (("norm", "feature_norm"), ("drift", "feature_drift"), ("one_minus_cos", "feature_one_minus_cos"), ("dot", "feature_dot")):

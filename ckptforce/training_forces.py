@@ -52,6 +52,11 @@ class PreparedTraining:
         return [e.id for e in self.tset.examples] + [MOMENTUM, WEIGHT_DECAY]
 
 
+def focus_rows(batch, response: str):
+    """The rows of ``batch`` whose response type is ``response`` (each probe's chosen answer, or its label)."""
+    return batch.select([b for b, (_, t) in enumerate(batch.rows) if t == response])
+
+
 def _trainer_state(run) -> dict:
     for ref in reversed(run.checkpoints):
         folder = ref.path if ref.path.is_dir() else ref.path.parent
@@ -164,7 +169,7 @@ def training_part(p, pt: PreparedTraining, k: int, before: dict, after: dict, dl
     tset, n_ex = pt.tset, len(pt.tset)
     with torch.no_grad():
         logits = p.model.logits(before, pt.batch)
-    logp, weights = _weights(p, pt, before)
+    logp, weights = _weights(p, pt, before, logits)
     coeff = _coefficients(pt, lr, a.step, b.step, n_steps)
     forces = example_forces(p.model.logits, before, p.batch, pt.batch, pt.owners, weights.flatten(), coeff, pre,
                             teacher_logits=pt.teacher_logits, method=config.method, chunk_size=config.chunk_size)  # fmt: skip
@@ -224,8 +229,7 @@ def probe_kernel(p, pt: PreparedTraining, params: dict, weights: torch.Tensor) -
     Ghost inner products where the layers allow (kernels.py); rows of one example are summed (K is linear in
     L), and ‖∇L_u‖ of a multi-response example is taken from its own gradient (the cross terms count)."""
     config = p.config
-    focus = p.responses[0]
-    probes = p.batch.select([b for b, (_, t) in enumerate(p.batch.rows) if t == focus])
+    probes = focus_rows(p.batch, p.responses[0])
     weights = weights.flatten()  # (U·R,) one weight per training row
     projection = Projection(config.kernel_projection) if config.kernel_projection else None
     kern = gradient_kernel(p.model.logits, params, probes, pt.batch, module=p.model.module, train_loss=weights.to(torch.float64),
@@ -257,10 +261,9 @@ def probe_kernel(p, pt: PreparedTraining, params: dict, weights: torch.Tensor) -
 def class_matrices(p, pt: PreparedTraining, params: dict) -> tuple[dict[str, np.ndarray], str]:
     """A (P, V, V), G (U + 2, V) and K (P, U + 2, V, V) at θ for a classifier (NaN for momentum / weight decay),
     or ({}, a note) when they would not fit the budgets above."""
-    focus = p.responses[0]
-    probes = p.batch.select([b for b, (_, t) in enumerate(p.batch.rows) if t == focus])
+    probes = focus_rows(p.batch, p.responses[0])
     n_params = sum(t.numel() for t in params.values() if t.is_floating_point())
-    vocab = len(p.model.logits(params, probes.select([0]))[0, 0])
+    vocab = p.model.vocab_size or int(p.model.logits(params, probes.select([0])).shape[-1])
     rows = len(probes) + len(pt.batch)
     if rows * vocab * n_params > CLASS_JACOBIAN_BUDGET or len(probes) * len(pt.tset) * vocab**2 > CLASS_K_BUDGET:
         return {}, (f"the full A, K, G matrices are not stored ({len(probes)} probes × {len(pt.tset)} examples × {vocab}² classes, "
@@ -276,11 +279,13 @@ def class_matrices(p, pt: PreparedTraining, params: dict) -> tuple[dict[str, np.
     return {"a_class": a[None], "g_class": g[None], "k_class": k[None]}, ""
 
 
-def _weights(p, pt: PreparedTraining, params: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logp (U, R), w (U, R)): the training responses' log-probabilities at θ and their weights −∂L/∂logπ."""
+def _weights(p, pt: PreparedTraining, params: dict, logits: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logp (U, R), w (U, R)): the training responses' log-probabilities at θ and their weights −∂L/∂logπ
+    (``logits``: the training rows' logits at θ when the caller has them)."""
     tset, n_ex = pt.tset, len(pt.tset)
-    with torch.no_grad():
-        logits = p.model.logits(params, pt.batch)
+    if logits is None:
+        with torch.no_grad():
+            logits = p.model.logits(params, pt.batch)
     logp = _row_logp(logits, pt.batch).view(n_ex, pt.n_resp).cpu()
     if tset.objective == "kd":  # kd_loss already averages over the response tokens
         return logp, torch.ones_like(logp)
