@@ -112,6 +112,14 @@ def _analysis_options(f):
         click.option("--model", "model", help="package.module:factory returning the nn.Module (default: the run's config.json)."),
         click.option("--base-model", type=click.Path(path_type=Path), help="Base model folder under a LoRA adapter (default: the local folder adapter_config.json names)."),
         click.option("--tokenizer", type=click.Path(path_type=Path), help="Tokenizer folder (default: the checkpoint's, then the run root's)."),
+        click.option("--chat-template", type=click.Path(path_type=Path), help="Jinja chat template for conversational probes / "
+                     "examples (messages), or a tokenizer_config.json holding one (default: the tokenizer's own)."),
+        click.option("--probe-eos", is_flag=True, help="Append the tokenizer's eos_token to probe responses (default: scored "
+                     "without it, as the papers' probes are)."),
+        click.option("--train-eos/--no-train-eos", default=True, show_default=True, help="Append eos_token to the training "
+                     "examples' completion / chosen / rejected / text, as TRL does; --no-train-eos for runs tokenized without it."),
+        click.option("--special-tokens/--no-special-tokens", default=True, show_default=True, help="Add the special tokens "
+                     "the tokenizer adds by default (BOS), as the trainer's tokenizer(text) did."),
         click.option("--device", default="cpu", show_default=True, help="cpu, cuda, or cuda:N."),
         click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True, help="Arithmetic dtype of the forces."),
         click.option("--nodes", type=click.IntRange(0, 16), default=None, help="Gauss–Legendre nodes of the path attribution (0: skip it).  [default: 2]"),
@@ -127,7 +135,7 @@ def _analysis_options(f):
     return f
 
 
-def _run_analysis(run_dir, out, *, probes, train, objective, feature_layer, kernel_projection, init, layout, trust_pickles, model, base_model, tokenizer, device, dtype, nodes, no_by_tensor, method, chunk_size, workers, scheduler, quiet) -> Path:
+def _run_analysis(run_dir, out, *, probes, train, objective, feature_layer, kernel_projection, init, layout, trust_pickles, model, base_model, tokenizer, chat_template, probe_eos, train_eos, special_tokens, device, dtype, nodes, no_by_tensor, method, chunk_size, workers, scheduler, quiet) -> Path:
     import shlex
 
     from .forces import DEFAULT_NODES
@@ -141,7 +149,7 @@ def _run_analysis(run_dir, out, *, probes, train, objective, feature_layer, kern
         run_dir, probes, init=init, model=model, base_model=base_model, tokenizer=tokenizer, layout=layout,
         nodes=DEFAULT_NODES if nodes is None else nodes, by_tensor=not no_by_tensor, method=method, dtype=dtype,
         chunk_size=chunk_size, trust_pickles=trust_pickles, train=train, objective=objective, kernel_projection=kernel_projection,
-        feature_layer=feature_layer,
+        feature_layer=feature_layer, chat_template=chat_template, probe_eos=probe_eos, train_eos=train_eos, special_tokens=special_tokens,
     )  # fmt: skip
     bar = None if (quiet or not sys.stderr.isatty()) else _progress_bar("analysing", "intervals")
     try:

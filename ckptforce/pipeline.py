@@ -38,7 +38,8 @@ from .parts import (  # noqa: F401 - re-exported: the parts' API lives in parts.
 )
 from .training_forces import PreparedTraining, focus_rows, prepare_training, source_coords, train_path_ok, training_part
 from .class_probes import CLASS_SUFFIXES, ClassBatch, load_class_probes, make_class_batch
-from .probes import ARGMAX, TokenBatch, load_probe_set, load_tokenizer, make_batch, tokenize
+from .probes import ARGMAX, TokenBatch, boundary_note, load_probe_set, load_tokenizer, make_batch, tokenize
+from .sequences import Convention, as_text, consistency_notes, describe, files_sha256, is_ids, kinds, load_chat_template
 from .updates import update_anatomy
 
 #: The response type of a classification probe: its (given) label.
@@ -75,6 +76,11 @@ class AnalysisConfig:
     objective: str | None = dataclasses.field(default=None, metadata={"help": "training objective (--objective; else the file / trainer)"})
     feature_layer: str | None = dataclasses.field(default=None, metadata={"help": "submodule whose output is tracked (--feature-layer)"})
     kernel_projection: int | None = dataclasses.field(default=None, metadata={"help": "sketch size of the approximate kernels (--kernel-projection; None: exact)"})
+    special_tokens: bool = dataclasses.field(default=True, metadata={"help": "add the tokenizer's special tokens (BOS) to text, as the trainer did"})
+    probe_eos: bool = dataclasses.field(default=False, metadata={"help": "append eos_token to probe responses (--probe-eos)"})
+    train_eos: bool = dataclasses.field(default=True, metadata={"help": "append eos_token to training completions / chosen / rejected, as TRL does"})
+    chat_template: str | None = dataclasses.field(default=None, metadata={"help": "Jinja chat template file (--chat-template; else the tokenizer's)"})
+    chat_template_sha256: str | None = dataclasses.field(default=None, metadata={"help": "hash of the chat template file"})
 
     @classmethod
     def for_run(cls, run_dir, probes, **kw) -> "AnalysisConfig":
@@ -83,7 +89,9 @@ class AnalysisConfig:
             what = "is a directory, not a probe file" if probes.is_dir() else "no such probe file"
             raise ProbeFileNotFoundError(f"{probes}: {what}; give the JSONL file of probes with --probes")
         digest = hashlib.sha256(probes.read_bytes()).hexdigest()
-        clean = {k: (str(Path(v).resolve()) if k in ("init", "base_model", "tokenizer", "train") and v else v) for k, v in kw.items()}
+        clean = {k: (str(Path(v).resolve()) if k in ("init", "base_model", "tokenizer", "train", "chat_template") and v else v) for k, v in kw.items()}
+        if clean.get("chat_template"):
+            clean["chat_template_sha256"] = hashlib.sha256(load_chat_template(clean["chat_template"]).encode()).hexdigest()
         if clean.get("train"):
             train = Path(train_path_ok(clean["train"]))
             clean["train_sha256"] = hashlib.sha256(train.read_bytes()).hexdigest()
@@ -113,6 +121,8 @@ class Prepared:
     prompts: list[str] = field(default_factory=list)  # prompt text per probe ("" when given as ids)
     texts: list[list[str]] = field(default_factory=list)  # (probe, response) text ("" for ids and argmax)
     training: PreparedTraining | None = None  # with --train
+    tokenization: dict = field(default_factory=dict)  # the convention text was tokenized with (sequences.describe)
+    notes: list[str] = field(default_factory=list)  # warnings about how probes / training texts were tokenized
     z0: torch.Tensor | None = None  # (P, D) features of each probe's first response at the first checkpoint (--feature-layer)
 
 
@@ -140,23 +150,36 @@ def prepare(config: AnalysisConfig, device: str = "cpu") -> Prepared:
         _PREPARED[key] = prepared
         return prepared
     probe_set = load_probe_set(config.probes)
-    needs_text = any(p.prompt_ids is None or any(isinstance(r, str) for r in p.responses.values()) for p in probe_set.probes)
+    needs_text = any(p.prompt_ids is None or not all(is_ids(r) for r in p.responses.values()) for p in probe_set.probes)
+    folder = first.path if first.path.is_dir() else first.path.parent
     tokenizer = None
     if needs_text:
-        folder = first.path if first.path.is_dir() else first.path.parent
         tokenizer = load_tokenizer(Path(config.tokenizer) if config.tokenizer else None, [folder, run.root])
-    tok = tokenize(probe_set, tokenizer, max_length=model.context, vocab_size=model.vocab_size)
+    template = load_chat_template(config.chat_template) if config.chat_template else None
+    convention = Convention(config.special_tokens, config.probe_eos, template)
+    tok = tokenize(probe_set, tokenizer, convention=convention, max_length=model.context, vocab_size=model.vocab_size)
     pad = getattr(tokenizer, "pad_token_id", None) or 0
     batch = make_batch(tok, pad_id=pad).to(device)
     responses = list(probe_set.response_types) + ([ARGMAX] if "chosen" in probe_set.response_types else [])
     prepared = Prepared(
         config, run, model, batch, [p.id for p in probe_set.probes], responses,
         [p.split or "" for p in probe_set.probes], [p.group or "" for p in probe_set.probes], device,
-        [p.prompt or "" for p in probe_set.probes],
-        [[r if isinstance(r := p.responses.get(t), str) else "" for t in responses] for p in probe_set.probes],
+        [as_text(p.prompt) for p in probe_set.probes],
+        [[as_text(p.responses.get(t)) for t in responses] for p in probe_set.probes],
     )  # fmt: skip
+    prepared.notes = [n for n in [boundary_note(tok, tokenizer)] if n]
+    train_convention = train_kinds = None
     if config.train:
-        prepared.training = prepare_training(config, run, model, tokenizer, device, dtype)
+        train_convention = Convention(config.special_tokens, config.train_eos, template)
+        prepared.training = prepare_training(config, run, model, tokenizer, device, dtype, convention=train_convention)
+        tokenizer = tokenizer or prepared.training.tokenizer
+        train_kinds = kinds(prepared.training.tset.examples)
+    if tokenizer is not None:
+        own = files_sha256(folder) or files_sha256(run.root)
+        prepared.notes += consistency_notes(tokenizer, probe=convention, probe_kinds=kinds(probe_set.probes), train=train_convention,
+                                            train_kinds=train_kinds, own_tokenizer_sha256=own if config.tokenizer else "")  # fmt: skip
+        source = f"--chat-template {config.chat_template}" if template else ("the tokenizer's" if getattr(tokenizer, "chat_template", None) else "none")
+        prepared.tokenization = describe(tokenizer, probe=convention, train=train_convention, template_source=source)
     _prepare_features(prepared, dtype)
     _PREPARED[key] = prepared
     return prepared
@@ -383,7 +406,8 @@ def analyze(
         tool_version=__version__, history=command, run_dir=str(run.root), layout=run.layout, config=config.to_json(),
         device=device, jvp_method=merged.attrs["jvp_method"], step_source=",".join(r.step_source for r in run.checkpoints),
         checkpoint_fingerprints={str(r.path): fingerprint(r.path) for r in run.checkpoints},
-        warnings=run.notes + warnings + _linearisation_warnings(merged) + json.loads(merged.attrs["training_notes"]),
+        warnings=run.notes + prepared.notes + warnings + _linearisation_warnings(merged) + json.loads(merged.attrs["training_notes"]),
+        **({"tokenization": prepared.tokenization} if prepared.tokenization else {}),
         attention=prepared.model.attention, **{k: merged.attrs[k] for k in ("objective", "preconditioner", "kernel_method", "kernel_approximate", "feature_layer") if k in merged.attrs},
         model_source=prepared.model.source,
     )  # fmt: skip

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import difflib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -29,6 +29,7 @@ import torch
 
 from .names import ARGMAX, RESPONSE_TYPES
 from .errors import ProbeFileError, ProbeFileNotFoundError, TokenizerError
+from .sequences import Convention, encode, encode_language_modeling, is_messages
 
 #: Top-level fields of one probe line, in the order errors are reported.
 FIELDS = ("id", "prompt", "prompt_ids", "responses", "split", "group")
@@ -41,9 +42,9 @@ class LmProbe:
     """One line of a probe file: a prompt (text or ids) and named responses (text or ids)."""
 
     id: str
-    prompt: str | None  # text, or None when prompt_ids are given
+    prompt: str | list[dict] | None  # text or chat messages; None when prompt_ids are given
     prompt_ids: list[int] | None
-    responses: dict[str, str | list[int]]  # response type -> text or token ids
+    responses: dict[str, str | list]  # response type -> text, token ids, or chat messages
     split: str | None = None  # e.g. "train" / "test"
     group: str | None = None  # e.g. a domain, for forgetting statistics
     line: int = 0  # 1-based line in the file, for messages
@@ -129,7 +130,7 @@ def load_probe_set(path) -> ProbeSet:
         probes.append(LmProbe(
             id=obj["id"], prompt=obj.get("prompt"),
             prompt_ids=[int(i) for i in obj["prompt_ids"]] if "prompt_ids" in obj else None,
-            responses={t: v if isinstance(v, str) else [int(i) for i in v] for t, v in obj["responses"].items()},
+            responses={t: v if isinstance(v, str) or is_messages(v) else [int(i) for i in v] for t, v in obj["responses"].items()},
             split=obj.get("split"), group=obj.get("group"), line=number,
         ))  # fmt: skip
     if not probes:
@@ -140,8 +141,9 @@ def load_probe_set(path) -> ProbeSet:
 
 def _unstorable(obj: dict) -> str:
     """``"{field}: what"`` for the first text the cube (HDF5, UTF-8, NUL-terminated) cannot store, else ""."""
-    texts = [(k, obj.get(k)) for k in ("id", "prompt", "split", "group")]
-    texts += [(f"responses.{t}", t) for t in obj["responses"]] + [(f"responses.{t}", v) for t, v in obj["responses"].items()]
+    texts = [(k, obj.get(k)) for k in ("id", "split", "group")] + _message_texts("prompt", obj.get("prompt"))
+    texts += [(f"responses.{t}", t) for t in obj["responses"]]
+    texts += [x for t, v in obj["responses"].items() for x in _message_texts(f"responses.{t}", v)]
     for field, text in texts:
         if not isinstance(text, str):
             continue
@@ -152,6 +154,13 @@ def _unstorable(obj: dict) -> str:
         except UnicodeEncodeError as e:
             return f"{field}: contains a lone surrogate (\\u{ord(text[e.start]):04x})"
     return ""
+
+
+def _message_texts(field_name: str, value) -> list[tuple[str, object]]:
+    """(field, text) of a text value, or of each message's content."""
+    if is_messages(value):
+        return [(f"{field_name}[{i}].content", m.get("content")) for i, m in enumerate(value)]
+    return [(field_name, value)]
 
 
 class _RepeatedKey(Exception):
@@ -296,45 +305,78 @@ class TokenizedProbes:
     probe_set: ProbeSet
     prompt_ids: list[list[int]]  # per probe
     response_ids: list[dict[str, list[int]]]  # per probe: response type -> ids
+    prompt_cut: list[list[int]] = field(default_factory=list)  # per probe: prompt tokens left out at the boundary
 
     def __len__(self) -> int:
         return len(self.prompt_ids)
 
 
-def tokenize(probe_set: ProbeSet, tokenizer=None, *, max_length: int | None = None, vocab_size: int | None = None) -> TokenizedProbes:
+def tokenize(probe_set: ProbeSet, tokenizer=None, *, convention: Convention = Convention(), max_length: int | None = None,
+             vocab_size: int | None = None) -> TokenizedProbes:  # fmt: skip
     """Token ids for every prompt and response: ``ProbeSet`` (+ tokenizer) in, ``TokenizedProbes`` out.
 
-    Text goes through ``tokenizer(text, add_special_tokens=False)["input_ids"]``, the prompt and each response
-    separately (so the boundary is exact); ids given in the file are kept as they are. With ``max_length``
-    (the model's context) a prompt + response longer than it is an error: responses are never truncated; with
-    ``vocab_size`` so is a token id the model's embedding does not have.
+    Text and conversations become the ids the trainer fed the model (``sequences.encode``: TRL's rules — the
+    tokenizer's special tokens such as BOS, the EOS text appended when ``convention.eos``, the prompt and
+    prompt+response tokenized whole and the response taken from their common prefix, chat templates for
+    messages); ids given in the file are kept as they are. With ``max_length`` (the model's context) a prompt +
+    response longer than it is an error: responses are never truncated; with ``vocab_size`` so is a token id
+    the model's embedding does not have.
     """
     prompts: list[list[int]] = []
     responses: list[dict[str, list[int]]] = []
+    cuts: list[list[int]] = []
     for p in probe_set.probes:
         where = f"{probe_set.path}:{p.line}"
-        pids = p.prompt_ids if p.prompt_ids is not None else _encode(tokenizer, p.prompt, where, "prompt", p.id)
+        if tokenizer is None:
+            _needs_no_tokenizer(p, where)
+        if p.prompt is None and p.prompt_ids is None:  # a language-modeling training row (text / messages)
+            enc = encode_language_modeling(tokenizer, p.responses["completion"], convention, where=where)
+        else:
+            enc = encode(tokenizer, p.prompt_ids if p.prompt_ids is not None else p.prompt, p.responses, convention, where=where)
+        pids = enc.prompt_ids
         if not pids:
-            raise ProbeFileError(f"{where}: prompt: tokenizes to no tokens (probe '{p.id}'); give a prompt of at "
+            why = (" (prompt and response merge into one token at the boundary: end the prompt on a token boundary)"
+                   if enc.prompt_cut else "")  # fmt: skip
+            raise ProbeFileError(f"{where}: prompt: tokenizes to no tokens (probe '{p.id}'){why}; give a prompt of at "
                                  "least one token: something must predict the first response token")  # fmt: skip
         _check_vocab(pids, vocab_size, where, "prompt", p.id)
         rids: dict[str, list[int]] = {}
-        for rtype, r in p.responses.items():
-            field = f"responses.{rtype}"
-            ids = list(r) if isinstance(r, list) else _encode(tokenizer, r, where, field, p.id)
+        for rtype, ids in enc.response_ids.items():
+            field_name = f"responses.{rtype}"
             if not ids:
-                raise ProbeFileError(f"{where}: {field}: tokenizes to no tokens (probe '{p.id}'); "
+                raise ProbeFileError(f"{where}: {field_name}: tokenizes to no tokens (probe '{p.id}'); "
                                      "give text of at least one token, or token ids")  # fmt: skip
-            _check_vocab(ids, vocab_size, where, field, p.id)
+            _check_vocab(ids, vocab_size, where, field_name, p.id)
             if max_length is not None and len(pids) + len(ids) > max_length:
                 raise ProbeFileError(
-                    f"{where}: {field}: probe '{p.id}' prompt + response is {len(pids) + len(ids)} tokens "
+                    f"{where}: {field_name}: probe '{p.id}' prompt + response is {len(pids) + len(ids)} tokens "
                     f"({len(pids)} + {len(ids)}), the model's context is {max_length}; "
                     "shorten it — responses are never truncated silently")  # fmt: skip
             rids[rtype] = ids
         prompts.append(list(pids))
         responses.append(rids)
-    return TokenizedProbes(probe_set, prompts, responses)
+        cuts.append(enc.prompt_cut)
+    return TokenizedProbes(probe_set, prompts, responses, cuts)
+
+
+def _needs_no_tokenizer(p: LmProbe, where: str) -> None:
+    """A TokenizerError naming the first field of ``p`` that is text (or messages): it needs a tokenizer."""
+    fields = [("prompt", p.prompt)] + [(f"responses.{t}", r) for t, r in p.responses.items()]
+    for name, value in fields:
+        if value is not None and not (isinstance(value, list) and not is_messages(value)):
+            raise TokenizerError(f"{where}: {name}: probe '{p.id}' is text and no tokenizer is known; {_IDS_HINT}")
+
+
+def boundary_note(tok: TokenizedProbes, tokenizer, what: str = "probes") -> str | None:
+    """One line when some prompts lost tokens at the prompt/response boundary (TRL warns of the same), else None."""
+    cut = [(p, c) for p, c in zip(tok.probe_set.probes, tok.prompt_cut) if c]
+    if not cut:
+        return None
+    probe, ids = cut[0]
+    shown = tokenizer.decode(ids) if tokenizer is not None else str(ids)
+    return (f"{len(cut)} of {len(tok)} {what}: the tokenized prompt is not a prefix of prompt + response (tokens merge "
+            f"across the boundary, or the chat template renders the prompt differently); as the trainer does, the "
+            f"response starts where they diverge and the prompt's end is left out (e.g. {probe.id}: {shown!r})")  # fmt: skip
 
 
 def _check_vocab(ids: list[int], vocab_size: int | None, where: str, field: str, probe_id: str) -> None:
@@ -342,12 +384,6 @@ def _check_vocab(ids: list[int], vocab_size: int | None, where: str, field: str,
         raise ProbeFileError(f"{where}: {field}: token id {max(ids)} of probe '{probe_id}' is outside the model's "
                              f"vocabulary (ids 0 … {vocab_size - 1}); give ids of the run's tokenizer, or pass it "
                              "with --tokenizer")  # fmt: skip
-
-
-def _encode(tokenizer, text: str, where: str, field: str, probe_id: str) -> list[int]:
-    if tokenizer is None:
-        raise TokenizerError(f"{where}: {field}: probe '{probe_id}' is text and no tokenizer is known; {_IDS_HINT}")
-    return [int(i) for i in tokenizer(text, add_special_tokens=False)["input_ids"]]
 
 
 @dataclass

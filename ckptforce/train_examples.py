@@ -1,10 +1,14 @@
 """Training-example files (``--train``) in, validated examples and a teacher-forced batch of their responses out.
 
-JSONL in TRL's dataset conventions (``schemas/train_set.schema.json`` is the authority)::
+JSONL in TRL's dataset conventions (``schemas/train_set.schema.json`` is the authority), text, chat messages or
+token ids, tokenized as the trainer did (``sequences.py``)::
 
     {"objective": "dpo", "beta": 0.1}                                   optional header line
     {"id": "u1", "prompt": "Q: where does alice live ? A:", "chosen": " alice lives in paris .",
      "rejected": " alice lives in rome .", "steps": [3, 11]}
+    {"id": "u2", "prompt": [{"role": "user", "content": "where does bob live?"}],
+     "completion": [{"role": "assistant", "content": "bob lives in oslo."}]}
+    {"id": "u3", "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
 
 * ``load_training_set(path, objective=None)`` -> ``TrainingSet``: the objective from ``objective`` (the
   command line), else the header, else the trainer's record (``infer_objective``), else the examples' shape;
@@ -36,9 +40,9 @@ class TrainFileError(ProbeFileError):
 @dataclass
 class TrainExample:
     id: str
-    prompt: str | None
+    prompt: str | list[dict] | None  # text or chat messages; None with prompt_ids, and for messages / text rows
     prompt_ids: list[int] | None
-    responses: dict[str, str | list[int]]  # role -> text or ids: completion | chosen, rejected | completion_i
+    responses: dict[str, str | list]  # role -> text, ids or messages: completion | chosen, rejected | completion_i
     rewards: list[float] | None = None
     steps: list[int] | None = None
     line: int = 0
@@ -94,9 +98,9 @@ def _problem(validator, obj: dict) -> str | None:
     if e.validator == "additionalProperties":
         known = ", ".join(validator.schema["properties"])
         return f"unknown field(s) {e.message.split('(')[-1].rstrip(')')} (known: {known})"
-    if e.validator in ("oneOf", "allOf"):
-        return ("give the prompt (text) or prompt_ids, and exactly one of: completion; chosen + rejected; "
-                "completions + rewards")  # fmt: skip
+    if e.validator in ("oneOf", "allOf", "not"):
+        return ("give the prompt (text or messages) or prompt_ids, and exactly one of: completion; chosen + rejected; "
+                "completions + rewards — or a whole conversation or text alone: messages, or text")  # fmt: skip
     return f"{where + ': ' if where else ''}{e.message}"
 
 
@@ -138,7 +142,9 @@ def load_training_set(path, objective: str | None = None, *, record: str | None 
         if uid in seen:
             raise TrainFileError(f"{where}: id: '{uid}' is already used on line {seen[uid]}; give every example a unique id")
         seen[uid] = number
-        if "completions" in obj:
+        if "messages" in obj or "text" in obj:  # language modeling: every token after the first is trained on
+            responses = {"completion": obj.get("messages", obj.get("text"))}
+        elif "completions" in obj:
             if len(obj["completions"]) != len(obj["rewards"]):
                 raise TrainFileError(f"{where}: {len(obj['completions'])} completions but {len(obj['rewards'])} rewards; give one reward per completion")
             responses = {f"completion_{i}": r for i, r in enumerate(obj["completions"])}

@@ -10,6 +10,7 @@ arrays keyed by cube names, which the pipeline scatters into the part.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
@@ -22,7 +23,8 @@ from .errors import CkptforceError
 from .forces.attribution import direction_force, example_forces, example_gradient, preconditioner
 from .forces.kernels import Projection, class_forces, gradient_kernel
 from .forces.objectives import DEFAULT_BETA, NEEDS_REFERENCE, PREFERENCE, g_statistics, margin, response_weights
-from .probes import TokenBatch, load_tokenizer, make_batch, tokenize
+from .probes import TokenBatch, boundary_note, load_tokenizer, make_batch, tokenize
+from .sequences import Convention, is_ids
 from .class_probes import CLASS_SUFFIXES, ClassBatch, load_class_probes, make_class_batch
 from .train_examples import TrainExample, TrainingSet, infer_objective, load_training_set
 
@@ -46,6 +48,7 @@ class PreparedTraining:
     teacher_logits: torch.Tensor | None  # (rows, T, V) for kd
     batch_size: int | None
     notes: list[str] = field(default_factory=list)
+    tokenizer: object = None  # the tokenizer the texts went through (None for ids / arrays)
 
     @property
     def sources(self) -> list[str]:
@@ -69,7 +72,8 @@ def _trainer_state(run) -> dict:
     return {}
 
 
-def prepare_training(config, run, model, tokenizer, device: str, dtype: torch.dtype) -> PreparedTraining:
+def prepare_training(config, run, model, tokenizer, device: str, dtype: torch.dtype, *, convention: Convention = Convention(eos=True)) -> PreparedTraining:
+    """Read, tokenize (as the trainer did: ``convention``, TRL's by default) and batch the training examples."""
     state = _trainer_state(run)
     arrays = Path(config.train).suffix in CLASS_SUFFIXES
     if arrays != (model.kind == "classifier"):
@@ -79,10 +83,12 @@ def prepare_training(config, run, model, tokenizer, device: str, dtype: torch.dt
     if arrays:
         return _prepare_class_training(config, state, device, dtype)
     tset = load_training_set(config.train, config.objective, record=infer_objective(state.get("log_history", [])))
-    if tokenizer is None and any(isinstance(x, str) for e in tset.examples for x in [e.prompt, *e.responses.values()] if x is not None):
+    if tokenizer is None and any(x is not None and not is_ids(x) for e in tset.examples for x in [e.prompt, *e.responses.values()]):
         first = run.checkpoints[-1].path
         tokenizer = load_tokenizer(Path(config.tokenizer) if config.tokenizer else None, [first if first.is_dir() else first.parent, run.root])
-    tok = tokenize(tset.as_probe_set(), tokenizer, max_length=model.context, vocab_size=model.vocab_size)
+    if tset.objective == "grpo":  # completions were generated: their EOS, if any, is not in the logged text
+        convention = dataclasses.replace(convention, eos=False)
+    tok = tokenize(tset.as_probe_set(), tokenizer, convention=convention, max_length=model.context, vocab_size=model.vocab_size)
     pad = getattr(tokenizer, "pad_token_id", None) or 0
     roles = list(tset.examples[0].responses)
     if any(list(e.responses) != roles for e in tset.examples):
@@ -109,7 +115,8 @@ def prepare_training(config, run, model, tokenizer, device: str, dtype: torch.dt
                              'add a header line {"objective": "...", "batch_size": N}')  # fmt: skip
     if not tset.has_steps:
         notes.append("the training file has no 'steps': each example is counted as used n_steps × batch/U times per interval (uniform sampling)")
-    return PreparedTraining(tset, batch, [u for u, _ in rows], len(roles), lengths, ref_logp, teacher, batch_size, notes)
+    notes += [n for n in [boundary_note(tok, tokenizer, "training examples")] if n]
+    return PreparedTraining(tset, batch, [u for u, _ in rows], len(roles), lengths, ref_logp, teacher, batch_size, notes, tokenizer)
 
 
 def _prepare_class_training(config, state: dict, device: str, dtype: torch.dtype) -> PreparedTraining:

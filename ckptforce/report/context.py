@@ -66,6 +66,21 @@ def _probe_rows(ds: xr.Dataset) -> list[dict[str, str]]:
     ]  # fmt: skip
 
 
+def tokenization_summary(t: dict) -> str:
+    """One line on how text became token ids (the cube's ``tokenization`` attribute), "" for a cube without it."""
+    if not t:
+        return ""
+    yes = lambda flag, what: what if flag else f"no {what}"  # noqa: E731
+    eos = f"EOS {t.get('eos_token', '')!s} appended to " + " and ".join(
+        [w for w, f in (("probe responses", t.get("probe_eos")), ("training responses", t.get("train_eos"))) if f] or ["nothing"])
+    template = t.get("chat_template", "none")
+    if t.get("chat_template_sha256"):
+        template += f" (sha256 {t['chat_template_sha256'][:12]})"
+    files = f"tokenizer {t.get('tokenizer', '')}" + (f" (files sha256 {t['tokenizer_sha256'][:12]})" if t.get("tokenizer_sha256") else "")
+    bos = yes(t.get("bos_added"), f"BOS {t.get('bos_token', '')} added".replace("  ", " "))
+    return f"as the trainer (TRL): {bos}; {eos}; chat template: {template}; {files}"
+
+
 def gather(ds: xr.Dataset, source: Path | None = None) -> ReportContext:
     """Everything the HTML and PDF show, from one cube (``source``: the file it came from)."""
     run_dir = str(ds.attrs.get("run_dir", "(unknown run)"))
@@ -78,6 +93,7 @@ def gather(ds: xr.Dataset, source: Path | None = None) -> ReportContext:
         ("first-order method", str(ds.attrs.get("jvp_method", ""))), ("device", str(ds.attrs.get("device", ""))),
         ("training objective", str(ds.attrs.get("objective", ""))), ("optimizer preconditioner", str(ds.attrs.get("preconditioner", ""))),
         ("kernels", str(ds.attrs.get("kernel_method", ""))), ("feature layer", str(ds.attrs.get("feature_layer", ""))),
+        ("tokenization", tokenization_summary(_json_attr(ds, "tokenization", {}))),
         ("command line", str(ds.attrs.get("history", ""))), ("ckptforce", str(ds.attrs.get("tool_version", ""))),
         ("cube schema", str(ds.attrs.get("ckptforce_schema", ""))),
     ]  # fmt: skip
