@@ -22,7 +22,8 @@ import torch
 from .errors import CkptforceError
 from .forces.attribution import direction_force, example_forces, example_gradient, preconditioner
 from .forces.kernels import Projection, class_forces, gradient_kernel
-from .forces.objectives import DEFAULT_BETA, NEEDS_REFERENCE, PREFERENCE, g_statistics, margin, response_weights
+from .forces.objectives import DEFAULT_BETA, NEEDS_REFERENCE, PREFERENCE, g_statistics, kd_loss, margin, response_weights
+from .forces.objectives import loss as objective_loss
 from .probes import TokenBatch, boundary_note, load_tokenizer, make_batch, tokenize
 from .sequences import Convention, is_ids
 from .class_probes import CLASS_SUFFIXES, ClassBatch, load_class_probes, make_class_batch
@@ -296,10 +297,26 @@ def _weights(p, pt: PreparedTraining, params: dict, logits: torch.Tensor | None 
     logp = _row_logp(logits, pt.batch).view(n_ex, pt.n_resp).cpu()
     if tset.objective == "kd":  # kd_loss already averages over the response tokens
         return logp, torch.ones_like(logp)
-    kw = {"lengths": pt.lengths, "ref_logp": pt.ref_logp, "beta": tset.beta, "gamma": tset.gamma}
-    if tset.objective == "grpo":
-        kw["rewards"] = torch.tensor([e.rewards for e in tset.examples], dtype=torch.float64)
-    return logp, response_weights(tset.objective, logp, **kw)
+    return logp, response_weights(tset.objective, logp, **_objective_kw(pt))
+
+
+def _objective_kw(pt: PreparedTraining) -> dict:
+    kw = {"lengths": pt.lengths, "ref_logp": pt.ref_logp, "beta": pt.tset.beta, "gamma": pt.tset.gamma}
+    if pt.tset.objective == "grpo":
+        kw["rewards"] = torch.tensor([e.rewards for e in pt.tset.examples], dtype=torch.float64)
+    return kw
+
+
+def example_losses(pt: PreparedTraining, model, params: dict) -> torch.Tensor:
+    """L (U,) float64: each training example's loss at ``params`` on the token ids the trainer built
+    (``objectives.loss``; for kd ``kd_loss``) — what the trainer's ``compute_loss`` gives on a batch of that
+    example alone (tests/test_trainer_consistency.py checks it against TRL)."""
+    with torch.no_grad():
+        logits = model.logits(params, pt.batch)
+    if pt.tset.objective == "kd":
+        return kd_loss(logits.double(), pt.teacher_logits.double(), pt.batch.target_mask).view(len(pt.tset), pt.n_resp).sum(1).cpu()
+    logp = _row_logp(logits, pt.batch).view(len(pt.tset), pt.n_resp).cpu()
+    return objective_loss(pt.tset.objective, logp, **_objective_kw(pt))
 
 
 def source_coords(pt: PreparedTraining) -> dict[str, list]:
