@@ -72,15 +72,19 @@ CONFIG = LmConfig()
 
 
 def tokenizer():
-    """A word-level tokenizer over ``world.vocabulary()`` built with ``tokenizers`` (no hub access)."""
+    """A word-level tokenizer over ``world.vocabulary()`` built with ``tokenizers`` (no hub access) that, like
+    Llama's and Gemma's, adds ``<bos>`` to every text: every sequence the trainers see starts with it, and
+    ckptforce must put it in front of the probes too."""
     from tokenizers import Tokenizer
     from tokenizers.models import WordLevel
     from tokenizers.pre_tokenizers import Whitespace
+    from tokenizers.processors import TemplateProcessing
     from transformers import PreTrainedTokenizerFast
 
     vocab = {w: i for i, w in enumerate(world.vocabulary())}
     tok = Tokenizer(WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = Whitespace()
+    tok.post_processor = TemplateProcessing(single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", vocab["<bos>"])])
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<bos>",
                                    eos_token="<eos>", model_max_length=CONFIG.n_positions)  # fmt: skip
 
