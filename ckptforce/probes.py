@@ -220,6 +220,10 @@ def _describe(error, obj) -> str:
         msg = f"field {names} is not allowed (known: {', '.join(FIELDS)})"
         close = difflib.get_close_matches(extra[0], FIELDS, n=1)
         return msg + (f"; did you mean '{close[0]}'?" if close else "; remove it")
+    if v == "required" and error.path:  # inside a chat message
+        missing = next(k for k in error.validator_value if k not in inst)
+        return (f"{field}: '{missing}' missing; write each chat message as "
+                '{"role": "user" | "assistant" | "system", "content": "..."}')  # fmt: skip
     if v == "required":
         missing = next(k for k in error.validator_value if k not in inst)
         what = ("give every probe a unique string id" if missing == "id"
