@@ -184,3 +184,12 @@ def test_conversational_probe_file_round_trip(tok, tmp_path):
     bad.write_text(json.dumps({"id": "x", "prompt": [{"role": "user"}], "responses": {"chosen": "y"}}) + "\n")
     with pytest.raises(ProbeFileError, match=r"bad.jsonl:1: prompt\[0\]: 'content' missing; write each chat message as"):
         load_probe_set(bad)
+
+
+def test_the_readmes_example_chat_probe_file_loads_and_tokenizes(tok):
+    from pathlib import Path
+
+    ps = load_probe_set(Path(__file__).resolve().parent.parent / "docs" / "examples" / "chat_probes.jsonl")
+    t = tokenize(ps, tok)
+    assert [p.id for p in ps.probes] == ["c1", "c2"] and all(ids[0] == tok.bos_token_id for ids in t.prompt_ids)
+    assert set(t.response_ids[0]) == {"chosen", "rejected", "other_trained", "random"}
