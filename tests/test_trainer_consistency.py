@@ -174,3 +174,28 @@ def test_probe_logp_is_the_models_logp_of_trls_tokens(llm, tmp_path, name, probe
             want = _model_logp(info.checkpoints[-1], list(prompt), list(response))
             got = float(logp.sel(probe=f"p{i}", response="chosen" if role == "completion" else role).isel(checkpoint=-1))
             assert got == pytest.approx(want, rel=REL, abs=1e-9), f"{name} p{i} {role}"
+
+
+def test_the_convention_is_recorded_warned_and_shown_in_the_report(llm, tmp_path):
+    """--train with plain-text probes of a TRL SFT run: the cube records the convention, warns that probes are
+    scored without the EOS the training completions carry, and the report's provenance says so."""
+    from ckptforce.report.context import gather
+
+    info, train, probes = llm("sft-llama")
+    other = tmp_path / "tok"
+    llm_runs.bos_tokenizer().save_pretrained(str(other))
+    (other / "tokenizer_config.json").write_text((other / "tokenizer_config.json").read_text().replace('"model_max_length": 64', '"model_max_length": 65'))
+    out = tmp_path / "cube.h5"
+    args = ["analyze", str(info.root), "--probes", str(probes), "--train", str(train), "--tokenizer", str(other), "-o", str(out),
+            "-q", "--nodes", "0", "--no-by-tensor"]  # fmt: skip
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    with xr.open_dataset(out, engine="h5netcdf") as ds:
+        ds = ds.load()
+    t = json.loads(ds.attrs["tokenization"])
+    assert (t["bos_added"], t["probe_eos"], t["train_eos"], t["chat_template"]) == (True, False, True, "the tokenizer's")
+    warnings = json.loads(ds.attrs["warnings"])
+    assert any("probe responses are scored without it (pass --probe-eos" in w for w in warnings), warnings
+    assert any("differs from the one saved with the run" in w for w in warnings), warnings
+    shown = dict(gather(ds).provenance)["tokenization"]
+    assert shown.startswith("as the trainer (TRL): BOS <bos> added; EOS <eos> appended to training responses; chat template: the tokenizer's (sha256 ")
