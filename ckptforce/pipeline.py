@@ -231,7 +231,8 @@ def compute_part(config_json: str, k: int, device: str = "cpu", progress: Callab
         before = p.model.params_from(a, device=device, dtype=dtype)
         after = p.model.params_from(b, device=device, dtype=dtype)
     res = interval_forces(p.model.logits, before, after, p.batch, nodes=config.nodes, by_tensor=config.by_tensor, method=config.method,
-                          chunk_size=config.chunk_size, batch_rows=PROBE_BATCH, progress=progress, full=p.model.kind == "classifier")  # fmt: skip
+                          chunk_size=config.chunk_size, batch_rows=PROBE_BATCH, progress=progress, full=p.model.kind == "classifier",
+                          module=p.model.module)  # fmt: skip
     grid = _Grid(p)
     data = {
         "logp": np.stack([grid.rows(res.before.logp, res.before.argmax_logp), grid.rows(res.after.logp, res.after.argmax_logp)]),

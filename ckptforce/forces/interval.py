@@ -5,7 +5,7 @@ In: the model function, θ_t and θ_{t+1} (dicts over the same names), a batch. 
     Δ_obs  = log π(y|x; θ_{t+1}) − log π(y|x; θ_t)          observed
     Δ_lin  = A·J(θ_t)·Δθ                                    first-order prediction (one JVP)
     Δ_path = Σ_i w_i A·J(θ_t + s_iΔθ)·Δθ                     complete attribution, gap Δ_obs − Δ_path reported
-    split of Δ_lin and Δ_path by parameter tensor           (optional; per-row gradients)
+    split of Δ_lin and Δ_path by parameter tensor           (optional; backprop factors, or per-row gradients)
 
 for every row, and the same for the argmax response y* of each row.
 """
@@ -80,6 +80,16 @@ class IntervalForces:
         return None if self.dlogp_path is None else self.dlogp_obs - self.dlogp_path
 
 
+#: The split by tensor must add up to the JVP's Δ_lin within this (relative to the largest |Δ_lin|).
+SPLIT_SUM_TOL = 1e-4
+
+
+def _sums_to(split: torch.Tensor, total: torch.Tensor) -> bool:
+    """Σ_k C[b, k] = Δ_lin,b for every row, up to rounding: the split's own check."""
+    scale = float(total.abs().max()) if total.numel() else 0.0
+    return bool(((split.sum(1) - total).abs() <= SPLIT_SUM_TOL * scale + 1e-12).all())
+
+
 def interval_forces(
     fn: Fn,
     before: dict,
@@ -93,6 +103,7 @@ def interval_forces(
     batch_rows: int | None = None,
     progress: Callable[[int, int], None] | None = None,
     full: bool = False,
+    module=None,
 ) -> IntervalForces:
     """Everything first-order about one interval; ``nodes=0`` skips the path integral; ``full`` keeps the whole
     distribution of one-position (classifier) rows in ``before.logp_full`` / ``after.logp_full``.
@@ -104,7 +115,8 @@ def interval_forces(
         parts = []
         for start in range(0, len(batch), batch_rows):
             rows = batch.select(slice(start, start + batch_rows))
-            parts.append(interval_forces(fn, before, after, rows, nodes=nodes, by_tensor=by_tensor, method=method, chunk_size=chunk_size, full=full))
+            parts.append(interval_forces(fn, before, after, rows, nodes=nodes, by_tensor=by_tensor, method=method, chunk_size=chunk_size,
+                                         full=full, module=module))  # fmt: skip
             if progress:
                 progress(min(start + batch_rows, len(batch)), len(batch))
         return IntervalForces.cat(parts, width=batch.input_ids.shape[1])
@@ -114,9 +126,13 @@ def interval_forces(
     lin = delta_lin(fn, before, batch, step, method=method, chunk_size=chunk_size)
     names, lin_split, star_split = list(step), None, None
     if by_tensor:
-        names, lin_split, star_split = contributions_by_tensor(fn, before, batch, step, chunk_size=SPLIT_CHUNK)
+        names, lin_split, star_split = contributions_by_tensor(fn, before, batch, step, chunk_size=SPLIT_CHUNK, module=module, factored_chunk=chunk_size)
+        if module is not None and not _sums_to(lin_split, lin.total):  # a model the factors misread: the slow twin
+            module = None
+            names, lin_split, star_split = contributions_by_tensor(fn, before, batch, step, chunk_size=SPLIT_CHUNK)
     path = (
-        delta_path(fn, before, batch, step, nodes=nodes, method=method, chunk_size=chunk_size, by_tensor=by_tensor, split_chunk=SPLIT_CHUNK)
+        delta_path(fn, before, batch, step, nodes=nodes, method=method, chunk_size=chunk_size, by_tensor=by_tensor, split_chunk=SPLIT_CHUNK,
+                   module=module)  # fmt: skip
         if nodes
         else None
     )

@@ -108,13 +108,25 @@ def _cat_changes(parts: list[LinearChange]) -> LinearChange:
     )
 
 
-def contributions_by_tensor(fn: Fn, params: dict, batch, direction: dict, *, chunk_size: int | None = 8) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+def contributions_by_tensor(fn: Fn, params: dict, batch, direction: dict, *, chunk_size: int | None = 8,
+                            module=None, factored_chunk: int | None = None) -> tuple[list[str], torch.Tensor, torch.Tensor]:  # fmt: skip
     """(names, C (B, K), C* (B, K)): C[b, k] = ⟨∇_{θ_k} log π(y_b|x_b), v_k⟩, and C* the same for y*.
 
-    Per-row gradients by ``torch.func.vmap`` over rows of ``jacrev`` of (log π(y), log π(y*)) — each row a
+    With ``module`` (the nn.Module ``fn`` evaluates), from backprop factors (``factored.py``: about four
+    forwards, ``factored_chunk`` rows at a time), per-row gradients only for the tensors it does not cover.
+    Without, per-row gradients by ``torch.func.vmap`` over rows of ``jacrev`` of (log π(y), log π(y*)) — each row a
     batch of one, so padding never mixes rows; memory is chunk_size × 2 × |θ|. Models that vmap cannot trace
     (data-dependent Python control flow) fall back to one batched backward per chunk.
     """
+    if module is not None:
+        from .factored import factored_contributions
+
+        names, c, c_star, missing = factored_contributions(fn, module, params, batch, direction, chunk_size=factored_chunk)
+        if missing:
+            rest, c_rest, star_rest = contributions_by_tensor(fn, params, batch, {n: direction[n] for n in missing}, chunk_size=chunk_size)
+            at = [names.index(n) for n in rest]
+            c[:, at], c_star[:, at] = c_rest, star_rest
+        return names, c, c_star
     moving, fixed, tangents = _split(params, direction)
     names = list(moving)
     rows, rows_star = [], []
@@ -193,7 +205,7 @@ class PathChange:
 
 def delta_path(
     fn: Fn, params: dict, batch, direction: dict, *, nodes: int = 2, method: str = "auto", chunk_size: int | None = None,
-    by_tensor: bool = False, split_chunk: int | None = 8,
+    by_tensor: bool = False, split_chunk: int | None = 8, module=None,
 ) -> PathChange:
     """Δ_path = Σ_i w_i · A J(θ + s_iΔθ) Δθ, Gauss–Legendre nodes s_i on [0, 1].
 
@@ -212,7 +224,7 @@ def delta_path(
         tok = w * lin.tok if tok is None else _padded_add(tok, w * lin.tok)
         argmax = w * lin.argmax if argmax is None else argmax + w * lin.argmax
         if by_tensor:
-            names, c, _ = contributions_by_tensor(fn, point, batch, direction, chunk_size=split_chunk)
+            names, c, _ = contributions_by_tensor(fn, point, batch, direction, chunk_size=split_chunk, module=module, factored_chunk=chunk_size)
             split = w * c if split is None else split + w * c
     return PathChange(total, tok, argmax, split, names, nodes, used)
 

@@ -1,0 +1,146 @@
+"""The split of A·J·v by parameter tensor from backprop factors: one forward and one backward per score, no
+per-row parameter gradients.
+
+In: the model function ``fn(params, batch)``, the ``module`` it evaluates (through ``functional_call``), θ, a
+batch of rows and a direction v. Out: C (B, K) and C* (B, K) with
+
+    C[b, k] = ⟨∇_{θ_k} log π(y_b|x_b), v_k⟩            (and C* the same for y*, the argmax at θ)
+
+For a module m whose own parameters include θ_k, with input x_b and output o_b = m(x_b; θ_m) (rows never
+interact, so one backward of Σ_b s_b gives every row's output gradient δ_b = ∂s_b/∂o_b):
+
+    C[b, k] = Σ_{t,d} δ_{b,t,d} · τ_{b,t,d},     τ_b = ∂m(x_b; θ_m + ε v_k)/∂ε |₀     (the module's own tangent)
+
+τ in closed form for the layers that hold almost every parameter — Linear (x v_Wᵀ + v_b), GPT-2's Conv1D
+(x v_W + v_b), Embedding (v_E[ids]) — and by a JVP of the module alone for the rest (LayerNorm, RMSNorm, …).
+A weight tied between two modules (GPT-2's wte and lm_head) sums both. Memory is that of one forward and
+backward of the chunk (the activations autograd keeps anyway, and δ at each module's output); time about one
+forward, two backwards without weight gradients and one forward-sized contraction, instead of a row-by-row
+Jacobian (``linear.contributions_by_tensor``, the slow twin kept as the fallback and the tests' oracle).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.func import functional_call, jvp
+
+from .observe import Fn, chunks
+
+
+def owners(module: nn.Module, params: dict, names: list[str]) -> list[tuple[nn.Module, dict[str, str], dict[str, str]]]:
+    """(submodule, own, subtree) for every submodule that holds one of ``names`` directly: ``own`` maps its own
+    parameters' local names to names in ``names``, ``subtree`` every parameter of its subtree to a name in
+    ``params``. A tied parameter is found under each module that uses it (by identity)."""
+    canonical: dict[int, str] = {}
+    for full, p in module.named_parameters(remove_duplicate=False):
+        if full in params:
+            canonical.setdefault(id(p), full)
+    wanted = set(names)
+    out = []
+    for _, m in module.named_modules(remove_duplicate=False):
+        own = {local: canonical[id(p)] for local, p in m.named_parameters(recurse=False) if canonical.get(id(p)) in wanted}
+        if own:
+            subtree = {local: canonical[id(p)] for local, p in m.named_parameters(remove_duplicate=False) if id(p) in canonical}
+            out.append((m, own, subtree))
+    return out
+
+
+def factored_contributions(fn: Fn, module: nn.Module, params: dict, batch, direction: dict, *, chunk_size: int | None = None,
+                           star: bool = True) -> tuple[list[str], torch.Tensor, torch.Tensor | None, list[str]]:  # fmt: skip
+    """(names, C (B, K), C* (B, K) or None, names not covered): see the module docstring.
+
+    Tensors whose module returns something other than one tensor are 'not covered' (their columns are 0): the
+    caller computes those by per-row gradients (``linear.contributions_by_tensor``)."""
+    names = [n for n in params if n in direction]
+    col = {n: i for i, n in enumerate(names)}
+    found = owners(module, params, names)
+    covered: set[str] = set()
+    rows, rows_star = [], []
+    for sub in chunks(batch, chunk_size):
+        c, c_star, ok = _chunk(fn, found, params, sub, direction, col, star)
+        covered |= ok
+        rows.append(c)
+        rows_star.append(c_star)
+    missing = [n for n in names if n not in covered]
+    return names, torch.cat(rows), torch.cat(rows_star) if star else None, missing
+
+
+def _chunk(fn, found, params, sub, direction, col, star):
+    from .linear import _row_scores
+
+    records: dict[int, dict] = {}
+    handles = []
+
+    def capture(i):
+        def hook(m, args, kwargs, out):
+            if not isinstance(out, torch.Tensor) or not out.is_floating_point():
+                return None
+            if not out.requires_grad:  # the first layers (embeddings): a leaf, so the backward reaches them; one
+                # shared by the rows (GPT-2's position embedding, (1, T, C)) is given a row each, so that its
+                # output gradient stays per row (the caller checks Σ_k C = A·J·v and falls back if it does not)
+                rows = out.shape[0] == 1 and len(sub) > 1 and out.dim() > 1
+                out = (out.detach().expand(len(sub), *out.shape[1:]).clone() if rows else out.detach()).requires_grad_(True)
+            detach = lambda a: a.detach() if isinstance(a, torch.Tensor) else a  # noqa: E731
+            if i in records:  # a module called twice in one forward (shared layer): its factors mix; the fallback
+                records[i]["twice"] = True
+                return out
+            rec = {"args": tuple(detach(a) for a in args), "kwargs": {k: detach(a) for k, a in kwargs.items()}, "grads": []}
+            out.register_hook(lambda g: rec["grads"].append(g))
+            records[i] = rec
+            return out
+
+        return hook
+
+    for i, (m, _, _) in enumerate(found):
+        handles.append(m.register_forward_hook(capture(i), with_kwargs=True))
+    try:
+        with torch.enable_grad():
+            fixed = {n: p.detach() for n, p in params.items()}
+            scores = _row_scores(fn(fixed, sub), sub.targets, sub.target_mask)  # (b, 2)
+            outputs = range(2 if star else 1)
+            for j in outputs:
+                if scores.requires_grad:
+                    scores[:, j].sum().backward(retain_graph=j + 1 < len(outputs))
+    finally:
+        for h in handles:
+            h.remove()
+    b = len(sub)
+    c = torch.zeros(b, len(col), dtype=torch.float64, device=scores.device)
+    c_star = torch.zeros_like(c)
+    ok: set[str] = set()
+    for i, (m, own, subtree) in enumerate(found):
+        rec = records.get(i)
+        if rec is None or rec.get("twice") or len(rec["grads"]) != len(outputs) or rec["grads"][0].shape[:1] != (b,):
+            continue  # output not a tensor, not reaching the scores, or shared by the rows (GPT-2's wpe): the fallback
+        for local, name in own.items():
+            tau = _tangent(m, local, name, rec, params, direction, subtree)
+            if tau is not None and tau.shape[:1] == (1,) and b > 1:
+                tau = tau.expand(b, *tau.shape[1:])
+            if tau is None or tau.shape != rec["grads"][0].shape:
+                continue
+            c[:, col[name]] += (rec["grads"][0].flatten(1) * tau.flatten(1)).sum(1, dtype=torch.float64)
+            if star:
+                c_star[:, col[name]] += (rec["grads"][1].flatten(1) * tau.flatten(1)).sum(1, dtype=torch.float64)
+            ok.add(name)
+    return c.to(scores.dtype), c_star.to(scores.dtype), ok
+
+
+def _tangent(m: nn.Module, local: str, name: str, rec: dict, params: dict, direction: dict, subtree: dict[str, str]) -> torch.Tensor | None:
+    """τ = ∂m(x; θ_m + ε v)/∂ε at ε = 0, v moving only ``local``: the module's output tangent, (b, …)."""
+    v = direction[name].to(params[name])
+    args, kwargs = rec["args"], rec["kwargs"]
+    x = args[0] if args else None
+    with torch.no_grad():
+        if isinstance(m, nn.Linear) and x is not None and not kwargs:
+            return x @ v.T if local == "weight" else v.expand(*x.shape[:-1], v.shape[0])
+        if type(m).__name__ == "Conv1D" and x is not None and not kwargs and hasattr(m, "nf"):  # transformers' GPT-2
+            return x @ v if local == "weight" else v.expand(*x.shape[:-1], v.shape[0])
+        if isinstance(m, nn.Embedding) and x is not None and not kwargs and local == "weight":
+            return nn.functional.embedding(x, v, m.padding_idx, m.max_norm, m.norm_type, m.scale_grad_by_freq, m.sparse)
+    own = {ln: params[n] for ln, n in subtree.items()}
+    try:
+        _, tau = jvp(lambda p: functional_call(m, {**own, local: p}, args, kwargs), (own[local],), (v,))
+    except Exception:  # noqa: BLE001 - an operator without a forward-mode rule: the caller's fallback
+        return None
+    return tau.detach() if isinstance(tau, torch.Tensor) else None
