@@ -19,15 +19,14 @@ the embeddings and the bytes are equal. ``FULL_STATE_DICT`` runs save ``model.sa
 from __future__ import annotations
 
 import io
-from collections.abc import Mapping
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 
 import torch
 
 from ..discover import Candidate, CheckpointRef
 from ..errors import CheckpointReadError
-from .base import Checkpoint, Layout, OptimizerState, TensorInfo
+from .base import Checkpoint, LazyState, Layout, OptimizerState, TensorInfo
 from .dcp import METADATA, DcpCheckpoint, read_metadata
 from .hf import read_json, trainer_candidate, trainer_lr_log
 
@@ -98,16 +97,16 @@ def read_named_optimizer(folder: Path, info: dict[str, TensorInfo], aliases: dic
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
 
     md = read_metadata(folder)
-    per_param: dict[str, _LazyState] = {}
+    stored: dict[str, dict[str, tuple]] = {}  # name -> {state key: (DCP key, shape, dtype)}
     group_values: dict[int, dict] = {}
     for key, meta in md.state_dict_metadata.items():
         if key.startswith(_STATE) and isinstance(meta, TensorStorageMetadata):
             fqn, what = key[len(_STATE) :].rsplit(".", 1)
-            name = aliases.get(fqn, fqn)
-            per_param.setdefault(name, _LazyState(folder, {}))._keys[what] = (key, tuple(meta.size), meta.properties.dtype)
+            stored.setdefault(aliases.get(fqn, fqn), {})[what] = (key, tuple(meta.size), meta.properties.dtype)
         elif key.startswith(_GROUPS) and isinstance(meta, BytesStorageMetadata):
             index, what = key[len(_GROUPS) :].split(".", 1)
             group_values.setdefault(int(index), {})[what] = _read_bytes(folder, md, key)
+    per_param = {n: LazyState(keys, partial(_load, folder, keys)) for n, keys in stored.items()}
     unknown = [n for n in per_param if n not in info]
     if unknown:
         warnings.append(f"{folder}: optimizer state for {len(unknown)} names the model does not have (e.g. {unknown[0]}); not used")
@@ -120,41 +119,22 @@ def read_named_optimizer(folder: Path, info: dict[str, TensorInfo], aliases: dic
     return OptimizerState(folder, state, groups, "by name (torch.distributed.checkpoint)", len(unknown))  # type: ignore[arg-type]
 
 
-class _LazyState(Mapping):
-    """One parameter's optimizer state; each tensor is read from the DCP folder when first asked for."""
-
-    def __init__(self, folder: Path, keys: dict):
-        self._folder, self._keys, self._cache = folder, keys, {}
-
-    def __getitem__(self, what: str):
-        if not self._cache:  # one read for all of this parameter's tensors
-            loaded = _load(self._folder, {key: (shape, dtype) for key, shape, dtype in self._keys.values()})
-            for k, (key, _, _) in self._keys.items():
-                self._cache[k] = loaded[key] if loaded[key].ndim > 0 else float(loaded[key])
-        return self._cache[what]
-
-    def __iter__(self):
-        return iter(self._keys)
-
-    def __len__(self) -> int:
-        return len(self._keys)
-
-
-def _load(folder: Path, wanted: dict[str, tuple]) -> dict[str, torch.Tensor]:
+def _load(folder: Path, keys: dict[str, tuple]) -> dict[str, torch.Tensor]:
+    """{state key: tensor} for one parameter, in one DCP read."""
     import warnings
 
     import torch.distributed.checkpoint as dcp
 
     from .dcp import _reader
 
-    out = {key: torch.empty(shape, dtype=dtype) for key, (shape, dtype) in wanted.items()}
+    out = {key: torch.empty(shape, dtype=dtype) for key, shape, dtype in keys.values()}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             dcp.load(out, storage_reader=_reader(folder), no_dist=True)
     except Exception as e:  # noqa: BLE001 - DCP wraps read errors in its own exception types
-        raise CheckpointReadError(f"{folder}: cannot read {next(iter(wanted))!r} ({type(e).__name__}); the .distcp files are damaged or missing") from e
-    return out
+        raise CheckpointReadError(f"{folder}: cannot read {next(iter(keys.values()))[0]!r} ({type(e).__name__}); the .distcp files are damaged or missing") from e
+    return {what: out[key] for what, (key, _, _) in keys.items()}
 
 
 def _read_bytes(folder: Path, md, key: str):
