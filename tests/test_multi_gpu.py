@@ -82,3 +82,88 @@ def test_fsdp_analyze(fsdp, tmp_path):
     cube = _analyze(fsdp.root, tmp_path)
     assert list(cube["step"].values) == fsdp.steps
     assert cube["dlogp_obs"].notnull().all() and cube["dlogp_lin"].notnull().all()
+
+
+# --- DeepSpeed ZeRO --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def zero2(tmp_path_factory):
+    return multi_gpu.write_deepspeed_run(tmp_path_factory.mktemp("zero2") / "run", stage=2, world_size=2)
+
+
+def test_deepspeed_scan(zero2):
+    summary = _scan_json(zero2.root)
+    assert summary["layout"] == "deepspeed"
+    assert [c["step"] for c in summary["checkpoints"]] == zero2.steps
+    assert summary["intervals"][0]["update_norm"] > 0
+
+
+def test_deepspeed_fp32_masters_and_moments_equal_the_live_run(zero2):
+    """ZeRO-2 flat partitions of 2 ranks cut back into named fp32 tensors and Adam moments, bit for bit."""
+    run = open_run(zero2.root)
+    for ref in run.checkpoints:
+        want, live = zero2.extra["states"][ref.step], zero2.extra["optimizer_state"][ref.step]
+        with run.open(ref) as ckpt:
+            assert ckpt.aliases == {"lm_head.weight": "transformer.wte.weight"}
+            assert sorted(ckpt.names()) == sorted(n for n in want if n != "lm_head.weight")
+            for n in ckpt.names():
+                assert ckpt.info(n).dtype == torch.float32  # the master weights, not the bf16 module copy
+                torch.testing.assert_close(ckpt.tensor(n), want[n], rtol=0, atol=0, msg=n)
+            state = ckpt.optimizer()
+            assert state.kind == "adam" and set(state.per_param) == set(live)
+            for n, moments in live.items():
+                for key in ("exp_avg", "exp_avg_sq"):
+                    torch.testing.assert_close(state.per_param[n][key], moments[key], rtol=0, atol=0, msg=f"{n} {key}")
+                assert state.per_param[n]["step"] == ref.step
+            assert [g["weight_decay"] for g in state.groups] == [0.01, 0.0]
+            assert sum(len(g["names"]) for g in state.groups) == len(live)
+
+
+def test_deepspeed_save_dir_without_trainer(zero2, tmp_path):
+    """DeepSpeed's own save_dir (global_stepN/ folders, latest): steps from the model states' global_steps."""
+    import shutil
+
+    root = tmp_path / "ds"
+    for ckpt in zero2.checkpoints:
+        tag = next(ckpt.glob("global_step*"))
+        shutil.copytree(tag, root / tag.name)
+    (root / "latest").write_text(f"global_step{zero2.steps[-1]}")
+    summary = _scan_json(root)
+    assert summary["layout"] == "deepspeed" and [c["step"] for c in summary["checkpoints"]] == zero2.steps
+    assert {c["step_source"] for c in summary["checkpoints"]} == {"record"}
+
+
+def test_deepspeed_analyze(zero2, tmp_path):
+    cube = _analyze(zero2.root, tmp_path)
+    assert list(cube["step"].values) == zero2.steps
+    assert cube["dlogp_obs"].notnull().all() and cube["dlogp_lin"].notnull().all()
+
+
+def test_deepspeed_zero3_says_to_run_zero_to_fp32(tmp_path):
+    info = multi_gpu.write_deepspeed_run(tmp_path / "run", stage=3, world_size=2, steps=2)
+    before = tree_digest(info.root)
+    result = CliRunner().invoke(main, ["scan", str(info.root)])
+    assert result.exit_code == 2
+    line = result.stderr.strip()
+    assert len(line.splitlines()) == 1
+    assert "global_step2: a ZeRO-3 checkpoint keeps every parameter partitioned across ranks" in line
+    assert "zero_to_fp32.py" in line and "point ckptforce at OUT_DIR" in line
+    assert tree_digest(info.root) == before
+
+
+class Foreign:  # a class no DeepSpeed checkpoint holds
+    pass
+
+
+def test_deepspeed_file_with_a_foreign_class_is_refused(zero2, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(zero2.checkpoints[0], run / "checkpoint-2")
+    shutil.copytree(zero2.checkpoints[1], run / "checkpoint-4")
+    states = run / "checkpoint-4" / "global_step4" / "mp_rank_00_model_states.pt"
+    torch.save({"module": {}, "evil": Foreign()}, states)
+    result = CliRunner().invoke(main, ["scan", str(run)])
+    assert result.exit_code == 2
+    assert f"{states}: reading this file needs a full unpickle" in result.stderr and "--trust-pickles" in result.stderr

@@ -15,6 +15,7 @@ from ..discover import Candidate, CheckpointRef, Listing, order_candidates
 from ..errors import RunNotFoundError, UnknownLayoutError
 from .base import Checkpoint, Layout, LowRank, OptimizerState, TensorInfo
 from .dcp import DcpLayout
+from .deepspeed import DeepSpeedLayout
 from .fsdp import FsdpLayout
 from .hf import HfLayout
 from .lightning import LightningLayout
@@ -27,6 +28,7 @@ from .torch_ import TorchFileLayout
 #: DCP folder (FSDP) or a ``model.safetensors`` beside the ZeRO states (DeepSpeed) that others would claim.
 LAYOUTS: dict[str, Layout] = {
     "fsdp": FsdpLayout(),
+    "deepspeed": DeepSpeedLayout(),
     "dcp": DcpLayout(),
     "peft": PeftLayout(),
     "hf": HfLayout(),
