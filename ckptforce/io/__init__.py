@@ -15,6 +15,8 @@ from ..discover import Candidate, CheckpointRef, Listing, order_candidates
 from ..errors import RunNotFoundError, UnknownLayoutError
 from .base import Checkpoint, Layout, LowRank, OptimizerState, TensorInfo
 from .dcp import DcpLayout
+from .deepspeed import DeepSpeedLayout
+from .fsdp import FsdpLayout
 from .hf import HfLayout
 from .lightning import LightningLayout
 from .peft import PeftLayout
@@ -22,8 +24,11 @@ from .safetensors_ import SafetensorsDirLayout
 from .torch_ import TorchFileLayout
 
 #: Known layouts, strongest signal first (a DCP ``.metadata`` or an ``adapter_config.json`` is unambiguous;
-#: a bare ``.pt`` file could be anything).
+#: a bare ``.pt`` file could be anything). The Trainer's FSDP and DeepSpeed folders come first: they hold a
+#: DCP folder (FSDP) or a ``model.safetensors`` beside the ZeRO states (DeepSpeed) that others would claim.
 LAYOUTS: dict[str, Layout] = {
+    "fsdp": FsdpLayout(),
+    "deepspeed": DeepSpeedLayout(),
     "dcp": DcpLayout(),
     "peft": PeftLayout(),
     "hf": HfLayout(),

@@ -17,7 +17,8 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from collections.abc import Mapping
+from typing import Callable, Iterable
 
 import torch
 
@@ -82,6 +83,27 @@ class OptimizerState:
         if "momentum_buffer" in keys:
             return "sgd-momentum"
         return "unknown" if keys else "stateless"
+
+
+class LazyState(Mapping):
+    """One parameter's optimizer state whose tensors are read on first access, all at once (``load()`` returns
+    {key: tensor}); 0-d tensors come back as floats, as ``map_optimizer_state`` gives them."""
+
+    def __init__(self, keys: Iterable[str], load: Callable[[], dict]):
+        self._keys, self._load, self._cache = list(keys), load, None
+
+    def __getitem__(self, key: str):
+        if key not in self._keys:
+            raise KeyError(key)
+        if self._cache is None:
+            self._cache = {k: (v if not isinstance(v, torch.Tensor) or v.ndim > 0 else float(v)) for k, v in self._load().items()}
+        return self._cache[key]
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
 
 
 class Checkpoint(abc.ABC):

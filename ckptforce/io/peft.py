@@ -9,16 +9,20 @@ Other saved tensors (``modules_to_save``) are listed as they are.
 
 from __future__ import annotations
 
+import json
 import math
 import re
+import warnings
+from functools import lru_cache
 from pathlib import Path
 
 import torch
 
 from ..discover import Candidate, CheckpointRef
 from ..errors import CheckpointReadError
-from .base import Checkpoint, LowRank, TensorInfo, canonical_names
+from .base import Checkpoint, LowRank, OptimizerState, TensorInfo, canonical_names, strip_prefixes
 from .hf import HfLayout, read_json, trainer_candidate, trainer_lr_log
+from .optim import DEFAULT_ORDERS, map_optimizer_state
 from .safetensors_ import SafetensorsStore
 from .torch_ import load_torch_file
 
@@ -30,6 +34,7 @@ class PeftCheckpoint(Checkpoint):
 
     def __init__(self, ref: CheckpointRef, *, trust_pickles: bool = False):
         super().__init__(ref)
+        self._trust = trust_pickles
         folder = ref.path
         self.config = read_json(folder / "adapter_config.json")
         st, pt = folder / "adapter_model.safetensors", folder / "adapter_model.bin"
@@ -97,6 +102,75 @@ class PeftCheckpoint(Checkpoint):
 
     def lr_log(self) -> list[tuple[int, float]]:
         return trainer_lr_log(self.ref.path)
+
+    # --- the adapter's optimizer state -------------------------------------------------------------------
+    def factor_names(self) -> dict[str, tuple[str, str]]:
+        """{adapted weight: (its lora_A name, its lora_B name)}, the names the optimizer state is keyed by."""
+        canon = canonical_names(list(self._raw_info))
+        return {w: (canon[p["A"]], canon[p["B"]]) for w, p in self._pairs.items()}
+
+    def optimizer(self) -> OptimizerState | None:
+        """The Trainer's ``optimizer.pt`` of the adapter, mapped to ``…lora_A.weight`` / ``…lora_B.weight`` names.
+
+        Positions follow the trainable parameters of the PeftModel (decay group, then the rest), rebuilt on the
+        meta device from the base model's config and ``adapter_config.json`` when peft is installed; every
+        position is checked against the saved factor's shape."""
+        f = next((self.ref.path / n for n in ("optimizer.pt", "optimizer.bin") if (self.ref.path / n).is_file()), None)
+        if f is None:
+            return None
+        osd = load_torch_file(f, trust_pickles=self._trust)
+        canon = canonical_names(list(self._raw_info))
+        info = {canon[r]: i for r, i in self._raw_info.items()}
+        orders = dict(DEFAULT_ORDERS)
+        base = _local_base_config(self.config)
+        exact = peft_parameter_order(json.dumps(base, sort_keys=True), json.dumps(self.config, sort_keys=True)) if base else None
+        if exact is not None:
+            orders = {"PeftModel's trainable parameters, Trainer decay/no-decay groups": lambda _n, _i: [n for n in exact if n in info], **orders}
+        state, problem = map_optimizer_state(osd, list(info), info, source=f, orders=orders)
+        if problem:
+            self.warnings.append(problem)
+        return state
+
+
+def _local_base_config(adapter_config: dict) -> dict | None:
+    named = adapter_config.get("base_model_name_or_path")
+    path = Path(named, "config.json") if named else None
+    return read_json(path) if path is not None and path.is_file() else None
+
+
+_ADAPTER_NAME = re.compile(r"\.(lora_[A-Za-z_]+|modules_to_save)\.[^.]+\.")
+
+
+@lru_cache(maxsize=8)
+def peft_parameter_order(base_config_json: str, adapter_config_json: str) -> tuple[str, ...] | None:
+    """The order in which the Trainer hands a PeftModel's trainable parameters to its optimizer, under the
+    names of the saved adapter (``….lora_A.weight``: wrapper prefix and adapter name dropped), or None.
+
+    The base model is built from its config on the meta device and wrapped by peft with the adapter's config:
+    no memory, no download; the Trainer's decay group (not bias / norm) first, then the rest."""
+    try:
+        import peft
+        import transformers
+        from transformers.trainer_pt_utils import get_parameter_names
+    except ImportError:
+        return None
+    try:
+        config = json.loads(adapter_config_json)
+        cls = peft.PEFT_TYPE_TO_CONFIG_MAPPING[config["peft_type"]]
+        fields = set(cls.__dataclass_fields__)
+        kept = {k: v for k, v in config.items() if k in fields and k not in ("peft_type", "revision", "base_model_name_or_path")}
+        adapter = cls(**{**kept, "inference_mode": False})  # saved adapters say inference_mode: training had it off
+        cfg = transformers.AutoConfig.for_model(**json.loads(base_config_json))
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = peft.get_peft_model(transformers.AutoModelForCausalLM.from_config(cfg), adapter)
+    except Exception:  # noqa: BLE001 - any model or adapter we cannot build leaves the order unknown
+        return None
+    patterns = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]
+    decay = set(get_parameter_names(model, [torch.nn.LayerNorm], patterns))
+    named = [n for n, p in model.named_parameters() if p.requires_grad]
+    ordered = [n for n in named if n in decay] + [n for n in named if n not in decay]
+    return tuple(strip_prefixes(_ADAPTER_NAME.sub(lambda m: f".{m[1]}.", n)) for n in ordered)
 
 
 def _pattern_value(patterns: dict, module: str, default):
