@@ -15,6 +15,9 @@ import click
 from . import __version__
 from .errors import CkptforceError
 
+#: The names of ckptforce.io.LAYOUTS (spelt out so that --help does not import torch; a test keeps them equal).
+LAYOUT_NAMES = ["fsdp", "deepspeed", "dcp", "peft", "hf", "lightning", "safetensors", "torch"]
+
 EXIT_USER_ERROR = 2
 
 
@@ -54,7 +57,7 @@ def main(ctx: click.Context, debug: bool) -> None:
 
 def _run_options(f):
     f = click.option("--trust-pickles", is_flag=True, help="Allow full unpickling of files that need it (only for files you trust: a pickle can run code).")(f)
-    f = click.option("--layout", type=click.Choice(["dcp", "peft", "hf", "lightning", "safetensors", "torch"]), help="Force a checkpoint layout instead of detecting it.")(f)
+    f = click.option("--layout", type=click.Choice(LAYOUT_NAMES), help="Force a checkpoint layout instead of detecting it.")(f)
     f = click.option("--init", "init", type=click.Path(path_type=Path), help="The model the run started from (file or folder, any layout), added as the first checkpoint.")(f)
     return f
 

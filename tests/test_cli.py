@@ -188,3 +188,10 @@ def test_dcp_metadata_with_code_is_refused(runs, tmp_path):
     result = scan(run)
     assert result.exit_code == 2 and "step_4/.metadata" in result.stderr and "not allowed" in result.stderr
     assert not marker.exists()
+
+
+def test_layout_choices_are_the_known_layouts():
+    from ckptforce.cli import LAYOUT_NAMES
+    from ckptforce.io import LAYOUTS
+
+    assert LAYOUT_NAMES == list(LAYOUTS)
