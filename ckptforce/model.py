@@ -31,10 +31,10 @@ from typing import Any, Callable
 import torch
 from torch import nn
 from torch.func import functional_call
-from torch.overrides import TorchFunctionMode
 
 from .discover import CheckpointRef
 from .errors import ModelBindError, NonFiniteWeightsError
+from .numerics import keep_float64
 from .io import Checkpoint
 from .io.base import describe_keys
 from .io.hf import HfLayout
@@ -115,7 +115,13 @@ class BoundModel:
         for n in ckpt.names():
             if n not in out:
                 raise ModelBindError(f"{ckpt.path}: the adapter changes {n!r}, which the base model does not have")
-            out[n] = out[n] + _finite(ckpt, n, ckpt.tensor(n)).to(device=device, dtype=dtype)
+            low = ckpt.factors(n)
+            if low is not None:  # scale·BA formed in the analysis dtype (float32 at least): float64 stays exact
+                wide = torch.float64 if dtype == torch.float64 else torch.float32
+                delta = low.scale * (low.left.to(device=device, dtype=wide) @ low.right.to(device=device, dtype=wide))
+            else:
+                delta = ckpt.tensor(n)
+            out[n] = out[n] + _finite(ckpt, n, delta).to(device=device, dtype=dtype)
         return out
 
 
@@ -152,27 +158,6 @@ def _math_attention():
 
     with sdpa_kernel([SDPBackend.MATH]):
         yield
-
-
-class _KeepFloat64(TorchFunctionMode):
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        src = args[0] if args else None
-        if isinstance(src, torch.Tensor) and src.dtype == torch.float64:
-            if func is torch.Tensor.float:
-                return src
-            args = tuple(torch.float64 if a is torch.float32 else a for a in args)
-            kwargs = {k: torch.float64 if v is torch.float32 else v for k, v in kwargs.items()}
-        return func(*args, **kwargs)
-
-
-def keep_float64():
-    """A context in which a float64 tensor asked for float32 stays float64 (``x.float()``, ``x.to(torch.float32)``,
-    ``softmax(x, dtype=torch.float32)``, …). Hugging Face's Llama / Qwen2 / Mistral code "upcasts" to float32
-    for half precision (RMSNorm, the eager attention's softmax, RoPE's angles), which in a float64 analysis
-    rounds every forward, JVP and gradient through those layers to float32 (measured: JVP and double VJP
-    then differ by 2e-7 relative). Other dtypes pass unchanged."""
-    return _KeepFloat64()
 
 
 def bind_hf(config_dir: Path, *, base_model: Path | None = None) -> BoundModel:

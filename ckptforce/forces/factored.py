@@ -21,10 +21,13 @@ Jacobian (``linear.contributions_by_tensor``, the slow twin kept as the fallback
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 from torch.func import functional_call, jvp
 
+from ..numerics import keep_float64
 from .observe import Fn, chunks
 
 
@@ -140,7 +143,8 @@ def _tangent(m: nn.Module, local: str, name: str, rec: dict, params: dict, direc
             return nn.functional.embedding(x, v, m.padding_idx, m.max_norm, m.norm_type, m.scale_grad_by_freq, m.sparse)
     own = {ln: params[n] for ln, n in subtree.items()}
     try:
-        _, tau = jvp(lambda p: functional_call(m, {**own, local: p}, args, kwargs), (own[local],), (v,))
+        with keep_float64() if v.dtype == torch.float64 else contextlib.nullcontext():  # RMSNorm upcasts to float32
+            _, tau = jvp(lambda p: functional_call(m, {**own, local: p}, args, kwargs), (own[local],), (v,))
     except Exception:  # noqa: BLE001 - an operator without a forward-mode rule: the caller's fallback
         return None
     return tau.detach() if isinstance(tau, torch.Tensor) else None

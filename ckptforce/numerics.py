@@ -1,0 +1,27 @@
+"""Numerics shared by the stages that touch tensors (torch only; the bottom of the stack)."""
+
+from __future__ import annotations
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+
+class _KeepFloat64(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        src = args[0] if args else None
+        if isinstance(src, torch.Tensor) and src.dtype == torch.float64:
+            if func is torch.Tensor.float:
+                return src
+            args = tuple(torch.float64 if a is torch.float32 else a for a in args)
+            kwargs = {k: torch.float64 if v is torch.float32 else v for k, v in kwargs.items()}
+        return func(*args, **kwargs)
+
+
+def keep_float64():
+    """A context in which a float64 tensor asked for float32 stays float64 (``x.float()``, ``x.to(torch.float32)``,
+    ``softmax(x, dtype=torch.float32)``, …). Hugging Face's Llama / Qwen2 / Mistral code "upcasts" to float32
+    for half precision (RMSNorm, the eager attention's softmax, RoPE's angles), which in a float64 analysis
+    rounds every forward, JVP and gradient through those layers to float32 (measured: JVP and double VJP
+    then differ by 2e-7 relative). Other dtypes pass unchanged."""
+    return _KeepFloat64()
