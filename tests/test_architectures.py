@@ -264,6 +264,41 @@ def test_split_by_tensor_sums_to_whole_and_matches_restricted_jvp(case, monkeypa
     torch.testing.assert_close(slow_star, contrib_star, rtol=1e-10, atol=1e-13)
 
 
+def test_factored_split_equals_the_per_row_split(case):
+    """The split from backprop factors (module output gradients × each module's own tangent) equals the per-row
+    gradients' split per tensor, for y and y*; in chunks of rows as in one; and the factored path (no JVP at the
+    nodes) equals the JVP path, per tensor and in total."""
+    theta, v, fn, batch, module = case.thetas[0], case.unit_step(0), case.model.logits, case.probes, case.model.module
+    names, rows, rows_star = contributions_by_tensor(fn, theta, batch, v, chunk_size=4)
+    names_f, fact, fact_star = contributions_by_tensor(fn, theta, batch, v, module=module)
+    assert names_f == names
+    for k, name in enumerate(names):
+        torch.testing.assert_close(fact[:, k], rows[:, k], rtol=1e-9, atol=1e-12, msg=f"{case.arch} {name}")
+        torch.testing.assert_close(fact_star[:, k], rows_star[:, k], rtol=1e-9, atol=1e-12, msg=f"{case.arch} {name} (y*)")
+    _, chunked, chunked_star = contributions_by_tensor(fn, theta, batch, v, module=module, factored_chunk=2)
+    torch.testing.assert_close(chunked, fact, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(chunked_star, fact_star, rtol=1e-12, atol=1e-14)
+    before, step = case.thetas[1], case.step(1)
+    jvp_path = delta_path(fn, before, batch, step, nodes=2, by_tensor=True)
+    fact_path = delta_path(fn, before, batch, step, nodes=2, by_tensor=True, module=module)
+    for got, want in ((fact_path.total, jvp_path.total), (fact_path.argmax, jvp_path.argmax), (fact_path.by_tensor, jvp_path.by_tensor)):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12, msg=case.arch)
+
+
+def test_a_misread_factored_split_falls_back_to_the_per_row_one(case, monkeypatch):
+    """The factored split is checked against the JVP (Σ_k C = Δ_lin); a module it misreads sends the interval
+    to the per-row split, whose numbers the cube then holds."""
+    from ckptforce.forces import factored
+
+    fn, batch, module = case.model.logits, case.probes, case.model.module
+    before, after = case.thetas[1], case.thetas[2]
+    want = interval_forces(fn, before, after, batch, nodes=0, by_tensor=True)
+    real = factored._tangent
+    monkeypatch.setattr(factored, "_tangent", lambda *a: None if (t := real(*a)) is None else 1.5 * t)
+    got = interval_forces(fn, before, after, batch, nodes=0, by_tensor=True, module=module)
+    torch.testing.assert_close(got.lin_by_tensor, want.lin_by_tensor, rtol=1e-10, atol=1e-13)
+
+
 def test_path_attribution_converges_to_observed_change(case):
     """A real step of the run (its second AdamW step, checkpoint 2 → 3): more nodes, smaller gap to Δ_obs."""
     fn, batch = case.model.logits, case.probes

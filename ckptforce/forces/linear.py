@@ -210,7 +210,9 @@ def delta_path(
     """Δ_path = Σ_i w_i · A J(θ + s_iΔθ) Δθ, Gauss–Legendre nodes s_i on [0, 1].
 
     Exact when log π is a polynomial of degree ≤ 2n − 1 along the path; the gap to the observed change
-    Δ_obs − Δ_path is the attribution's error and is reported by the caller.
+    Δ_obs − Δ_path is the attribution's error and is reported by the caller. With ``by_tensor`` and ``module``
+    each node is one factored split (``factored.py``; its columns sum to A·J·Δθ at the node), no JVP, and
+    ``tok`` is not computed (zeros).
     """
     s_nodes, weights = gauss_legendre(nodes)
     total = tok = argmax = split = None
@@ -218,6 +220,13 @@ def delta_path(
     used = ""
     for s, w in zip(s_nodes, weights):
         point = {n: p + float(s) * direction[n].to(p) if n in direction else p for n, p in params.items()}
+        if by_tensor and module is not None:  # the split at the node sums to A·J·Δθ there (checked at θ by the caller)
+            names, c, c_star = contributions_by_tensor(fn, point, batch, direction, module=module, factored_chunk=chunk_size)
+            total = w * c.sum(1) if total is None else total + w * c.sum(1)
+            argmax = w * c_star.sum(1) if argmax is None else argmax + w * c_star.sum(1)
+            split = w * c if split is None else split + w * c
+            used = "factored"
+            continue
         lin = delta_lin(fn, point, batch, direction, method=method, chunk_size=chunk_size)
         used = lin.method
         total = w * lin.total if total is None else total + w * lin.total
@@ -226,6 +235,8 @@ def delta_path(
         if by_tensor:
             names, c, _ = contributions_by_tensor(fn, point, batch, direction, chunk_size=split_chunk, module=module, factored_chunk=chunk_size)
             split = w * c if split is None else split + w * c
+    if tok is None:  # the factored path: per token it is not split (the caller keeps Δ_lin's per-token change)
+        tok = torch.zeros_like(batch.target_mask, dtype=total.dtype)
     return PathChange(total, tok, argmax, split, names, nodes, used)
 
 
