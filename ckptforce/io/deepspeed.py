@@ -36,7 +36,7 @@ import torch
 from ..discover import Candidate, CheckpointRef
 from ..errors import CheckpointReadError, PickleRefusedError
 from .base import Checkpoint, LazyState, Layout, OptimizerState, TensorInfo, canonical_names
-from .hf import STATE_FILE, read_json, trainer_candidate, trainer_lr_log
+from .hf import STATE_FILE, config_beside, trainer_candidate, trainer_lr_log
 from .torch_ import load_torch_file
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
@@ -172,10 +172,7 @@ class DeepSpeedCheckpoint(Checkpoint):
     # --- what the trainer saved beside the weights --------------------------------------------------------
     @cached_property
     def config(self) -> dict:
-        for folder in (self.ref.path, self.ref.path.parent):
-            if (folder / "config.json").is_file():
-                return read_json(folder / "config.json")
-        return {}
+        return config_beside(self.ref.path)
 
     def model_args(self) -> dict | None:
         return self.config or None

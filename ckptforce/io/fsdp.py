@@ -28,7 +28,7 @@ from ..discover import Candidate, CheckpointRef
 from ..errors import CheckpointReadError
 from .base import Checkpoint, LazyState, Layout, OptimizerState, TensorInfo
 from .dcp import METADATA, DcpCheckpoint, read_metadata
-from .hf import read_json, trainer_candidate, trainer_lr_log
+from .hf import config_beside, trainer_candidate, trainer_lr_log
 
 MODEL_DIR = "pytorch_model_fsdp_0"
 OPTIMIZER_DIR = "optimizer_0"
@@ -74,10 +74,7 @@ class FsdpCheckpoint(Checkpoint):
 
     @cached_property
     def config(self) -> dict:
-        for folder in (self.folder, self.folder.parent):
-            if (folder / "config.json").is_file():
-                return read_json(folder / "config.json")
-        return {}
+        return config_beside(self.folder)
 
     def model_args(self) -> dict | None:
         return self.config or None

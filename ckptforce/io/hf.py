@@ -196,6 +196,14 @@ def trainer_candidate(path: Path, layout: str) -> Candidate:
     return Candidate(path, layout)
 
 
+def config_beside(folder: Path) -> dict:
+    """The model's ``config.json`` in ``folder`` or the folder above it (a run root), {} when there is none."""
+    for where in (folder, folder.parent):
+        if (where / "config.json").is_file():
+            return read_json(where / "config.json")
+    return {}
+
+
 def trainer_lr_log(folder: Path) -> list[tuple[int, float]]:
     """(step, learning rate) from ``trainer_state.json``'s ``log_history``, when the folder has one."""
     state = folder / STATE_FILE

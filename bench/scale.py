@@ -1,0 +1,147 @@
+"""A real model size: `ckptforce analyze` on a Trainer run of GPT-2 small (124M), every figure a ratio to a plain
+forward over the same probe rows measured in the same run.
+
+Builds (once, cached in --workdir) a real Hugging Face Trainer run of GPT-2 small (12 layers, 768 dims, vocab
+50,257; random init; AdamW for 3 steps, a checkpoint with optimizer.pt after each: 3 checkpoints, 2 intervals),
+writes a probe file of token ids (48 probes × 6 responses of 10–18 tokens = 288 rows), then measures:
+
+* forward: one plain forward of the 288 rows at a checkpoint (in a fresh process, best of 2): the unit;
+* the split by tensor alone on those rows, from backprop factors and (``--per-row``: slow) from per-row gradients;
+* ``ckptforce analyze`` as a user runs it (the installed CLI): default (split by tensor, 2 nodes) and
+  ``--no-by-tensor``; wall time per interval in forwards, and peak RSS of the process.
+
+    python bench/scale.py                  # ~15 min on 2 cores (the run is built once: ~3 min, 4.5 GB on disk)
+    python bench/scale.py --per-row        # also time the per-row split on 16 rows (what 'today' means)
+    python bench/scale.py --device cuda    # on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pipeline import measure  # noqa: E402  (wall seconds, peak RSS of a process tree)
+
+REPO = Path(__file__).resolve().parents[1]
+GPT2_SMALL = {"n_layer": 12, "n_head": 12, "n_embd": 768, "vocab_size": 50257, "n_positions": 1024}
+
+
+def build_run(root: Path) -> None:
+    """GPT-2 small, random init, 3 AdamW steps on random tokens, a checkpoint after each (cached)."""
+    manifest = root / "bench_manifest.json"
+    if manifest.is_file() and json.loads(manifest.read_text()) == GPT2_SMALL:
+        return
+    shutil.rmtree(root, ignore_errors=True)
+    code = f"""
+import os, torch
+os.environ["HF_HUB_OFFLINE"] = "1"
+from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments, set_seed
+set_seed(0)
+model = GPT2LMHeadModel(GPT2Config(**{GPT2_SMALL!r}, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0))
+g = torch.Generator().manual_seed(0)
+data = [{{"input_ids": ids, "labels": ids}} for ids in torch.randint(0, 50257, (16, 32), generator=g)]
+args = TrainingArguments(output_dir="{root}", max_steps=3, save_steps=1, logging_steps=1, learning_rate=1e-4,
+                         per_device_train_batch_size=4, use_cpu=True, report_to="none", disable_tqdm=True, save_total_limit=None)
+Trainer(model=model, args=args, train_dataset=data).train()
+"""
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+    manifest.write_text(json.dumps(GPT2_SMALL))
+
+
+def write_probes(path: Path, *, probes: int = 48, long: int = 0) -> None:
+    import random
+
+    rng = random.Random(0)
+    ids = lambda k: [rng.randrange(50257) for _ in range(k)]  # noqa: E731
+    types = ("chosen", "rejected", "rephrase_chosen", "other_trained", "irrelevant", "random")
+    if long:
+        lines = [{"id": f"p{i}", "prompt_ids": ids(16), "responses": {"chosen": ids(long)}} for i in range(probes)]
+    else:
+        lines = [{"id": f"p{i}", "prompt_ids": ids(8), "responses": {t: ids(rng.randint(2, 10)) for t in types}} for i in range(probes)]
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+
+
+_INNER = """
+import json, sys, time, torch
+from pathlib import Path
+from ckptforce.io import open_run
+from ckptforce.model import bind
+from ckptforce.probes import load_probe_set, make_batch, tokenize
+from ckptforce.forces.linear import contributions_by_tensor
+what, run_dir, probes, device, rows = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
+run = open_run(run_dir)
+with run.open(run.checkpoints[0]) as a, run.open(run.checkpoints[1]) as b:
+    model = bind(a).to(device)
+    theta = model.params_from(a, device=device)
+    step = {n: t - theta[n] for n, t in model.params_from(b, device=device).items()}
+batch = make_batch(tokenize(load_probe_set(probes))).to(device)
+batch = batch.select(list(range(min(rows, len(batch)))))
+def timed(f, n):
+    best = float("inf")
+    for _ in range(n):
+        t0 = time.perf_counter(); f()
+        if device.startswith("cuda"): torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return best
+with torch.no_grad():
+    fwd = timed(lambda: model.logits(theta, batch), 2)
+if what == "forward":
+    out = fwd
+elif what == "factored":
+    out = timed(lambda: contributions_by_tensor(model.logits, theta, batch, step, module=model.module, factored_chunk=64), 1)
+else:
+    out = timed(lambda: contributions_by_tensor(model.logits, theta, batch, step, chunk_size=8), 1)
+print(json.dumps({"seconds": out, "forward": fwd, "rows": len(batch)}))
+"""
+
+
+def inner(what: str, run: Path, probes: Path, device: str, rows: int = 10**9) -> dict:
+    out = subprocess.run([sys.executable, "-c", _INNER, what, str(run), str(probes), device, str(rows)], check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workdir", type=Path, default=REPO / "bench" / "out" / "scale")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--per-row", action="store_true", help="also time the per-row split (16 rows; slow, ~10 GB)")
+    ap.add_argument("--skip-analyze", action="store_true", help="time the split only")
+    args = ap.parse_args()
+    exe = shutil.which("ckptforce") or sys.exit("install ckptforce first: pip install -e .")
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    run = args.workdir / "run"
+    build_run(run)
+    probes = args.workdir / "probes.jsonl"
+    write_probes(probes)
+    print(f"[run] {run}: GPT-2 small (124M), 3 checkpoints with optimizer.pt; 48 probes × 6 responses; {os.cpu_count()} cores, {args.device}")
+
+    base = inner("forward", run, probes, args.device)
+    fwd = base["forward"]
+    print(f"[forward]  {fwd:.2f} s for {base['rows']} rows: the unit below")
+    f = inner("factored", run, probes, args.device)
+    print(f"[split, factored]  {f['seconds']:.1f} s = {f['seconds'] / f['forward']:.1f} forwards ({f['rows']} rows)")
+    if args.per_row:
+        p16 = inner("per-row", run, probes, args.device, rows=16)
+        f16 = inner("factored", run, probes, args.device, rows=16)
+        print(f"[split, 16 rows]  per-row {p16['seconds'] / p16['forward']:.1f} forwards, factored {f16['seconds'] / f16['forward']:.1f} "
+              f"forwards: {p16['seconds'] / f16['seconds']:.1f}× faster")  # fmt: skip
+    if args.skip_analyze:
+        return
+    for label, extra in (("default (split by tensor, 2 nodes)", []), ("--no-by-tensor", ["--no-by-tensor"])):
+        out = args.workdir / "cube.h5"
+        out.unlink(missing_ok=True)
+        shutil.rmtree(str(out) + ".parts", ignore_errors=True)
+        wall, peak = measure([exe, "analyze", str(run), "--probes", str(probes), "-o", str(out), "-q", "--device", args.device, *extra])
+        per = wall / 2
+        print(f"[analyze {label}]  {wall:.0f} s for 2 intervals = {per / fwd:.1f} forwards per interval (with start-up), "
+              f"peak RSS {peak / 1024:.2f} GiB")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
