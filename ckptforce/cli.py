@@ -128,7 +128,10 @@ def _analysis_options(f):
         click.option("--nodes", type=click.IntRange(0, 16), default=None, help="Gauss–Legendre nodes of the path attribution (0: skip it).  [default: 2]"),
         click.option("--no-by-tensor", is_flag=True, help="Skip the split of the changes by parameter tensor (faster)."),
         click.option("--method", type=click.Choice(["auto", "jvp", "double_vjp"]), default="auto", show_default=True, help="How J·Δθ is computed."),
-        click.option("--chunk-size", type=click.IntRange(1), default=64, show_default=True, help="Probe rows per forward / JVP (lower it if memory runs out)."),
+        click.option("--memory", "memory_gb", type=click.FloatRange(min=0.05), metavar="GB", help="Memory budget of the probe rows "
+                     "computed together: chunks of rows are sized to fit it, whatever the response length and vocabulary "
+                     "(default: a quarter of RAM, at most 8; half the GPU's free memory on cuda)."),
+        click.option("--chunk-size", type=click.IntRange(1), default=None, help="Probe rows per forward / JVP, instead of sizing chunks from --memory."),
         click.option("--workers", type=click.IntRange(1), help="Run checkpoint pairs on a local Dask cluster of N worker processes."),
         click.option("--scheduler", help="Run checkpoint pairs on an existing Dask cluster (tcp://host:8786)."),
         click.option("--quiet", "-q", is_flag=True, help="No progress bar."),
@@ -138,7 +141,7 @@ def _analysis_options(f):
     return f
 
 
-def _run_analysis(run_dir, out, *, probes, train, objective, feature_layer, kernel_projection, init, layout, trust_pickles, model, base_model, tokenizer, chat_template, probe_eos, train_eos, special_tokens, device, dtype, nodes, no_by_tensor, method, chunk_size, workers, scheduler, quiet) -> Path:
+def _run_analysis(run_dir, out, *, probes, train, objective, feature_layer, kernel_projection, init, layout, trust_pickles, model, base_model, tokenizer, chat_template, probe_eos, train_eos, special_tokens, device, dtype, nodes, no_by_tensor, method, chunk_size, memory_gb, workers, scheduler, quiet) -> Path:
     import shlex
 
     from .forces import DEFAULT_NODES
@@ -151,7 +154,7 @@ def _run_analysis(run_dir, out, *, probes, train, objective, feature_layer, kern
     config = AnalysisConfig.for_run(
         run_dir, probes, init=init, model=model, base_model=base_model, tokenizer=tokenizer, layout=layout,
         nodes=DEFAULT_NODES if nodes is None else nodes, by_tensor=not no_by_tensor, method=method, dtype=dtype,
-        chunk_size=chunk_size, trust_pickles=trust_pickles, train=train, objective=objective, kernel_projection=kernel_projection,
+        chunk_size=chunk_size, memory_gb=memory_gb, trust_pickles=trust_pickles, train=train, objective=objective, kernel_projection=kernel_projection,
         feature_layer=feature_layer, chat_template=chat_template, probe_eos=probe_eos, train_eos=train_eos, special_tokens=special_tokens,
     )  # fmt: skip
     bar = None if (quiet or not sys.stderr.isatty()) else _progress_bar("analysing", "intervals")

@@ -28,6 +28,7 @@ import xarray as xr
 
 from . import __version__, cube
 from .errors import CkptforceError, ProbeFileNotFoundError
+from .budget import default_memory_gb, model_shape, rows_per_chunk
 from .forces import DEFAULT_NODES, interval_forces
 from .forces.features import drift, features
 from .io import Run, open_run
@@ -69,7 +70,8 @@ class AnalysisConfig:
     by_tensor: bool = dataclasses.field(default=True, metadata={"help": "split Δ_lin and Δ_path by tensor"})
     method: str = dataclasses.field(default="auto", metadata={"help": "J·v by jvp, double_vjp or auto"})
     dtype: str = dataclasses.field(default="float32", metadata={"help": "arithmetic dtype of the forces"})
-    chunk_size: int = dataclasses.field(default=64, metadata={"help": "probe rows per forward / JVP"})
+    chunk_size: int | None = dataclasses.field(default=None, metadata={"help": "probe rows per forward / JVP (None: from the memory budget)"})
+    memory_gb: float | None = dataclasses.field(default=None, metadata={"help": "memory budget of one chunk in GiB (--memory; None: from the machine)"})
     trust_pickles: bool = dataclasses.field(default=False, metadata={"help": "allow full unpickling"})
     train: str | None = dataclasses.field(default=None, metadata={"help": "training-examples file (--train)"})
     train_sha256: str | None = dataclasses.field(default=None, metadata={"help": "hash of the training-examples file"})
@@ -124,6 +126,7 @@ class Prepared:
     tokenization: dict = field(default_factory=dict)  # the convention text was tokenized with (sequences.describe)
     notes: list[str] = field(default_factory=list)  # warnings about how probes / training texts were tokenized
     z0: torch.Tensor | None = None  # (P, D) features of each probe's first response at the first checkpoint (--feature-layer)
+    chunk_size: int | None = None  # rows per forward / JVP: --chunk-size, else from the memory budget (budget.py)
 
 
 _PREPARED: dict[tuple[str, str], Prepared] = {}
@@ -168,6 +171,7 @@ def prepare(config: AnalysisConfig, device: str = "cpu") -> Prepared:
         [[as_text(p.responses.get(t)) for t in responses] for p in probe_set.probes],
     )  # fmt: skip
     prepared.notes = [n for n in [boundary_note(tok, tokenizer)] if n]
+    prepared.chunk_size = _chunk_rows(config, model, batch, dtype, device)
     train_convention = train_kinds = None
     if config.train:
         train_convention = Convention(config.special_tokens, config.train_eos, template)
@@ -185,6 +189,17 @@ def prepare(config: AnalysisConfig, device: str = "cpu") -> Prepared:
     return prepared
 
 
+def _chunk_rows(config: AnalysisConfig, model: BoundModel, batch, dtype, device: str) -> int:
+    """--chunk-size, else the most rows whose forward / JVP / backward fits the memory budget (budget.py)."""
+    if config.chunk_size:
+        return config.chunk_size
+    hidden, layers = model_shape(model.module)
+    width = batch.input_ids.shape[1] if hasattr(batch, "input_ids") else 1
+    budget = config.memory_gb if config.memory_gb else default_memory_gb(device)
+    return rows_per_chunk(budget, width=width, vocab=model.vocab_size or 1, hidden=hidden, layers=layers,
+                          dtype_bytes=torch.finfo(dtype).bits // 8)  # fmt: skip
+
+
 def _prepare_classifier(config: AnalysisConfig, run: Run, model: BoundModel, device: str, dtype) -> Prepared:
     """Classification probes (arrays): one row per probe whose 'response' is its label; y* is the argmax class.
     Flipped labels (the zig-zag experiments) are the probe group 'flipped', the rest 'clean'."""
@@ -197,6 +212,7 @@ def _prepare_classifier(config: AnalysisConfig, run: Run, model: BoundModel, dev
                         [""] * len(probes), [["", ""] for _ in probes.ids])  # fmt: skip
     if config.train:
         prepared.training = prepare_training(config, run, model, None, device, dtype)
+    prepared.chunk_size = _chunk_rows(config, model, batch, dtype, device)
     _prepare_features(prepared, dtype)
     return prepared
 
@@ -231,7 +247,7 @@ def compute_part(config_json: str, k: int, device: str = "cpu", progress: Callab
         before = p.model.params_from(a, device=device, dtype=dtype)
         after = p.model.params_from(b, device=device, dtype=dtype)
     res = interval_forces(p.model.logits, before, after, p.batch, nodes=config.nodes, by_tensor=config.by_tensor, method=config.method,
-                          chunk_size=config.chunk_size, batch_rows=PROBE_BATCH, progress=progress, full=p.model.kind == "classifier",
+                          chunk_size=p.chunk_size, batch_rows=PROBE_BATCH, progress=progress, full=p.model.kind == "classifier",
                           module=p.model.module)  # fmt: skip
     grid = _Grid(p)
     data = {

@@ -180,9 +180,9 @@ def training_part(p, pt: PreparedTraining, k: int, before: dict, after: dict, dl
     logp, weights = _weights(p, pt, before, logits)
     coeff = _coefficients(pt, lr, a.step, b.step, n_steps)
     forces = example_forces(p.model.logits, before, p.batch, pt.batch, pt.owners, weights.flatten(), coeff, pre,
-                            teacher_logits=pt.teacher_logits, method=config.method, chunk_size=config.chunk_size)  # fmt: skip
-    mom, mom_star = direction_force(p.model.logits, before, p.batch, pre.momentum, method=config.method, chunk_size=config.chunk_size)
-    dec, dec_star = direction_force(p.model.logits, before, p.batch, pre.decay, method=config.method, chunk_size=config.chunk_size)
+                            teacher_logits=pt.teacher_logits, method=config.method, chunk_size=p.chunk_size)  # fmt: skip
+    mom, mom_star = direction_force(p.model.logits, before, p.batch, pre.momentum, method=config.method, chunk_size=p.chunk_size)
+    dec, dec_star = direction_force(p.model.logits, before, p.batch, pre.decay, method=config.method, chunk_size=p.chunk_size)
     nan = torch.full((2, len(p.batch)), math.nan, dtype=torch.float64)
     total = torch.cat([forces.total, mom[None], dec[None]]).T  # (B, U + 2)
     total_star = torch.cat([forces.pos_argmax + forces.neg_argmax, mom_star[None], dec_star[None]]).T
@@ -241,7 +241,7 @@ def probe_kernel(p, pt: PreparedTraining, params: dict, weights: torch.Tensor) -
     weights = weights.flatten()  # (U·R,) one weight per training row
     projection = Projection(config.kernel_projection) if config.kernel_projection else None
     kern = gradient_kernel(p.model.logits, params, probes, pt.batch, module=p.model.module, train_loss=weights.to(torch.float64),
-                           chunk_size=config.chunk_size, projection=projection)  # fmt: skip
+                           chunk_size=p.chunk_size, projection=projection)  # fmt: skip
     n_ex = len(pt.tset)
     owners = torch.tensor(pt.owners, device=kern.k.device)
     k = torch.zeros(kern.k.shape[0], n_ex, dtype=torch.float64).index_add_(1, owners.cpu(), kern.k.double().cpu())
