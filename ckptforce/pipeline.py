@@ -381,8 +381,9 @@ def analyze(
         raise CkptforceError(f"{out}: -o is the probe file, which would be overwritten; choose another -o")
     prepared = prepare(config, device)
     run = prepared.run
-    if Path(run.root).resolve() in out.parents or Path(run.root).resolve() == out.parent:
-        raise CkptforceError(f"{out}: the output would be written into the run directory {run.root}; choose an -o outside it")
+    for folder in dict.fromkeys([Path(run.root).resolve(), Path(config.run_dir).resolve()]):  # the run, and the folder named
+        if folder in out.parents or folder == out.parent:
+            raise CkptforceError(f"{out}: the output would be written into the run directory {folder}; choose an -o outside it")
     n = len(run.checkpoints) - 1
     check_or_write_config(out, config)
     check_parts_match(out, run)

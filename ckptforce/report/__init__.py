@@ -8,6 +8,7 @@ Nothing here imports torch: a report needs only the cube.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -19,11 +20,12 @@ HTML_NAME = "report.html"
 PDF_NAME = "report.pdf"
 
 
-def output_dir(out: str | Path, run_dir: str | None = None) -> Path:
-    """The report folder: created if its parent exists; never inside the analysed run."""
+def output_dir(out: str | Path, *run_dirs: str | None) -> Path:
+    """The report folder: created if its parent exists; never inside the analysed run (or the folder named as it)."""
     out = Path(out).resolve()
-    if run_dir and (Path(run_dir).resolve() == out or Path(run_dir).resolve() in out.parents):
-        raise CkptforceError(f"{out}: the report would be written into the run directory {run_dir}; choose an -o outside it")
+    for run_dir in filter(None, run_dirs):
+        if Path(run_dir).resolve() == out or Path(run_dir).resolve() in out.parents:
+            raise CkptforceError(f"{out}: the report would be written into the run directory {run_dir}; choose an -o outside it")
     if not out.parent.is_dir():
         what = "is a file, not a directory" if out.parent.exists() else "no such directory"
         raise CkptforceError(f"{out.parent}: {what}; create it first or choose another -o")
@@ -43,7 +45,7 @@ def write_report(cube_path: str | Path, out: str | Path, *, html: bool = True, p
     from .context import gather
 
     ds = open_cube(cube_path)
-    out = output_dir(out, ds.attrs.get("run_dir"))
+    out = output_dir(out, ds.attrs.get("run_dir"), _config(ds).get("run_dir"))
     ctx = gather(ds, Path(cube_path))
     written = []
     if html:
@@ -52,6 +54,14 @@ def write_report(cube_path: str | Path, out: str | Path, *, html: bool = True, p
     if pdf:
         written.append(write_atomic(out / PDF_NAME, lambda tmp: pdf_mod.write(ctx, tmp)))
     return written
+
+
+def _config(ds) -> dict:
+    try:
+        config = json.loads(ds.attrs.get("config", "{}"))
+    except (TypeError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
 
 
 __all__ = ["HTML_NAME", "PDF_NAME", "write_report"]
