@@ -8,6 +8,7 @@ Nothing here imports torch: a report needs only the cube.
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 from pathlib import Path
@@ -15,6 +16,7 @@ from pathlib import Path
 from ..atomic import write_atomic
 from ..cube import open_cube
 from ..errors import CkptforceError
+from ..labels import label_name
 
 HTML_NAME = "report.html"
 PDF_NAME = "report.pdf"
@@ -38,15 +40,30 @@ def output_dir(out: str | Path, *run_dirs: str | None) -> Path:
     return out
 
 
-def write_report(cube_path: str | Path, out: str | Path, *, html: bool = True, pdf: bool = True) -> list[Path]:
-    """Read the cube at ``cube_path`` and write ``report.html`` and/or ``report.pdf`` into ``out``."""
+def check_group_by(name: str, available: list[str]) -> str:
+    """``name`` as the cube stores labels (``labels.label_name``), or a one-line error listing what there is."""
+    label = label_name(name)
+    if label in available:
+        return label
+    close = difflib.get_close_matches(label, available, n=1)
+    raise CkptforceError(f"--group-by {name}: the probes have no such label (they have: {', '.join(available)})"
+                         + (f"; did you mean '{close[0]}'?" if close else "; give one of them, or add the field to the "
+                            "probe file (under \"meta\", or as a column)"))  # fmt: skip
+
+
+def write_report(cube_path: str | Path, out: str | Path, *, html: bool = True, pdf: bool = True, group_by: str | None = None) -> list[Path]:
+    """Read the cube at ``cube_path`` and write ``report.html`` and/or ``report.pdf`` into ``out``; ``group_by`` (a
+    probe label: split, group, meta.attr …) groups the forgetting and hallucination views."""
     from . import html as html_mod
     from . import pdf as pdf_mod
     from .context import gather
+    from .diagnostics import groupings
 
     ds = open_cube(cube_path)
+    if group_by:
+        group_by = check_group_by(group_by, groupings(ds))
     out = output_dir(out, ds.attrs.get("run_dir"), _config(ds).get("run_dir"))
-    ctx = gather(ds, Path(cube_path))
+    ctx = gather(ds, Path(cube_path), group_by)
     written = []
     if html:
         text = html_mod.render(ctx)
@@ -64,4 +81,4 @@ def _config(ds) -> dict:
     return config if isinstance(config, dict) else {}
 
 
-__all__ = ["HTML_NAME", "PDF_NAME", "write_report"]
+__all__ = ["HTML_NAME", "PDF_NAME", "check_group_by", "write_report"]
