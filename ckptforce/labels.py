@@ -6,7 +6,7 @@ the probe (training example): ``meta.name``, ``meta.attr``, ``train_index``. The
 along ``probe`` / ``source`` (``cube.label_coord``) and the report groups by them (``--group-by meta.attr``).
 
 * nested objects are flattened with dots (``meta.a.b``); numbers and booleans are written as JSON writes them
-  (``3``, ``0.5``, ``true``), a list is its JSON text, null is an empty label;
+  (``3``, ``0.5``, ``true``), a list is its JSON text; null is no label (an empty one where others have it);
 * in a label's name whitespace and ``/`` become ``_`` (HDF5 names may hold neither);
 * a field that looks like a misspelt known field — a small edit distance, or another case — and holds what that
   field holds (``"respones": {…}``, ``"grup": "a"``) is refused with "did you mean": a typo never turns
@@ -101,6 +101,8 @@ def label_name(name: str) -> str:
 
 
 def _flatten(name: str, value, out: dict[str, str]) -> None:
+    if value is None:  # not given (a data set's null cell, or a struct field another row has)
+        return
     if isinstance(value, dict):
         for k, v in value.items():
             _flatten(f"{name}.{k}", v, out)

@@ -105,8 +105,8 @@ def load_probe_set(path, columns: dict[str, str] | None = None) -> ProbeSet:
     JSONL, or what ``datasets`` writes (a JSON array, parquet, arrow, a ``save_to_disk`` folder: ``datafiles.py``);
     ``columns`` renames the file's columns to ours (``{"prompt": "question"}``). A line without ``responses`` takes
     its responses from columns named as response types (``chosen``, ``rejected``, …; ``completion`` is read as
-    ``chosen``), as TRL's data sets hold them. Fields of the user's own (``meta``, extra columns) become the probe's
-    ``labels``.
+    ``chosen``), as TRL's data sets hold them; a data set's row without an ``id`` is named by its row number. Fields of
+    the user's own (``meta``, extra columns) become the probe's ``labels``.
 
     Raises ``ProbeFileError`` with ``"{path}:{line}: {field}: {what is wrong}; {what to do}"`` for the first
     problem found: bad JSON, a line the schema refuses (a misspelt field, empty response, prompt and prompt_ids
@@ -119,11 +119,14 @@ def load_probe_set(path, columns: dict[str, str] | None = None) -> ProbeSet:
     probes: list[LmProbe] = []
     first_line: dict[str, int] = {}
     seen: set[str] = set()
+    table = not datafiles.is_lines(path)
     for number, obj in _records(path):
         where = f"{path}:{number}"
         if isinstance(obj, dict):
             seen.update(obj)
             obj = _responses_from_columns(datafiles.rename(obj, columns or {}, where), where)
+            if table and "id" not in obj:  # a data set's rows seldom have ids: the row number is one
+                obj["id"] = str(number)
         probe = _probe(obj, where, number)
         if probe.id in first_line:
             raise ProbeFileError(f"{where}: id: '{probe.id}' is already used on line {first_line[probe.id]}; "
