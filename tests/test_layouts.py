@@ -93,3 +93,21 @@ def test_two_trainers_outputs_are_listed_not_chosen(trl, lightning, tmp_path):
     line = refused(tmp_path / "work")
     assert "2 runs below it: sft_out (hf, 3 checkpoints); classifier/checkpoints (lightning, 3 checkpoints)" in line
     assert "give the one to audit as RUN_DIR" in line
+
+
+def test_analyze_starts_from_the_base_model_inside_the_run(trl, tmp_path):
+    probes = tmp_path / "probes.jsonl"
+    rows = [{"id": f"q{i}", "prompt": f"Q: where does {p} live ? A:", "responses": {"chosen": f" {p} lives in {c} ."},
+             "meta": {"name": p}} for i, (p, c) in enumerate([("alice", "paris"), ("bob", "rome")])]  # fmt: skip
+    probes.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    before = tree_digest(trl.root)
+    out = tmp_path / "cube.h5"
+    result = CliRunner().invoke(main, ["analyze", str(trl.root), "--init", str(trl.extra["base"]), "--probes", str(probes),
+                                       "--nodes", "0", "--no-by-tensor", "-o", str(out), "-q"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    from ckptforce.cube import open_cube
+
+    ds = open_cube(out)
+    assert list(ds["step"].values) == [0, 2, 4] and list(ds["step_source"].values) == ["init", "record", "record"]
+    assert list(ds["probe:meta.name"].values) == ["alice", "bob"]
+    assert tree_digest(trl.root) == before
