@@ -13,12 +13,15 @@ from pathlib import Path
 import click
 
 from . import __version__
+from .datafiles import COLUMNS
 from .errors import CkptforceError
 
 #: The names of ckptforce.io.LAYOUTS (spelt out so that --help does not import torch; a test keeps them equal).
 LAYOUT_NAMES = ["fsdp", "deepspeed", "dcp", "peft", "hf", "lightning", "safetensors", "torch"]
 
 EXIT_USER_ERROR = 2
+GROUP_BY_HELP = ("Group the forgetting and hallucination views by this probe label: split, group, or a field of the probe "
+                 "file's own (meta.attr for {\"meta\": {\"attr\": …}}, or an extra column's name).")
 
 
 class _Group(click.Group):
@@ -102,8 +105,12 @@ def scan(run_dir: Path, init: Path | None, layout: str | None, trust_pickles: bo
 def _analysis_options(f):
     """The options of an analysis, shared by ``analyze`` and ``audit``."""
     options = [
-        click.option("--probes", required=True, type=click.Path(path_type=Path), help="Probe file (JSONL, schemas/probe_set.schema.json)."),
-        click.option("--train", type=click.Path(path_type=Path), help="Training examples the run used (JSONL, schemas/train_set.schema.json): adds the force of each example on each probe."),
+        click.option("--probes", required=True, type=click.Path(path_type=Path), help="Probe file (JSONL, schemas/probe_set.schema.json; "
+                     "or a data set: JSON, parquet, arrow, a save_to_disk folder)."),
+        click.option("--train", type=click.Path(path_type=Path), help="Training examples the run used (JSONL in TRL's format, "
+                     "schemas/train_set.schema.json, or a data set as for --probes): adds the force of each example on each probe."),
+        *[click.option(f"--{c}-column", metavar="NAME", help=f"The column of --train / --probes that holds '{c}' (default: {c}, "
+                       "TRL's name).") for c in COLUMNS],
         click.option("--objective", type=click.Choice(["sft", "ce", "unlearn", "dpo", "ipo", "simpo", "grpo", "kd"]),
                      help="Training objective of --train (default: the file's header, the trainer's record, else the examples' shape)."),
         click.option("--feature-layer", metavar="NAME", help="Track the output of this submodule (e.g. backbone, transformer.ln_f) "
@@ -141,7 +148,7 @@ def _analysis_options(f):
     return f
 
 
-def _run_analysis(run_dir, out, *, probes, train, objective, feature_layer, kernel_projection, init, layout, trust_pickles, model, base_model, tokenizer, chat_template, probe_eos, train_eos, special_tokens, device, dtype, nodes, no_by_tensor, method, chunk_size, memory_gb, workers, scheduler, quiet) -> Path:
+def _run_analysis(run_dir, out, *, probes, train, objective, feature_layer, kernel_projection, init, layout, trust_pickles, model, base_model, tokenizer, chat_template, probe_eos, train_eos, special_tokens, device, dtype, nodes, no_by_tensor, method, chunk_size, memory_gb, workers, scheduler, quiet, **column_options) -> Path:
     import shlex
 
     from .forces import DEFAULT_NODES
@@ -156,6 +163,7 @@ def _run_analysis(run_dir, out, *, probes, train, objective, feature_layer, kern
         nodes=DEFAULT_NODES if nodes is None else nodes, by_tensor=not no_by_tensor, method=method, dtype=dtype,
         chunk_size=chunk_size, memory_gb=memory_gb, trust_pickles=trust_pickles, train=train, objective=objective, kernel_projection=kernel_projection,
         feature_layer=feature_layer, chat_template=chat_template, probe_eos=probe_eos, train_eos=train_eos, special_tokens=special_tokens,
+        columns={c: column_options[f"{c}_column"] for c in COLUMNS},
     )  # fmt: skip
     bar = None if (quiet or not sys.stderr.isatty()) else _progress_bar("analysing", "intervals")
     try:
@@ -197,7 +205,8 @@ def _report_formats(html: bool, pdf: bool) -> tuple[bool, bool]:
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Folder for report.html / report.pdf (created if its parent exists).")
 @click.option("--html", is_flag=True, help="Write report.html (self-contained, works offline).")
 @click.option("--pdf", is_flag=True, help="Write report.pdf (a page per section).")
-def report(cube_path: Path, out: Path, html: bool, pdf: bool) -> None:
+@click.option("--group-by", "group_by", metavar="NAME", help=GROUP_BY_HELP)
+def report(cube_path: Path, out: Path, html: bool, pdf: bool, group_by: str | None) -> None:
     """Write the diagnostic report of a cube: warnings first, then each diagnostic of the learning dynamics
     (trajectories per response type, squeezing, hallucination, forgetting, first-order validity, where the
     change comes from, update anatomy) with a figure, how to read it and a verdict computed from the numbers.
@@ -207,11 +216,12 @@ def report(cube_path: Path, out: Path, html: bool, pdf: bool) -> None:
     Examples:
       ckptforce report cube.h5 -o report/
       ckptforce report cube.h5 -o report/ --html
+      ckptforce report cube.h5 -o report/ --group-by meta.attr
     """
     from .report import write_report
 
     html, pdf = _report_formats(html, pdf)
-    for path in write_report(cube_path, out, html=html, pdf=pdf):
+    for path in write_report(cube_path, out, html=html, pdf=pdf, group_by=group_by):
         click.echo(f"wrote {path}")
 
 
@@ -221,7 +231,8 @@ def report(cube_path: Path, out: Path, html: bool, pdf: bool) -> None:
 @_analysis_options
 @click.option("--html", is_flag=True, help="Write only report.html (with --pdf: both; default: both).")
 @click.option("--pdf", is_flag=True, help="Write only report.pdf (with --html: both; default: both).")
-def audit(run_dir, out, html, pdf, **options):
+@click.option("--group-by", "group_by", metavar="NAME", help=GROUP_BY_HELP)
+def audit(run_dir, out, html, pdf, group_by, **options):
     """Analyze RUN_DIR and report on it in one go: OUT/cube.h5, then OUT/report.html and OUT/report.pdf.
     Takes every option of `ckptforce analyze`; rerun the same command after an interruption and the
     analysis resumes from the parts already computed.
@@ -230,13 +241,24 @@ def audit(run_dir, out, html, pdf, **options):
     Examples:
       ckptforce audit out/ --probes probes.jsonl -o audit/
     """
-    from .report import output_dir, write_report
+    from .report import check_group_by, output_dir, write_report
 
+    if group_by:  # before the analysis, which may take long: the probes' own labels are known from the file
+        check_group_by(group_by, _probe_groupings(options["probes"], {c: options[f"{c}_column"] for c in COLUMNS}))
     folder = output_dir(out, str(run_dir))
     final = _run_analysis(run_dir, folder / "cube.h5", **options)
     html, pdf = _report_formats(html, pdf)
-    for path in [final, *write_report(final, folder, html=html, pdf=pdf)]:
+    for path in [final, *write_report(final, folder, html=html, pdf=pdf, group_by=group_by)]:
         click.echo(f"wrote {path}")
+
+
+def _probe_groupings(probes: Path, columns: dict) -> list[str]:
+    """What the report can group probes by: split, group, and the probe file's own labels."""
+    from .class_probes import CLASS_SUFFIXES
+    from .probe_file import load_probe_set
+
+    own = [] if probes.suffix in CLASS_SUFFIXES else list(load_probe_set(probes, {k: v for k, v in columns.items() if v}).labels)
+    return ["split", "group", *own]
 
 
 @main.command()

@@ -113,6 +113,34 @@ VARS: dict[str, Var] = {
     "kernel_tracin": Var(("probe", "source"), "TracIn: Σ_t η_t ⟨∇θ log π(y_o|x_o), ∇θ L(x_u)⟩ over the checkpoints starting an interval"),
 }
 
+#: Labels a user keeps with their data (``meta`` fields, extra columns: ``labels.py``) are text coordinates along
+#: these dimensions, named ``{dim}:{label}`` (``probe:meta.attr``, ``source:train_index``); declared by this rule
+#: rather than one by one, since their names come from the user's files.
+LABEL_DIMS = ("probe", "source")
+
+
+def label_coord(dim: str, label: str) -> str:
+    """The cube's name of a user label along ``dim``: ``label_coord("probe", "meta.attr") == "probe:meta.attr"``."""
+    assert dim in LABEL_DIMS, dim
+    return f"{dim}:{label}"
+
+
+def label_coords(dim: str, table: Mapping[str, list[str]]) -> dict[str, list[str]]:
+    """``{label: values}`` as coordinates of ``build``."""
+    return {label_coord(dim, name): values for name, values in table.items()}
+
+
+def labels(ds: xr.Dataset, dim: str) -> dict[str, np.ndarray]:
+    """The user's labels along ``dim`` in a cube: ``{label: text per element}``."""
+    prefix = f"{dim}:"
+    return {str(n)[len(prefix):]: ds[n].values.astype(str) for n in ds.coords if str(n).startswith(prefix)}
+
+
+def _label_dims(name: str) -> tuple[str, ...] | None:
+    dim = name.split(":", 1)[0] if ":" in name else None
+    return (dim,) if dim in LABEL_DIMS else None
+
+
 COORDS = ("step", "step_source", "checkpoint_path", "step_from", "step_to", "lr", "probe_split", "probe_group", "probe_prompt",
           "response_text", "source_kind", "source_prompt", "probe_label")  # fmt: skip
 
@@ -126,12 +154,15 @@ def build(
 ) -> xr.Dataset:
     """A cube from plain arrays: ``index`` gives the labels of each dimension used (``probe`` ids, ``response``
     types, ``tensor`` names …), ``data`` and ``coords`` arrays keyed by names of ``VARS``; their dims follow."""
-    unknown = [n for n in [*data, *(coords or {})] if n not in VARS]
+    unknown = [n for n in [*data, *(coords or {})] if n not in VARS and not (n in (coords or {}) and _label_dims(n))]
     if unknown:
         raise KeyError(f"not cube names: {unknown}; declare them in ckptforce.cube.VARS")
     ds = xr.Dataset(coords={dim: list(labels) for dim, labels in index.items()})
     for name, values in (coords or {}).items():
-        ds = ds.assign_coords({name: (VARS[name].dims, np.asarray(values))})
+        if name in VARS:
+            ds = ds.assign_coords({name: (VARS[name].dims, np.asarray(values))})
+        else:  # a user label: text
+            ds = ds.assign_coords({name: (_label_dims(name), np.asarray(values, dtype=str))})
     for name, values in data.items():
         ds[name] = (VARS[name].dims, np.asarray(values))
     return describe(ds.assign_attrs(dict(attrs or {})))
@@ -145,6 +176,8 @@ def describe(ds: xr.Dataset) -> xr.Dataset:
             ds[name].attrs.update({"long_name": var.long_name, **({"units": var.units} if var.units else {})})
         elif name in DIMS:
             ds[name].attrs["long_name"] = DIMS[name]
+        elif _label_dims(str(name)):
+            ds[name].attrs["long_name"] = f"label '{str(name).split(':', 1)[1]}' of each {_label_dims(str(name))[0]}, from the user's file"
     ds.attrs.setdefault("ckptforce_schema", SCHEMA_VERSION)
     ds.attrs.setdefault("Conventions", "CF-1.10")
     return ds
@@ -210,7 +243,7 @@ def validate(ds: xr.Dataset) -> list[str]:
     if version > SCHEMA_VERSION:
         return [f"written by a newer ckptforce (cube schema {version}, this one reads ≤ {SCHEMA_VERSION}); upgrade ckptforce"]
     for name, var in ds.variables.items():
-        want = VARS.get(name)
+        want = VARS.get(name) or (Var(_label_dims(name), "") if _label_dims(name) else None)
         if want is not None and tuple(var.dims) != want.dims:
             problems.append(f"variable {name!r} has dims {tuple(var.dims)}, expected {want.dims}; the file was altered")
     if "step" in ds.coords and ds.sizes.get("checkpoint", 0) > 1 and not bool((np.diff(ds["step"].values) > 0).all()):

@@ -8,8 +8,10 @@ candidates into one ordered run:
   nanoGPT's ``iter_num``), then from the name (``checkpoint-500``, ``epoch=0-step=20.ckpt``,
   ``ckpt_000100.pt``), then from the natural order of the names;
 * the source of every step is kept, so the cube can say where each number came from;
-* two checkpoints that claim the same step are an error naming both, and so is a checkpoint without a step
-  among checkpoints with one (its place would be a guess); gaps in the spacing are reported.
+* two checkpoints that claim the same step are an error naming both; a checkpoint without a step among
+  checkpoints with one (say, the base model saved beside a run's ``checkpoint-N/`` folders) is left out with a
+  note naming it — its place would be a guess — unless ``--init`` names it, and then it starts the run; gaps in
+  the spacing are reported.
 """
 
 from __future__ import annotations
@@ -101,6 +103,7 @@ class Listing:
     layout: str
     checkpoints: list[CheckpointRef]
     notes: list[str] = field(default_factory=list)  # warnings for the user, one line each
+    given: Path | None = None  # the directory the user named, when the run was found below it
 
     @property
     def steps(self) -> list[int]:
@@ -110,15 +113,17 @@ class Listing:
 def order_candidates(candidates: list[Candidate]) -> tuple[list[CheckpointRef], list[str]]:
     """Settle steps and order: record, then name, then natural order; the ``--init`` model goes first.
 
-    Returns the ordered references and notes (gaps, mixed sources). Raises StepError when two checkpoints
-    claim the same step, or when some checkpoints have a step and others none.
+    Returns the ordered references and notes (gaps, mixed sources, checkpoints left out because they have no
+    step while others do). A checkpoint that ``--init`` also names is listed once, as the start. Raises
+    StepError when two checkpoints claim the same step.
     """
     notes: list[str] = []
     candidates = _drop_redundant_final(candidates, notes)
     init = [c for c in candidates if c.is_init]
     rest = sorted((c for c in candidates if not c.is_init), key=lambda c: natural_key(c.path.name))
+    rest = _leave_out_stepless(_without_init(rest, init), notes)
     settled: list[CheckpointRef] = []
-    if rest and all(c.record_step is not None or step_from_name(c.path.name) is not None for c in rest):
+    if rest and all(_step_of(c) is not None for c in rest):
         for c in rest:
             if c.record_step is not None:
                 settled.append(CheckpointRef(c.path, c.layout, c.record_step, "record", c.record_name))
@@ -127,8 +132,7 @@ def order_candidates(candidates: list[Candidate]) -> tuple[list[CheckpointRef], 
         settled.sort(key=lambda r: (r.step, natural_key(r.path.name)))
     else:
         if rest:
-            unnamed = [c.path.name for c in rest if c.record_step is None and step_from_name(c.path.name) is None]
-            _refuse_partial_steps(rest)
+            unnamed = [c.path.name for c in rest if _step_of(c) is None]
             notes.append(
                 f"no step recorded or written in the name of {', '.join(unnamed[:3])}"
                 f"{' …' if len(unnamed) > 3 else ''}: steps are the natural order of the names (0, 1, 2, …)"
@@ -164,19 +168,34 @@ def _drop_redundant_final(candidates: list[Candidate], notes: list[str]) -> list
     return candidates
 
 
-def _refuse_partial_steps(candidates: list[Candidate]) -> None:
+def _step_of(c: Candidate) -> int | None:
+    return c.record_step if c.record_step is not None else step_from_name(c.path.name)
+
+
+def _without_init(candidates: list[Candidate], init: list[Candidate]) -> list[Candidate]:
+    """The run's own checkpoints less the one ``--init`` names (a base model kept inside the run directory)."""
+    if not init:
+        return candidates
+    start = init[0].path.resolve()
+    return [c for c in candidates if c.path.resolve() != start]
+
+
+def _leave_out_stepless(candidates: list[Candidate], notes: list[str]) -> list[Candidate]:
     """Some checkpoints carry a step and others do not: any place for the others would be a guess, and falling
-    back to the natural order would throw the known steps away."""
-    steps = {c.path: c.record_step if c.record_step is not None else step_from_name(c.path.name) for c in candidates}
-    known = [c for c in candidates if steps[c.path] is not None]
-    unknown = [c for c in candidates if steps[c.path] is None]
+    back to the natural order would throw the known steps away. The ones without a step are left out, each with a
+    note that names it and says how to bring it in."""
+    known = [c for c in candidates if _step_of(c) is not None]
+    unknown = [c for c in candidates if _step_of(c) is None]
     if not known or not unknown:
-        return
-    shown = ", ".join(f"{c.path.name}: {steps[c.path]}" for c in known[:3]) + (" …" if len(known) > 3 else "")
-    raise StepError(
-        f"{unknown[0].path}: no step recorded or written in its name, while other checkpoints have one ({shown}); "
-        f"rename it with its step (e.g. step_1000{unknown[0].path.suffix}) or move it out of the run directory"
-    )
+        return candidates
+    shown = ", ".join(f"{c.path.name}: {_step_of(c)}" for c in known[:3]) + (" …" if len(known) > 3 else "")
+    for c in unknown:
+        notes.append(
+            f"{c.path}: left out — no step recorded or written in its name, while the other checkpoints have one "
+            f"({shown}); if the run started from it, pass --init {c.path}; to use it as a checkpoint, rename it with "
+            f"its step (e.g. step_1000{c.path.suffix})"
+        )
+    return known
 
 
 def _check_duplicates(refs: list[CheckpointRef]) -> None:

@@ -27,7 +27,7 @@ import torch
 import xarray as xr
 
 from . import __version__, cube
-from .errors import CkptforceError, ProbeFileNotFoundError
+from .errors import CkptforceError
 from .budget import default_memory_gb, model_shape, rows_per_chunk
 from .forces import DEFAULT_NODES, interval_forces
 from .forces.features import drift, features
@@ -37,7 +37,9 @@ from .names import POOR_LINEARISATION
 from .parts import (  # noqa: F401 - re-exported: the parts' API lives in parts.py
     ConfigMismatchError, check_or_write_config, check_parts_match, merge_parts, missing_parts, part_path, parts_dir,
 )
-from .training_forces import PreparedTraining, focus_rows, prepare_training, source_coords, train_path_ok, training_part
+from .config import AnalysisConfig  # noqa: F401 - re-exported: the analysis settings live in config.py
+from .training_forces import PreparedTraining, focus_rows, prepare_training, source_coords, source_labels, training_part
+from .datafiles import check_mapped
 from .class_probes import CLASS_SUFFIXES, ClassBatch, load_class_probes, make_class_batch
 from .probes import ARGMAX, TokenBatch, boundary_note, load_probe_set, load_tokenizer, make_batch, tokenize
 from .sequences import Convention, as_text, consistency_notes, describe, files_sha256, is_ids, kinds, load_chat_template
@@ -48,63 +50,6 @@ CLASS_LABEL = "label"
 #: Probe rows computed together within an interval: bigger probe sets are taken in batches of this many rows,
 #: with progress reported after each (the results do not depend on it: every quantity is per row).
 PROBE_BATCH = 256
-
-
-def _help(text: str):
-    return field(metadata={"help": text})
-
-
-@dataclass(frozen=True)
-class AnalysisConfig:
-    """Every setting that changes the numbers; stored in the cube and checked when a run resumes."""
-
-    run_dir: str = _help("the run directory")
-    probes: str = _help("the probe file")
-    probes_sha256: str = _help("hash of the probe file's bytes")
-    init: str | None = dataclasses.field(default=None, metadata={"help": "model the run started from (--init)"})
-    model: str | None = dataclasses.field(default=None, metadata={"help": "package.module:factory (--model)"})
-    base_model: str | None = dataclasses.field(default=None, metadata={"help": "base model under a LoRA adapter"})
-    tokenizer: str | None = dataclasses.field(default=None, metadata={"help": "tokenizer folder (--tokenizer)"})
-    layout: str | None = dataclasses.field(default=None, metadata={"help": "forced checkpoint layout"})
-    nodes: int = dataclasses.field(default=DEFAULT_NODES, metadata={"help": "Gauss–Legendre nodes of Δ_path (0: none)"})
-    by_tensor: bool = dataclasses.field(default=True, metadata={"help": "split Δ_lin and Δ_path by tensor"})
-    method: str = dataclasses.field(default="auto", metadata={"help": "J·v by jvp, double_vjp or auto"})
-    dtype: str = dataclasses.field(default="float32", metadata={"help": "arithmetic dtype of the forces"})
-    chunk_size: int | None = dataclasses.field(default=None, metadata={"help": "probe rows per forward / JVP (None: from the memory budget)"})
-    memory_gb: float | None = dataclasses.field(default=None, metadata={"help": "memory budget of one chunk in GiB (--memory; None: from the machine)"})
-    trust_pickles: bool = dataclasses.field(default=False, metadata={"help": "allow full unpickling"})
-    train: str | None = dataclasses.field(default=None, metadata={"help": "training-examples file (--train)"})
-    train_sha256: str | None = dataclasses.field(default=None, metadata={"help": "hash of the training-examples file"})
-    objective: str | None = dataclasses.field(default=None, metadata={"help": "training objective (--objective; else the file / trainer)"})
-    feature_layer: str | None = dataclasses.field(default=None, metadata={"help": "submodule whose output is tracked (--feature-layer)"})
-    kernel_projection: int | None = dataclasses.field(default=None, metadata={"help": "sketch size of the approximate kernels (--kernel-projection; None: exact)"})
-    special_tokens: bool = dataclasses.field(default=True, metadata={"help": "add the tokenizer's special tokens (BOS) to text, as the trainer did"})
-    probe_eos: bool = dataclasses.field(default=False, metadata={"help": "append eos_token to probe responses (--probe-eos)"})
-    train_eos: bool = dataclasses.field(default=True, metadata={"help": "append eos_token to training completions / chosen / rejected, as TRL does"})
-    chat_template: str | None = dataclasses.field(default=None, metadata={"help": "Jinja chat template file (--chat-template; else the tokenizer's)"})
-    chat_template_sha256: str | None = dataclasses.field(default=None, metadata={"help": "hash of the chat template file"})
-
-    @classmethod
-    def for_run(cls, run_dir, probes, **kw) -> "AnalysisConfig":
-        probes = Path(probes)
-        if not probes.is_file():
-            what = "is a directory, not a probe file" if probes.is_dir() else "no such probe file"
-            raise ProbeFileNotFoundError(f"{probes}: {what}; give the JSONL file of probes with --probes")
-        digest = hashlib.sha256(probes.read_bytes()).hexdigest()
-        clean = {k: (str(Path(v).resolve()) if k in ("init", "base_model", "tokenizer", "train", "chat_template") and v else v) for k, v in kw.items()}
-        if clean.get("chat_template"):
-            clean["chat_template_sha256"] = hashlib.sha256(load_chat_template(clean["chat_template"]).encode()).hexdigest()
-        if clean.get("train"):
-            train = Path(train_path_ok(clean["train"]))
-            clean["train_sha256"] = hashlib.sha256(train.read_bytes()).hexdigest()
-        return cls(str(Path(run_dir).resolve()), str(probes.resolve()), digest, **clean)
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
-
-    def differences(self, other: dict) -> list[str]:
-        mine = dataclasses.asdict(self)
-        return [f"{k}: {other.get(k)!r} (existing parts) vs {mine[k]!r} (now)" for k in mine if other.get(k) != mine[k]]
 
 
 @dataclass
@@ -127,6 +72,7 @@ class Prepared:
     notes: list[str] = field(default_factory=list)  # warnings about how probes / training texts were tokenized
     z0: torch.Tensor | None = None  # (P, D) features of each probe's first response at the first checkpoint (--feature-layer)
     chunk_size: int | None = None  # rows per forward / JVP: --chunk-size, else from the memory budget (budget.py)
+    labels: dict[str, list[str]] = field(default_factory=dict)  # the probes' own labels (meta.*, extra columns)
 
 
 _PREPARED: dict[tuple[str, str], Prepared] = {}
@@ -152,7 +98,7 @@ def prepare(config: AnalysisConfig, device: str = "cpu") -> Prepared:
         prepared = _prepare_classifier(config, run, model, device, dtype)
         _PREPARED[key] = prepared
         return prepared
-    probe_set = load_probe_set(config.probes)
+    probe_set = load_probe_set(config.probes, config.columns)
     needs_text = any(p.prompt_ids is None or not all(is_ids(r) for r in p.responses.values()) for p in probe_set.probes)
     folder = first.path if first.path.is_dir() else first.path.parent
     tokenizer = None
@@ -172,12 +118,15 @@ def prepare(config: AnalysisConfig, device: str = "cpu") -> Prepared:
     )  # fmt: skip
     prepared.notes = [n for n in [boundary_note(tok, tokenizer)] if n]
     prepared.chunk_size = _chunk_rows(config, model, batch, dtype, device)
+    prepared.labels = probe_set.labels
     train_convention = train_kinds = None
     if config.train:
         train_convention = Convention(config.special_tokens, config.train_eos, template)
         prepared.training = prepare_training(config, run, model, tokenizer, device, dtype, convention=train_convention)
         tokenizer = tokenizer or prepared.training.tokenizer
         train_kinds = kinds(prepared.training.tset.examples)
+    seen = probe_set.columns | (prepared.training.tset.columns if prepared.training else set())
+    check_mapped(config.columns, seen, [config.probes, *([config.train] if config.train else [])])
     if tokenizer is not None:
         own = files_sha256(folder) or files_sha256(run.root)
         prepared.notes += consistency_notes(tokenizer, probe=convention, probe_kinds=kinds(probe_set.probes), train=train_convention,
@@ -297,7 +246,8 @@ def compute_part(config_json: str, k: int, device: str = "cpu", progress: Callab
         "step": [r.step for r in refs], "step_source": [r.step_source for r in refs], "checkpoint_path": [str(r.path) for r in refs],
         "step_from": [refs[0].step], "step_to": [refs[1].step], "probe_split": p.splits, "probe_group": p.groups,
         "probe_prompt": p.prompts, "response_text": p.texts,
-        **(source_coords(p.training) if p.training is not None else {}),
+        **(source_coords(p.training) if p.training is not None else {}), **cube.label_coords("probe", p.labels),
+        **(cube.label_coords("source", source_labels(p.training)) if p.training is not None else {}),
         **({"probe_label": p.batch.targets[:, 0].cpu().numpy()} if p.model.kind == "classifier" else {}),
     }  # fmt: skip
     return cube.build(index=index, data=data, coords=coords, attrs=attrs)
@@ -398,8 +348,9 @@ def analyze(
         raise CkptforceError(f"{out}: -o is the probe file, which would be overwritten; choose another -o")
     prepared = prepare(config, device)
     run = prepared.run
-    if Path(run.root).resolve() in out.parents or Path(run.root).resolve() == out.parent:
-        raise CkptforceError(f"{out}: the output would be written into the run directory {run.root}; choose an -o outside it")
+    for folder in dict.fromkeys([Path(run.root).resolve(), Path(config.run_dir).resolve()]):  # the run, and the folder named
+        if folder in out.parents or folder == out.parent:
+            raise CkptforceError(f"{out}: the output would be written into the run directory {folder}; choose an -o outside it")
     n = len(run.checkpoints) - 1
     check_or_write_config(out, config)
     check_parts_match(out, run)

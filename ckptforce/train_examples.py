@@ -1,7 +1,9 @@
 """Training-example files (``--train``) in, validated examples and a teacher-forced batch of their responses out.
 
-JSONL in TRL's dataset conventions (``schemas/train_set.schema.json`` is the authority), text, chat messages or
-token ids, tokenized as the trainer did (``sequences.py``)::
+JSONL, or what ``datasets`` writes (a JSON array, parquet, arrow, a ``save_to_disk`` folder: ``datafiles.py``), in
+TRL's dataset conventions (``schemas/train_set.schema.json`` is the authority), text, chat messages or token ids,
+tokenized as the trainer did (``sequences.py``); fields of the user's own (``meta``, extra columns) are kept as the
+example's labels (``labels.py``)::
 
     {"objective": "dpo", "beta": 0.1}                                   optional header line
     {"id": "u1", "prompt": "Q: where does alice live ? A:", "chosen": " alice lives in paris .",
@@ -10,7 +12,8 @@ token ids, tokenized as the trainer did (``sequences.py``)::
      "completion": [{"role": "assistant", "content": "bob lives in oslo."}]}
     {"id": "u3", "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
 
-* ``load_training_set(path, objective=None)`` -> ``TrainingSet``: the objective from ``objective`` (the
+* ``load_training_set(path, objective=None, columns=None)`` -> ``TrainingSet`` (``columns`` renames the file's
+  columns to TRL's names, ``{"prompt": "question"}``): the objective from ``objective`` (the
   command line), else the header, else the trainer's record (``infer_objective``), else the examples' shape;
 * ``TrainingSet.as_probe_set()`` -> a ``ProbeSet`` whose "responses" are the example's roles (``completion``;
   ``chosen``/``rejected``; ``completion_0``…), so tokenising and batching reuse probes.py exactly.
@@ -23,6 +26,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
+from . import datafiles, labels
 from .errors import ProbeFileError, ProbeFileNotFoundError
 from .forces.objectives import OBJECTIVES, PREFERENCE
 from .probes import LmProbe, ProbeSet
@@ -46,6 +50,7 @@ class TrainExample:
     rewards: list[float] | None = None
     steps: list[int] | None = None
     line: int = 0
+    labels: dict[str, str] = field(default_factory=dict)  # the example's own fields: meta.*, extra columns
 
 
 @dataclass
@@ -58,9 +63,15 @@ class TrainingSet:
     batch_size: int | None = None
     objective_source: str = "examples"  # command line | header | trainer record | examples
     notes: list[str] = field(default_factory=list)
+    columns: set[str] = field(default_factory=set)  # every field name the file holds, before --*-column renaming
 
     def __len__(self) -> int:
         return len(self.examples)
+
+    @property
+    def labels(self) -> dict[str, list[str]]:
+        """The examples' own labels as columns: {label: one text per example, "" where one lacks it}."""
+        return labels.table([e.labels for e in self.examples])
 
     @property
     def has_steps(self) -> bool:
@@ -85,8 +96,22 @@ def _validators():
 
     schema = json.loads(_schema_path().read_text(encoding="utf-8"))
     defs = schema["$defs"]
-    make = lambda name: jsonschema.Draft202012Validator({**defs[name], "$defs": defs})  # noqa: E731
-    return make("header"), make("example")
+    make = lambda sub: jsonschema.Draft202012Validator({**sub, "$defs": defs})  # noqa: E731
+    fields = {k: make(v) for k, v in defs["example"]["properties"].items()}
+    return make(defs["header"]), make(defs["example"]), fields
+
+
+def _own_fields(obj: dict, where: str) -> dict[str, str]:
+    """The example's labels (``meta``, extra columns); a misspelt known field is refused."""
+    fields = _validators()[2]
+    if problem := labels.meta_problem(obj):
+        raise TrainFileError(f"{where}: {problem}")
+    _, own, typos = labels.split_line(obj, fields, lambda name, value: fields[name].is_valid(value))
+    if typos:
+        raise TrainFileError(f"{where}: {labels.typo_message(typos, fields)}")
+    if bad := labels.unstorable(own):
+        raise TrainFileError(f"{where}: {bad} that the cube (HDF5) cannot store; remove it")
+    return own
 
 
 def _problem(validator, obj: dict) -> str | None:
@@ -104,31 +129,24 @@ def _problem(validator, obj: dict) -> str | None:
     return f"{where + ': ' if where else ''}{e.message}"
 
 
-def load_training_set(path, objective: str | None = None, *, record: str | None = None) -> TrainingSet:
+def load_training_set(path, objective: str | None = None, *, record: str | None = None, columns: dict[str, str] | None = None) -> TrainingSet:
     """Read and validate a training-examples file. ``objective`` (from the command line) wins over the file's
     header, which wins over ``record`` (the trainer's, see ``infer_objective``), which wins over the shape."""
     path = Path(path)
-    if not path.is_file():
+    if not datafiles.exists(path):
         what = "is a directory, not a training-examples file" if path.is_dir() else "no such file"
         raise ProbeFileNotFoundError(f"{path}: {what}; give the JSONL file of training examples (--train)")
-    try:
-        lines = path.read_text(encoding="utf-8-sig").split("\n")
-    except UnicodeDecodeError as e:
-        raise TrainFileError(f"{path}: not UTF-8 text; save the file as UTF-8") from e
-    header_v, example_v = _validators()
+    header_v, example_v, _ = _validators()
     header: dict = {}
     examples: list[TrainExample] = []
     seen: dict[str, int] = {}
-    for number, raw in enumerate(lines, start=1):
-        if not raw.strip():
-            continue
+    names: set[str] = set()
+    for number, obj in _records(path):
         where = f"{path}:{number}"
-        try:
-            obj = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise TrainFileError(f"{where}: not valid JSON ({e.msg} at column {e.colno}); write one JSON object per line") from e
         if not isinstance(obj, dict):
             raise TrainFileError(f"{where}: the line is not a JSON object; write one example object per line")
+        names.update(obj)
+        obj = datafiles.rename(obj, columns or {}, where)
         if "objective" in obj:
             if examples or header:
                 raise TrainFileError(f"{where}: a header (objective …) may only be the first line; move it to the top")
@@ -136,6 +154,7 @@ def load_training_set(path, objective: str | None = None, *, record: str | None 
                 raise TrainFileError(f"{where}: header: {problem}")
             header = obj
             continue
+        own = _own_fields(obj, where)
         if problem := _problem(example_v, obj):
             raise TrainFileError(f"{where}: {problem}")
         uid = obj.get("id", f"u{number}")
@@ -150,7 +169,7 @@ def load_training_set(path, objective: str | None = None, *, record: str | None 
             responses = {f"completion_{i}": r for i, r in enumerate(obj["completions"])}
         else:
             responses = {k: obj[k] for k in ("completion", "chosen", "rejected") if k in obj}
-        examples.append(TrainExample(uid, obj.get("prompt"), obj.get("prompt_ids"), responses, obj.get("rewards"), obj.get("steps"), number))
+        examples.append(TrainExample(uid, obj.get("prompt"), obj.get("prompt_ids"), responses, obj.get("rewards"), obj.get("steps"), number, own))
     if not examples:
         raise TrainFileError(f"{path}: no training examples; write one JSON object per line (prompt + completion, or prompt + chosen + rejected)")
     shapes = {"completion" if "completion" in e.responses else "preference" if "chosen" in e.responses else "group" for e in examples}
@@ -167,7 +186,25 @@ def load_training_set(path, objective: str | None = None, *, record: str | None 
     if any(e.steps is not None for e in examples) and not all(e.steps is not None for e in examples):
         raise TrainFileError(f"{path}: 'steps' is given for some examples only; give it for all or none")
     notes = [] if chosen not in PREFERENCE or "beta" in header else [f"β not given for {chosen}: TRL's default is used"]
-    return TrainingSet(path, chosen, examples, header.get("beta"), header.get("gamma"), header.get("batch_size"), source, notes)
+    return TrainingSet(path, chosen, examples, header.get("beta"), header.get("gamma"), header.get("batch_size"), source, notes, names)
+
+
+def _records(path: Path):
+    """(line or row number, parsed object) of every non-blank line of a JSONL file, or every row of a table."""
+    if not datafiles.is_lines(path):
+        yield from enumerate(datafiles.read_rows(path), start=1)
+        return
+    try:
+        lines = path.read_text(encoding="utf-8-sig").split("\n")
+    except UnicodeDecodeError as e:
+        raise TrainFileError(f"{path}: not UTF-8 text; save the file as UTF-8") from e
+    for number, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        try:
+            yield number, json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise TrainFileError(f"{path}:{number}: not valid JSON ({e.msg} at column {e.colno}); write one JSON object per line") from e
 
 
 def infer_objective(log_history: list[dict]) -> str | None:

@@ -25,7 +25,7 @@ from .forces.kernels import Projection, class_forces, gradient_kernel
 from .forces.objectives import DEFAULT_BETA, NEEDS_REFERENCE, PREFERENCE, g_statistics, kd_loss, margin, response_weights
 from .forces.objectives import loss as objective_loss
 from .probes import TokenBatch, boundary_note, load_tokenizer, make_batch, tokenize
-from .sequences import Convention, is_ids
+from .sequences import Convention, as_text, is_ids
 from .class_probes import CLASS_SUFFIXES, ClassBatch, load_class_probes, make_class_batch
 from .train_examples import TrainExample, TrainingSet, infer_objective, load_training_set
 
@@ -83,7 +83,7 @@ def prepare_training(config, run, model, tokenizer, device: str, dtype: torch.dt
                              f"{'arrays (.npz with x, y)' if model.kind == 'classifier' else 'JSONL (prompt + completion, …)'} too")  # fmt: skip
     if arrays:
         return _prepare_class_training(config, state, device, dtype)
-    tset = load_training_set(config.train, config.objective, record=infer_objective(state.get("log_history", [])))
+    tset = load_training_set(config.train, config.objective, record=infer_objective(state.get("log_history", [])), columns=config.columns)
     if tokenizer is None and any(x is not None and not is_ids(x) for e in tset.examples for x in [e.prompt, *e.responses.values()]):
         first = run.checkpoints[-1].path
         tokenizer = load_tokenizer(Path(config.tokenizer) if config.tokenizer else None, [first if first.is_dir() else first.parent, run.root])
@@ -322,11 +322,10 @@ def example_losses(pt: PreparedTraining, model, params: dict) -> torch.Tensor:
 def source_coords(pt: PreparedTraining) -> dict[str, list]:
     """Coordinates of the ``source`` dimension: kind (example / momentum / weight_decay) and prompt text."""
     kinds = ["example"] * len(pt.tset) + [MOMENTUM, WEIGHT_DECAY]
-    text = [e.prompt or "" for e in pt.tset.examples] + ["", ""]
+    text = [as_text(e.prompt) for e in pt.tset.examples] + ["", ""]
     return {"source_kind": kinds, "source_prompt": text}
 
 
-def train_path_ok(path: str | None) -> str | None:
-    if path and not Path(path).is_file():
-        raise CkptforceError(f"{path}: no such training-examples file; give the JSONL file of training examples with --train")
-    return path
+def source_labels(pt: PreparedTraining) -> dict[str, list[str]]:
+    """The examples' own labels along ``source`` (meta.*, extra columns), empty for the optimizer's sources."""
+    return {name: values + ["", ""] for name, values in pt.tset.labels.items()}

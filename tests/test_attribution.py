@@ -212,7 +212,8 @@ def test_training_file_errors_name_the_line_and_the_fix(tmp_path):
 
     cases = [
         ('{"prompt": "a", "completion": "b", "chosen": "c"}', "exactly one of"),
-        ('{"prompt": "a", "completion": "b", "colour": 1}', "unknown field"),
+        ('{"prompt": "a", "completion": "b", "chosen_": "c"}', "did you mean 'chosen'?"),
+        ('{"prompt": "a", "completion": "b", "meta": [1]}', "meta: expected an object of your own fields"),
         ('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"objective": "dpo"}', "first line"),
         ('{"objective": "sft"}\n{"prompt": "a", "chosen": "b", "rejected": "c"}', "trains on completion examples"),
         ('{"prompt": "a", "completions": ["b", "c"], "rewards": [1]}', "one reward per completion"),
@@ -230,6 +231,9 @@ def test_training_file_errors_name_the_line_and_the_fix(tmp_path):
     tset = load_training_set(ok)
     assert (tset.objective, tset.beta, tset.objective_source, tset.examples[0].steps) == ("ipo", 0.2, "header", [1, 5])
     assert load_training_set(ok, "dpo").objective == "dpo"
+    own = tmp_path / "own.jsonl"  # fields of the user's own are kept as the example's labels
+    own.write_text('{"prompt": "a", "completion": "b", "colour": 1, "meta": {"source": "wiki"}}\n{"prompt": "c", "completion": "d"}\n')
+    assert load_training_set(own).labels == {"colour": ["1", ""], "meta.source": ["wiki", ""]}
 
 
 def test_classifier_run_with_class_probes_and_training_arrays(runs, tmp_path):

@@ -220,10 +220,12 @@ def row_duplicate_steps(t):
     return _an(t, run, ["ckpt_000020.pt", "ckpt_000030.pt", "both claim step 20"], "move one of them out")
 
 
-def row_step_missing_among_steps(t):
-    run = _run(t)
-    torch.save({"model": tiny_state(40), "model_args": MODEL_ARGS}, run / "last.pt")  # no iter_num, no number
-    return _an(t, run, ["last.pt", "ckpt_000010.pt: 10"], "rename it with its step")
+def row_several_runs_below(t):
+    parent = t / "runs"  # no checkpoints of its own, two runs below: which one is meant would be a guess
+    write_tiny_run(parent / "a", (10, 20))
+    write_tiny_run(parent / "b" / "out", (10, 20))
+    return _an(t, parent, ["runs: no checkpoints of its own, and 2 runs below it", "a (torch, 2 checkpoints)",
+                           "b/out (torch, 2 checkpoints)"], "give the one to audit as RUN_DIR")  # fmt: skip
 
 
 def row_non_numeric_safetensors_names(t):

@@ -62,9 +62,28 @@ def test_name_when_no_record_and_order_as_last_resort():
     refs, notes = order_candidates([_c("b.pt"), _c("a.pt"), _c("c.pt")])
     assert [(r.path.name, r.step, r.step_source) for r in refs] == [("a.pt", 0, "order"), ("b.pt", 1, "order"), ("c.pt", 2, "order")]
     assert "natural order" in notes[0]
-    # a checkpoint without a step among checkpoints with one: its place would be a guess
-    with pytest.raises(StepError, match=r"/run/last.pt: no step recorded .* \(c10.pt: 10, d.pt: 7\); rename it"):
-        order_candidates([_c("c10.pt"), _c("last.pt"), _c("d.pt", record=7)])
+
+
+
+def test_stepless_checkpoint_among_stepped_ones_is_left_out_with_a_note():
+    # its place would be a guess: it is left out, named, with how to bring it in
+    refs, notes = order_candidates([_c("c10.pt"), _c("last.pt"), _c("d.pt", record=7)])
+    assert [(r.path.name, r.step) for r in refs] == [("d.pt", 7), ("c10.pt", 10)]
+    left = [n for n in notes if "left out" in n]
+    assert len(left) == 1 and left[0].startswith("/run/last.pt: left out — no step recorded")
+    assert "(c10.pt: 10, d.pt: 7)" in left[0] and "pass --init /run/last.pt" in left[0]
+
+
+def test_init_naming_a_checkpoint_of_the_run_is_its_start_and_listed_once():
+    base = _c("base")  # a save_pretrained folder without a step, beside checkpoint-N folders
+    cands = [base, _c("checkpoint-6", record=6), _c("checkpoint-12", record=12)]
+    refs, notes = order_candidates([Candidate(base.path, "torch", is_init=True), *cands])
+    assert [(r.path.name, r.step, r.step_source) for r in refs] == [("base", 0, "init"), ("checkpoint-6", 6, "record"),
+                                                                    ("checkpoint-12", 12, "record")]  # fmt: skip
+    assert not any("left out" in n for n in notes)
+    # a stepped checkpoint named by --init starts the run at its own step
+    refs, _ = order_candidates([Candidate(cands[1].path, "torch", 6, "rec", is_init=True), *cands[1:]])
+    assert [(r.step, r.step_source) for r in refs] == [(6, "init"), (12, "record")]
 
 
 def test_duplicate_steps_are_an_error_naming_both():

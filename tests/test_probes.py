@@ -122,8 +122,12 @@ def load_error(tmp_path, lines, name="probes.jsonl") -> str:
         (probe(responses={}), ":2: responses: no responses; give at least one"),
         (probe(responses={"argmax": " x"}), ":2: responses.argmax: 'argmax' is computed along 'chosen', not given"),
         ({"id": "q9", "prompt": "x", "respones": {"chosen": " y"}},
-         ":2: field 'respones' is not allowed (known: id, prompt, prompt_ids, responses, split, group); "
-         "did you mean 'responses'?"),
+         ":2: field 'respones' is not allowed (known: id, prompt, prompt_ids, responses, split, group, meta); "
+         "did you mean 'responses'? (to keep it as a label of your own, put it under \"meta\")"),
+        (probe(grup="a"), ":2: field 'grup' is not allowed (known: id, prompt, prompt_ids, responses, split, group, meta); "
+         "did you mean 'group'?"),
+        (probe(meta="city"), ':2: meta: expected an object of your own fields (e.g. {"source": "wiki", "attr": "city"}), '
+         "found text"),
         ({"id": "q9", "prompt": "x"}, ":2: responses: missing; give at least one response"),
         ({"prompt": "x", "responses": {"chosen": " y"}}, ":2: id: missing; give every probe a unique string id"),
         (probe(id=17), ":2: id: expected a string, found integer 17"),

@@ -1,8 +1,9 @@
 """Checkpoint readers: one module per layout, registered here, and the detection that picks one.
 
 ``open_run(run_dir)`` asks each layout, strongest signal first, for the checkpoints it recognises in the
-directory; the first layout that finds any wins. When none does, the error lists what the directory holds
-and the layouts that are known. The ordered result is a ``Run``; ``run.open(ref)`` gives a lazy
+directory; the first layout that finds any wins. When none does, the folders a few levels below are searched
+(``search.py``): one run there is used, with a note saying where it was found; several are an error that lists
+them; none is an error that lists what the directory holds and the layouts that are known. The ordered result is a ``Run``; ``run.open(ref)`` gives a lazy
 ``Checkpoint`` (see ``base.py`` for the contract).
 """
 
@@ -21,6 +22,7 @@ from .hf import HfLayout
 from .lightning import LightningLayout
 from .peft import PeftLayout
 from .safetensors_ import SafetensorsDirLayout
+from .search import detect, find_below, found_note, several_message
 from .torch_ import TorchFileLayout
 
 #: Known layouts, strongest signal first (a DCP ``.metadata`` or an ``adapter_config.json`` is unambiguous;
@@ -90,18 +92,22 @@ def open_run(
     if layout is not None and layout not in LAYOUTS:
         raise UnknownLayoutError(f"unknown layout {layout!r}; known layouts: {', '.join(LAYOUTS)}")
 
-    chosen, candidates = None, []
-    for name in [layout] if layout else LAYOUTS:
-        candidates = LAYOUTS[name].find(root)
-        if candidates:
-            chosen = name
-            break
-    if chosen is None:
-        raise UnknownLayoutError(_unknown_layout_message(root, entries, layout))
+    given, hit, notes = root, detect(root, LAYOUTS, layout), []
+    if hit is None:
+        below = find_below(root, LAYOUTS, layout)
+        if len(below) > 1:
+            raise UnknownLayoutError(several_message(root, below))
+        if not below:
+            raise UnknownLayoutError(_unknown_layout_message(root, entries, layout))
+        if below[0].error is not None:
+            raise below[0].error
+        notes.append(found_note(root, below[0]))
+        root, hit = below[0].folder, (below[0].layout, below[0].candidates)
+    chosen, candidates = hit
     if init is not None:
         candidates = [_init_candidate(Path(init).expanduser()), *candidates]
-    refs, notes = order_candidates(candidates)
-    return Run(Listing(root, chosen, refs, notes), trust_pickles=trust_pickles)
+    refs, order_notes = order_candidates(candidates)
+    return Run(Listing(root, chosen, refs, notes + order_notes, given if given != root else None), trust_pickles=trust_pickles)
 
 
 def _init_candidate(path: Path) -> Candidate:

@@ -81,8 +81,9 @@ def tokenization_summary(t: dict) -> str:
     return f"as the trainer (TRL): {bos}; {eos}; chat template: {template}; {files}"
 
 
-def gather(ds: xr.Dataset, source: Path | None = None) -> ReportContext:
-    """Everything the HTML and PDF show, from one cube (``source``: the file it came from)."""
+def gather(ds: xr.Dataset, source: Path | None = None, group_by: str | None = None) -> ReportContext:
+    """Everything the HTML and PDF show, from one cube (``source``: the file it came from; ``group_by``: the probe
+    label the grouped views use)."""
     run_dir = str(ds.attrs.get("run_dir", "(unknown run)"))
     config = _json_attr(ds, "config", {})
     fingerprints = _json_attr(ds, "checkpoint_fingerprints", {})
@@ -94,14 +95,14 @@ def gather(ds: xr.Dataset, source: Path | None = None) -> ReportContext:
         ("training objective", str(ds.attrs.get("objective", ""))), ("optimizer preconditioner", str(ds.attrs.get("preconditioner", ""))),
         ("kernels", str(ds.attrs.get("kernel_method", ""))), ("feature layer", str(ds.attrs.get("feature_layer", ""))),
         ("tokenization", tokenization_summary(_json_attr(ds, "tokenization", {}))),
-        ("command line", str(ds.attrs.get("history", ""))), ("ckptforce", str(ds.attrs.get("tool_version", ""))),
+        ("probes grouped by", group_by or ""), ("command line", str(ds.attrs.get("history", ""))), ("ckptforce", str(ds.attrs.get("tool_version", ""))),
         ("cube schema", str(ds.attrs.get("ckptforce_schema", ""))),
     ]  # fmt: skip
     warnings = _json_attr(ds, "warnings", [])
     return ReportContext(
         run_name=Path(run_dir).name or run_dir, run_dir=run_dir, steps=[int(s) for s in ds["step"].values], n_probes=ds.sizes.get("probe", 0),
         tool_version=str(ds.attrs.get("tool_version", "?")), created=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        warnings=[str(w) for w in (warnings if isinstance(warnings, list) else [warnings])], evaluated=evaluate(ds),
+        warnings=[str(w) for w in (warnings if isinstance(warnings, list) else [warnings])], evaluated=evaluate(ds, group_by),
         colours=[(str(r), colour(str(r))) for r in ds["response"].values], probes=_probe_rows(ds),
         probes_left=max(0, ds.sizes.get("probe", 0) - MAX_PROBE_ROWS), provenance=[(k, v) for k, v in provenance if v],
         config=json.dumps(config, indent=2, sort_keys=True), fingerprints=json.dumps(fingerprints, indent=2, sort_keys=True),

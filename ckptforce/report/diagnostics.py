@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
+from .. import cube
 from ..names import ARGMAX, POOR_LINEARISATION
 
 #: Forgetting threshold τ (nats): a probe "forgot" when its chosen answer fell by more than this.
@@ -34,6 +35,7 @@ class Diagnostic:
     numbers: dict[str, float] = field(default_factory=dict)
     verdict: str = ""
     missing: str = ""  # non-empty: the cube cannot support this diagnostic, and why
+    grouping: str = ""  # what the probes are grouped by, when the caller chose it (--group-by)
 
     @classmethod
     def absent(cls, key: str, why: str) -> "Diagnostic":
@@ -157,12 +159,13 @@ def squeezing(ds: xr.Dataset) -> Diagnostic:
 # --- 3. hallucination ----------------------------------------------------------------------------------
 
 
-def hallucination(ds: xr.Dataset) -> Diagnostic:
+def hallucination(ds: xr.Dataset, *, by: str | None = None) -> Diagnostic:
     """Hallucination lift = Δlog π(other_trained | x) − Δlog π(other_untrained | x), mean over probes.
 
     A positive lift: answers of *other trained* questions gain on this prompt more than answers of questions
     never trained on — training leaks answers across prompts. Tables: ``per_interval`` (step_to, lift,
-    cumulative) and ``per_split`` (split, lift over the run).
+    cumulative) and ``per_split`` (split, lift over the run) — or, with ``by`` (a probe label, see
+    ``probe_grouping``), ``per_group`` (group, lift over the run).
     """
     if (d := _needs(ds, "hallucination", ["logp"], "needs log-probabilities")) is not None:
         return d
@@ -178,9 +181,13 @@ def hallucination(ds: xr.Dataset) -> Diagnostic:
         step = ds["dlogp_obs"].sel(response="other_trained") - ds["dlogp_obs"].sel(response="other_untrained")
         per = step.mean("probe", skipna=True).values
         tables["per_interval"] = pd.DataFrame({"step_to": ds["step_to"].values, "lift": per, "cumulative": np.cumsum(per)})
-    split = ds["probe_split"].values if "probe_split" in ds.coords else np.full(ds.sizes["probe"], "")
-    by_split = pd.Series(lift_probe.values, index=pd.Index(np.where(split == "", "all", split), name="split")).groupby(level=0).mean()
-    tables["per_split"] = by_split.rename("lift").reset_index()
+    if by:
+        per = pd.Series(lift_probe.values, index=pd.Index(probe_grouping(ds, by), name="group")).groupby(level=0).mean()
+        tables["per_group"] = per.rename("lift").reset_index()
+    else:
+        split = ds["probe_split"].values if "probe_split" in ds.coords else np.full(ds.sizes["probe"], "")
+        by_split = pd.Series(lift_probe.values, index=pd.Index(np.where(split == "", "all", split), name="split")).groupby(level=0).mean()
+        tables["per_split"] = by_split.rename("lift").reset_index()
     positive = int((tables["per_interval"]["lift"] > 0).sum()) if "per_interval" in tables else 0
     n_int = len(tables.get("per_interval", []))
     a, b = _steps(ds)
@@ -190,14 +197,15 @@ def hallucination(ds: xr.Dataset) -> Diagnostic:
                    f"of untrained prompts over steps {a}→{b} (lift {_fmt(lift)}{where})")  # fmt: skip
     else:
         verdict = f"no hallucination signal: lift {_fmt(lift)} nats over steps {a}→{b}{where}"
-    return Diagnostic("hallucination", tables, {"lift": lift, "positive_intervals": positive}, verdict + ".")
+    return Diagnostic("hallucination", tables, {"lift": lift, "positive_intervals": positive}, verdict + ".", grouping=by or "")
 
 
 # --- 4. forgetting -------------------------------------------------------------------------------------
 
 
-def forgetting(ds: xr.Dataset, *, tau: float = FORGET_TAU, response: str | None = None) -> Diagnostic:
-    """Forgetting per probe group (or split): F_avg = mean(−Δ log p), F_ratio = share of probes with Δ < −τ.
+def forgetting(ds: xr.Dataset, *, tau: float = FORGET_TAU, response: str | None = None, by: str | None = None) -> Diagnostic:
+    """Forgetting per probe group (or split, or the label ``by``): F_avg = mean(−Δ log p), F_ratio = share of
+    probes with Δ < −τ.
 
     Δ is the change of log π(``response``|x) over the run. Table ``groups``: group, n, F_avg, F_ratio.
     """
@@ -207,7 +215,7 @@ def forgetting(ds: xr.Dataset, *, tau: float = FORGET_TAU, response: str | None 
     if response not in ds["response"].values:
         return Diagnostic.absent("forgetting", f"needs the {response!r} response (the answer the model should keep)")
     delta = _run_change(ds).sel(response=response).values  # (probe,)
-    label = _probe_labels(ds)
+    label = probe_grouping(ds, by) if by else _probe_labels(ds)
     frame = pd.DataFrame({"group": label, "delta": delta}).dropna()
     groups = frame.groupby("group", sort=True)["delta"].agg(
         n="count", F_avg=lambda d: float(np.mean(-d)), F_ratio=lambda d: float(np.mean(d < -tau))
@@ -222,7 +230,7 @@ def forgetting(ds: xr.Dataset, *, tau: float = FORGET_TAU, response: str | None 
         verdict = f"no forgetting: no probe's log π({response}) fell by more than τ = {tau} nats over steps {a}→{b}" if not forgot else (
             f"little forgetting: {forgot} of {len(frame)} probes fell by more than τ = {tau} nats, but no group lost on average")  # fmt: skip
     numbers = {"forgot": forgot, "probes": len(frame), "worst_F_avg": float(worst["F_avg"]), "tau": tau}
-    return Diagnostic("forgetting", {"groups": groups, "probes": frame}, numbers, verdict + ".")
+    return Diagnostic("forgetting", {"groups": groups, "probes": frame}, numbers, verdict + ".", grouping=by or "")
 
 
 def _probe_labels(ds: xr.Dataset) -> np.ndarray:
@@ -231,6 +239,22 @@ def _probe_labels(ds: xr.Dataset) -> np.ndarray:
     group = ds["probe_group"].values.astype(str) if "probe_group" in ds.coords else np.full(n, "")
     split = ds["probe_split"].values.astype(str) if "probe_split" in ds.coords else np.full(n, "")
     return np.where(group != "", group, np.where(split != "", split, "all"))
+
+
+#: Shown for a probe that lacks the label it is grouped by.
+NO_LABEL = "(none)"
+
+
+def groupings(ds: xr.Dataset) -> list[str]:
+    """What probes can be grouped by: ``split``, ``group`` and the probe file's own labels (``meta.attr`` …)."""
+    return ["split", "group", *cube.labels(ds, "probe")]
+
+
+def probe_grouping(ds: xr.Dataset, by: str) -> np.ndarray:
+    """Each probe's value of ``by`` (``split``, ``group`` or one of its own labels), ``NO_LABEL`` where it has none."""
+    name = {"split": "probe_split", "group": "probe_group"}.get(by, cube.label_coord("probe", by))
+    values = ds[name].values.astype(str) if name in ds.coords else np.full(ds.sizes["probe"], "")
+    return np.where(values == "", NO_LABEL, values)
 
 
 # --- 5. first-order validity ---------------------------------------------------------------------------

@@ -113,10 +113,11 @@ def hallucination(d: Diagnostic) -> Figure:
         ax.legend(fontsize="small")
     ax.set(title="Lift per interval", xlabel="interval (ending at step)", ylabel="Δ other_trained − Δ other_untrained  [nat]")
     ax = axes[1]
-    split = d.tables["per_split"]
-    sns.barplot(data=split, x="split", y="lift", color=colour("other_trained"), ax=ax)
+    table, x = (d.tables["per_group"], "group") if d.grouping else (d.tables["per_split"], "split")
+    sns.barplot(data=table, x=x, y="lift", color=colour("other_trained"), ax=ax)
     ax.axhline(0, color="black", lw=0.8)
-    ax.set(title="Lift over the run, by probe split", xlabel="probe split", ylabel="lift  [nat]")
+    what = f"probe {d.grouping}" if d.grouping else "probe split"
+    ax.set(title=f"Lift over the run, by {what}", xlabel=what, ylabel="lift  [nat]")
     fig.suptitle("Hallucination: do answers of other trained prompts leak in?")
     return fig
 
@@ -133,11 +134,12 @@ def forgetting(d: Diagnostic) -> Figure:
     if tau is not None:
         ax.axhline(-tau, color=colour("rejected"), lw=1, ls="--", label=f"−τ = −{tau}")
         ax.legend(fontsize="small")
-    ax.set(title="Change of log π(chosen) per probe", xlabel="probe group", ylabel="Δ log π(chosen) over the run  [nat]")
+    what = f"probe {d.grouping}" if d.grouping else "probe group"
+    ax.set(title="Change of log π(chosen) per probe", xlabel=what, ylabel="Δ log π(chosen) over the run  [nat]")
     ax = axes[1]
     sns.barplot(data=groups, x="group", y="F_ratio", order=order, color=colour("rejected"), ax=ax)
-    ax.set(title="Share of probes that forgot", xlabel="probe group", ylabel="F_ratio: share with Δ < −τ  [1]", ylim=(0, 1))
-    fig.suptitle("Forgetting per probe group")
+    ax.set(title="Share of probes that forgot", xlabel=what, ylabel="F_ratio: share with Δ < −τ  [1]", ylim=(0, 1))
+    fig.suptitle(f"Forgetting per {what}")
     return fig
 
 

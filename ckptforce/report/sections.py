@@ -24,6 +24,7 @@ class Section:
     diagnostic: Callable[[xr.Dataset], dg.Diagnostic]
     figure: Callable[[dg.Diagnostic], Figure] | None
     how_to_read: str
+    grouped: bool = False  # its diagnostic groups probes, and takes ``by`` (--group-by)
 
 
 SECTIONS: list[Section] = [
@@ -43,11 +44,13 @@ SECTIONS: list[Section] = [
             "The lift compares, on the same prompt, the answer of another trained question (other_trained) with the "
             "answer of a question never trained on (other_untrained). Both are wrong for this prompt; if the trained one "
             "gains more, training taught the model to give trained answers to unrelated questions. Bars above zero are "
-            "intervals that leaked; the line is the running total."),
+            "intervals that leaked; the line is the running total. Right: the lift per probe split (or per --group-by "
+            "label).", grouped=True),
     Section("forgetting", "4. Forgetting per probe group", dg.forgetting, fg.forgetting,
             f"Each dot is one probe: how much its chosen answer's log-likelihood changed over the run; the bar marks "
             f"the group mean. F_avg is the mean loss −Δ, F_ratio the share of probes that fell by more than τ = "
-            f"{dg.FORGET_TAU} nats (dashed line). Groups come from the probe file's 'group' field (else 'split')."),
+            f"{dg.FORGET_TAU} nats (dashed line). Groups come from the probe file's 'group' field (else 'split'), or from the "
+            f"label named with --group-by (a 'meta' field or an extra column of the probe file).", grouped=True),
     Section("first_order", "5. First-order validity", dg.first_order, fg.first_order,
             "Every force in this report is a first-order account Δ_lin = A·J·Δθ of the observed change Δ_obs. Left: "
             "points on the diagonal are changes the linear account explains. Right: the remainder ratio per interval; "
@@ -107,12 +110,13 @@ class Evaluated:
     figure: Figure | None
 
 
-def evaluate(ds: xr.Dataset) -> list[Evaluated]:
-    """Every section's diagnostic on ``ds``, with its figure when the cube supports it."""
+def evaluate(ds: xr.Dataset, group_by: str | None = None) -> list[Evaluated]:
+    """Every section's diagnostic on ``ds``, with its figure when the cube supports it; the sections that group
+    probes group them by ``group_by`` (a name of ``diagnostics.groupings``) when it is given."""
     out = []
     for s in SECTIONS:
         try:
-            result = s.diagnostic(ds)
+            result = s.diagnostic(ds, by=group_by) if s.grouped and group_by else s.diagnostic(ds)
             figure = s.figure(result) if s.figure is not None and not result.missing and result.tables else None
         except Exception as e:  # noqa: BLE001 - one diagnostic's failure must not cost the reader the others
             result, figure = dg.Diagnostic.absent(s.key, f"{FAILED} ({type(e).__name__}: {e}); please report this with the cube"), None
