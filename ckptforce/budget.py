@@ -52,3 +52,19 @@ def model_shape(module) -> tuple[int | None, int | None]:
         return None, None
     get = lambda *names: next((getattr(cfg, n) for n in names if isinstance(getattr(cfg, n, None), int)), None)  # noqa: E731
     return get("hidden_size", "n_embd", "d_model"), get("num_hidden_layers", "n_layer", "num_layers")
+
+
+#: Cost of each piece of an interval in plain forwards over the same rows (bench/scale.py, GPT-2 small, CPU):
+#: observing both ends, the JVP of Δ_lin, and one factored split (forward + two backwards + the contraction).
+COST_OBSERVE, COST_JVP, COST_SPLIT = 2.0, 3.3, 4.0
+
+
+def forwards_per_interval(by_tensor: bool, nodes: int) -> float:
+    """The probe rows' work of one interval, in forwards (without --train): 2 + JVP + split + the path's nodes
+    (a factored split at each node with the split by tensor, a JVP without)."""
+    split = COST_SPLIT if by_tensor else 0.0
+    return COST_OBSERVE + COST_JVP + split + nodes * (COST_SPLIT if by_tensor else COST_JVP)
+
+
+def duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"

@@ -167,7 +167,9 @@ def _run_analysis(run_dir, out, *, probes, train, objective, feature_layer, kern
     )  # fmt: skip
     bar = None if (quiet or not sys.stderr.isatty()) else _progress_bar("analysing", "intervals")
     try:
-        return run_analysis(config, out, device=device, workers=workers, scheduler=scheduler, progress=bar, command=shlex.join(["ckptforce", *sys.argv[1:]]))
+        notify = None if quiet else (lambda line: click.echo(line, err=True))
+        return run_analysis(config, out, device=device, workers=workers, scheduler=scheduler, progress=bar,
+                            command=shlex.join(["ckptforce", *sys.argv[1:]]), notify=notify)  # fmt: skip
     finally:
         if bar is not None:
             bar.close()

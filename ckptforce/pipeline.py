@@ -28,7 +28,7 @@ import xarray as xr
 
 from . import __version__, cube
 from .errors import CkptforceError
-from .budget import default_memory_gb, model_shape, rows_per_chunk
+from .budget import default_memory_gb, duration, forwards_per_interval, model_shape, rows_per_chunk
 from .forces import DEFAULT_NODES, interval_forces
 from .forces.features import drift, features
 from .io import Run, open_run
@@ -333,11 +333,13 @@ def analyze(
     scheduler: str | None = None,
     progress: Callable[[float, int], None] | None = None,
     command: str = "",
+    notify: Callable[[str], None] | None = None,
 ) -> Path:
     """Compute every missing part, then consolidate the cube at ``out``. Returns its path.
 
     ``progress(done, intervals)`` counts finished intervals; run serially, it also moves within an interval
-    (fractions, one step per batch of ``PROBE_BATCH`` probe rows)."""
+    (fractions, one step per batch of ``PROBE_BATCH`` probe rows). ``notify`` gets a one-line estimate of the
+    time and memory before the work starts (``plan``)."""
     out = Path(out).resolve()
     if not out.parent.is_dir():
         what = "is a file, not a directory" if out.parent.exists() else "no such directory"
@@ -356,6 +358,8 @@ def analyze(
     check_parts_match(out, run)
     todo = missing_parts(out, n)
     done = n - len(todo)
+    if notify and todo:
+        notify(plan(prepared, len(todo)))
     if progress:
         progress(done, n)
     within = None if progress is None else (lambda rows, total: progress(done + rows / total, n))
@@ -382,6 +386,25 @@ def analyze(
     final = cube.save(cube.describe(merged.assign_attrs(attrs)), out)
     shutil.rmtree(parts_dir(out))
     return final
+
+
+def plan(p: Prepared, intervals: int) -> str:
+    """One line before a long analysis: what will be computed, one forward timed here, the time and memory."""
+    import time
+
+    rows = p.batch.select(list(range(min(len(p.batch), p.chunk_size or len(p.batch)))))
+    with p.run.open(p.run.checkpoints[0]) as ckpt:
+        theta = p.model.params_from(ckpt, device=p.device, dtype=getattr(torch, p.config.dtype))
+    with torch.no_grad():
+        start = time.perf_counter()
+        p.model.logits(theta, rows)
+        one = (time.perf_counter() - start) * len(p.batch) / max(1, len(rows))
+    n = forwards_per_interval(p.config.by_tensor, p.config.nodes)
+    budget = p.config.memory_gb or (default_memory_gb(p.device) if not p.config.chunk_size else None)
+    extra = " plus the training examples' forces" if p.config.train else ""
+    memory = f"chunks of {p.chunk_size} rows" + (f" (memory budget {budget:.1f} GiB)" if budget else "")
+    return (f"estimate: {intervals} interval(s) × ~{n:.0f} forwards of {len(p.batch)} probe rows{extra} "
+            f"(one forward ≈ {one:.1f} s here): about {duration(intervals * n * one)}; {memory}")
 
 
 def _linearisation_warnings(ds: xr.Dataset) -> list[str]:

@@ -52,3 +52,24 @@ def test_a_tiny_budget_gives_one_row_chunks_and_the_same_cube(runs, tmp_path):
         assert json.loads(cubes[-1].attrs["config"])["memory_gb"] == (0.05 if extra else None)
     for name in ("logp", "dlogp_lin", "dlogp_path", "dlogp_lin_tensor"):
         np.testing.assert_allclose(cubes[0][name].values, cubes[1][name].values, rtol=1e-5, atol=1e-7, err_msg=name)
+
+
+def test_analyze_says_what_it_will_cost_before_it_starts(runs, tmp_path):
+    import json
+    import re
+
+    from click.testing import CliRunner
+
+    from ckptforce.budget import forwards_per_interval
+    from ckptforce.cli import main
+
+    probes = tmp_path / "p.jsonl"
+    probes.write_text(json.dumps({"id": "p0", "prompt_ids": [1, 2, 3], "responses": {"chosen": [4, 5, 6]}}) + "\n")
+    out = tmp_path / "cube.h5"
+    r = CliRunner().invoke(main, ["analyze", str(runs["hf"].root), "--probes", str(probes), "-o", str(out), "--memory", "1"])
+    assert r.exit_code == 0, r.output
+    line = next(x for x in r.output.splitlines() if x.startswith("estimate: "))
+    n = len(runs["hf"].steps) - 1
+    assert re.match(rf"estimate: {n} interval\(s\) × ~{forwards_per_interval(True, 2):.0f} forwards of 1 probe rows "
+                    r"\(one forward ≈ [0-9.]+ s here\): about [0-9]+ s; chunks of \d+ rows \(memory budget 1.0 GiB\)$", line), line
+    assert forwards_per_interval(False, 0) < forwards_per_interval(False, 2) < forwards_per_interval(True, 2)
