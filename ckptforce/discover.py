@@ -89,6 +89,7 @@ class CheckpointRef:
     step: int
     step_source: str  # one of STEP_SOURCES
     step_detail: str = ""  # e.g. "trainer_state.json:global_step" or the name that was parsed
+    adapter: Path | None = None  # the start of an adapter run: ``path`` is the base model, this the first adapter (LoRA B = 0)
 
     @property
     def label(self) -> str:

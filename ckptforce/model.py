@@ -119,9 +119,9 @@ class BoundModel:
             if low is not None:  # scale·BA formed in the analysis dtype (float32 at least): float64 stays exact
                 wide = torch.float64 if dtype == torch.float64 else torch.float32
                 delta = low.scale * (low.left.to(device=device, dtype=wide) @ low.right.to(device=device, dtype=wide))
-            else:
-                delta = ckpt.tensor(n)
-            out[n] = out[n] + _finite(ckpt, n, delta).to(device=device, dtype=dtype)
+                out[n] = out[n] + _finite(ckpt, n, delta).to(device=device, dtype=dtype)
+            else:  # a fully trained tensor (modules_to_save): the adapter keeps the whole copy
+                out[n] = _finite(ckpt, n, ckpt.tensor(n)).to(device=device, dtype=dtype)
         return out
 
 

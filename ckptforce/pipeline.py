@@ -84,7 +84,7 @@ def prepare(config: AnalysisConfig, device: str = "cpu") -> Prepared:
     if key in _PREPARED:
         return _PREPARED[key]
     _check_device(device)
-    run = open_run(config.run_dir, init=config.init, layout=config.layout, trust_pickles=config.trust_pickles)
+    run = open_run(config.run_dir, init=config.init, layout=config.layout, trust_pickles=config.trust_pickles, base_model=config.base_model)
     if len(run.checkpoints) < 2:
         raise CkptforceError(f"{run.root}: one checkpoint only; forces need two (add --init with the starting model)")
     first = run.checkpoints[-1]

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .errors import CkptforceError
-from .forces.attribution import direction_force, example_forces, example_gradient, preconditioner
+from .forces.attribution import LoraFactor, direction_force, example_forces, example_gradient, lora_preconditioner, preconditioner
 from .forces.kernels import Projection, class_forces, gradient_kernel
 from .forces.objectives import DEFAULT_BETA, NEEDS_REFERENCE, PREFERENCE, g_statistics, kd_loss, margin, response_weights
 from .forces.objectives import loss as objective_loss
@@ -155,6 +155,17 @@ def interval_lr(run, k: int) -> float:
                          "the training-example forces need it")  # fmt: skip
 
 
+def adapter_factors(ckpt, params: dict) -> dict[str, LoraFactor | None] | None:
+    """What an adapter checkpoint trains, as ``LoraFactor``s on the device and dtype of ``params`` (None for a
+    tensor trained whole); None when the checkpoint is not an adapter."""
+    trained = getattr(ckpt, "trained", None)
+    if trained is None:
+        return None
+    like = next(iter(params.values()))
+    move = lambda t: t.to(device=like.device, dtype=like.dtype)  # noqa: E731
+    return {n: None if f is None else LoraFactor(move(f[0].left), move(f[0].right), f[0].scale, f[1], f[2], f[3]) for n, f in trained().items()}
+
+
 def _coefficients(pt: PreparedTraining, lr: float, step_from: int, step_to: int, n_steps: int) -> torch.Tensor:
     """c_u = η × (uses of u in the interval) / batch size; uniform sampling (η n_steps / U) without 'steps'."""
     n_ex = len(pt.tset)
@@ -173,7 +184,11 @@ def training_part(p, pt: PreparedTraining, k: int, before: dict, after: dict, dl
     lr = interval_lr(run, k)
     with run.open(a) as ca, run.open(b) as cb:
         start, end = ca.optimizer(), cb.optimizer()
-    pre = preconditioner(before, start=start, end=end, lr=lr, n_steps=n_steps)
+        trained = adapter_factors(ca, before)
+    if trained is None:
+        pre = preconditioner(before, start=start, end=end, lr=lr, n_steps=n_steps)
+    else:
+        pre = lora_preconditioner(before, trained, start=start, end=end, lr=lr, n_steps=n_steps)
     tset, n_ex = pt.tset, len(pt.tset)
     with torch.no_grad():
         logits = p.model.logits(before, pt.batch)

@@ -46,7 +46,7 @@ from ckptforce.forces import (
     nll_rows,
     observe,
 )
-from ckptforce.forces.attribution import Preconditioner, example_forces, preconditioner
+from ckptforce.forces.attribution import Preconditioner, example_forces, lora_preconditioner, preconditioner
 from ckptforce.forces.objectives import response_weights
 from ckptforce.model import BoundModel, bind, keep_float64
 from fixtures.arch_runs import LORA_TARGETS, MATRIX, VOCAB, train_rows, write_arch_run
@@ -65,7 +65,7 @@ class Case:
     arch: str
     root: Path
     base: Path | None  # LoRA: the base model folder
-    checkpoints: list[Path]
+    checkpoints: list[Path | None]  # as the trainer saved them (None: an adapter run's start, the base model)
     model: BoundModel
     thetas: list[dict[str, torch.Tensor]]
     probes: object  # TokenBatch: 4 probes × (chosen, rejected, random)
@@ -111,8 +111,9 @@ def case(request, tmp_path_factory) -> Case:
     arch = request.param
     info = write_arch_run(tmp_path_factory.mktemp(arch), arch)
     run = open_run(info.root)
-    assert [r.step for r in run.checkpoints] == [1, 2, 3] == info.steps
-    assert run.layout == ("peft" if arch.startswith("lora") else "hf")
+    lora = arch.startswith("lora")
+    assert [r.step for r in run.checkpoints] == [0] * lora + [1, 2, 3] and info.steps == [1, 2, 3]
+    assert run.layout == ("peft" if lora else "hf")  # an adapter run starts at its base model (B = 0), step 0
     base = info.extra.get("base")
     thetas = []
     for ref in run.checkpoints:
@@ -124,7 +125,7 @@ def case(request, tmp_path_factory) -> Case:
     moving = [n for n in thetas[0] if any(bool((t[n] != thetas[0][n]).any()) for t in thetas[1:])]
     folder = tmp_path_factory.mktemp(f"{arch}-probes")
     probes = _id_probes(folder, vocab=VOCAB, n=4)
-    return Case(arch, info.root, base, info.checkpoints, model, thetas, probes, folder / "probes.jsonl", moving)
+    return Case(arch, info.root, base, [None] * lora + info.checkpoints, model, thetas, probes, folder / "probes.jsonl", moving)
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +160,9 @@ def test_bound_model_is_the_trainers_model(case):
         assert case.moving == list(case.thetas[0])
     for ref, theta in zip(case.checkpoints, case.thetas):
         obs = observe(case.model.logits, theta, case.probes)
-        if case.base is not None:
+        if case.base is not None and ref is None:  # the adapter run's start: the base model itself (B = 0)
+            direct = AutoModelForCausalLM.from_pretrained(case.base)
+        elif case.base is not None:
             from peft import PeftModel
 
             direct = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(case.base), ref)
@@ -170,7 +173,7 @@ def test_bound_model_is_the_trainers_model(case):
         own_params = dict(direct.named_parameters())
         with keep_float64():  # Llama's RMSNorm and softmax would round to float32
             want = torch.stack([_row_logp(own, own_params, case.probes, b) for b in range(len(case.probes))])
-        torch.testing.assert_close(obs.logp, want.detach(), rtol=1e-12, atol=0, msg=f"{case.arch} {ref.name}")
+        torch.testing.assert_close(obs.logp, want.detach(), rtol=1e-12, atol=0, msg=f"{case.arch} {ref}")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -411,6 +414,70 @@ def test_sum_of_example_forces_equals_delta_lin_for_an_sgd_step(case, objective,
     assert 3.0 < gaps[0] / gaps[1] < 5.0, (case.arch, gaps)
 
 
+def check_lora_adamw_steps(run, thetas: list[dict]) -> None:
+    """An adapter run's AdamW steps on the factors, mapped to W (``lora_preconditioner``): for every interval and
+    adapted weight, −η·P·g + momentum + decay of the factors (g from the two saved first moments) seen from W,
+    plus the second-order s·δL·δR of the real factor steps, is the real ΔW of the merged weights; the frozen
+    base tensors do not move. The first interval starts at the base model (B = 0, no optimizer state)."""
+    from ckptforce.training_forces import adapter_factors, interval_lr
+
+    checked = set()
+    for k, (a, b) in enumerate(zip(run.checkpoints[:-1], run.checkpoints[1:])):
+        with run.open(a) as ca, run.open(b) as cb:
+            start, end = ca.optimizer(), cb.optimizer()
+            trained, after = adapter_factors(ca, thetas[k]), adapter_factors(cb, thetas[k + 1])
+        assert end.kind == "adam" and end.unmapped == 0 and set(end.per_param) == {n for f in trained.values() for n in (f.left_name, f.right_name)}
+        assert (start is None) == (k == 0) and a.step_source == ("init" if k == 0 else "record")
+        lr = interval_lr(run, k)
+        pre = lora_preconditioner(thetas[k], trained, start=start, end=end, lr=lr, n_steps=b.step - a.step)
+        assert pre.kind == "adam on LoRA factors" and set(pre.lora) == set(trained)
+        assert all(float(pre.scale[n].abs().max()) == 0 for n in thetas[k] if n not in trained)  # the base is frozen
+        group = {n: gr for gr in end.groups for n in gr["names"]}
+        for name, f in pre.lora.items():
+            moves = []
+            for key in (f.left_name, f.right_name):
+                b1 = group[key]["betas"][0]
+                m1 = end.per_param[key]["exp_avg"].double()
+                m0 = start.per_param[key]["exp_avg"].double() if start is not None else torch.zeros_like(m1)
+                moves.append(f.stored((m1 - b1 * m0) / (1 - b1)))  # the factor's batch gradient, W's orientation
+            d_left, d_right = -lr * f.p_left * moves[0], -lr * f.p_right * moves[1]
+            first_order = f.to_weight(d_left, d_right) + (pre.momentum or {}).get(name, 0) + (pre.decay or {}).get(name, 0)
+            true_left, true_right = after[name].left - f.left, after[name].right - f.right
+            delta = thetas[k + 1][name] - thetas[k][name]
+            rebuilt = first_order + f.scale * true_left @ true_right
+            if k == 0:  # A at step 0 was not saved (the first adapter's A stands in): check B's step from 0 alone
+                b_pred, b_true, a_true = (d_right, true_right, true_left) if f.transposed else (d_left, true_left, true_right)
+                assert float(a_true.abs().max()) == 0 and float(b_true.abs().max()) > 0
+                assert float((b_pred - b_true).abs().max()) <= 1e-4 * float(b_true.abs().max()), (name, k)
+                continue
+            tol = 1e-4 * float(delta.abs().max())
+            assert float((rebuilt - delta).abs().max()) <= tol, (name, k, float((rebuilt - delta).abs().max()), tol)
+            checked.add(name)
+    assert checked == set(pre.lora)
+
+
+def test_lora_preconditioner_is_the_factor_jacobian_around_p(case):
+    """P_W g = J diag(P_L, P_R) Jᵀ g with J = ∂W/∂(L, R) at θ_t (W = W_base + s·L R): the closed form against
+    torch.func's vjp / jvp through the adapter's own parametrisation, for a random ∇_W."""
+    if case.arch != "lora-llama":
+        pytest.skip("an adapter run only")
+    from ckptforce.training_forces import adapter_factors
+
+    run = open_run(case.root)
+    with run.open(run.checkpoints[2]) as ca, run.open(run.checkpoints[3]) as cb:
+        trained, state = adapter_factors(ca, case.thetas[2]), cb.optimizer()
+    pre = lora_preconditioner(case.thetas[2], trained, end=state, lr=1e-3)
+    gen = torch.Generator().manual_seed(0)
+    for name, f in pre.lora.items():
+        g = torch.randn(case.thetas[2][name].shape, generator=gen, dtype=torch.float64)
+        merged = lambda left, right: f.scale * left @ right  # noqa: E731 - W − W_base as a function of the factors
+        _, pull = torch.func.vjp(merged, f.left, f.right)
+        g_left, g_right = pull(g)
+        _, want = torch.func.jvp(merged, (f.left, f.right), (f.p_left * g_left, f.p_right * g_right))
+        torch.testing.assert_close(pre.apply({name: g})[name], want, rtol=1e-12, atol=1e-15)
+        assert float(f.p_left.abs().max()) > 0 and float(f.p_right.abs().max()) > 0
+
+
 def test_adamw_step_rebuilt_from_optimizer_state_and_logged_lr_equals_real_update(case):
     """optimizer.pt mapped back to names (decay / no-decay groups: RMSNorm and biases without decay, an untied
     lm_head of its own), the lr from trainer_state.json: P·g + momentum + decay = the real Δθ, per tensor."""
@@ -418,13 +485,7 @@ def test_adamw_step_rebuilt_from_optimizer_state_and_logged_lr_equals_real_updat
 
     run = open_run(case.root)
     if case.arch == "lora-llama":
-        # the adapter's optimizer state is over the factors A, B (mapped to their names, shapes checked); a merged
-        # ΔW is not −η·P·g of any dense P, so the dense preconditioner finds none of its names: plain SGD
-        with run.open(run.checkpoints[-1]) as ckpt:
-            state = ckpt.optimizer()
-            assert state.unmapped == 0 and state.per_param and all(".lora_A." in n or ".lora_B." in n for n in state.per_param)
-        pre = preconditioner(case.thetas[1], start=None, end=None, lr=1e-3)
-        assert pre.kind == "sgd" and "plain SGD assumed" in pre.note
+        check_lora_adamw_steps(run, case.thetas)
         return
     lrs = {(iv.step_from, iv.step_to): iv.lr for iv in update_anatomy(run).intervals}
     checked = set()
@@ -477,9 +538,9 @@ def test_analyze_with_training_examples_matches_the_oracles(case, train, tmp_pat
     assert result.exit_code == 0, result.output
     fn = case.model.logits
     with xr.open_dataset(out, engine="h5netcdf") as ds:
-        assert ds.sizes["interval"] == 2 and ds.sizes["source"] == 4 + 2
-        assert ds.attrs["preconditioner"] == ("sgd" if case.arch == "lora-llama" else "adam"), ds.attrs["preconditioner"]
-        for k in range(2):
+        assert ds.sizes["interval"] == len(case.thetas) - 1 and ds.sizes["source"] == 4 + 2
+        assert ds.attrs["preconditioner"] == ("adam on LoRA factors" if case.arch == "lora-llama" else "adam"), ds.attrs["preconditioner"]
+        for k in range(len(case.thetas) - 1):
             lin = delta_lin(fn, case.thetas[k], case.probes, case.step(k)).total
             obs = observe(fn, case.thetas[k + 1], case.probes).logp - observe(fn, case.thetas[k], case.probes).logp
             rows = [(f"p{o}", r) for o, r in case.probes.rows]

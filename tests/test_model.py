@@ -103,6 +103,7 @@ def test_peft_adapter_over_base_equals_peft_model(runs, tmp_path):
 
     info = runs["peft"]
     run = open_run(info.root)
+    assert run.checkpoints[0].adapter is not None and len(run.checkpoints) == len(info.checkpoints) + 1
     batch = _id_probes(tmp_path, vocab=64)
     for ref in run.checkpoints:
         with run.open(ref) as ckpt:
@@ -111,7 +112,8 @@ def test_peft_adapter_over_base_equals_peft_model(runs, tmp_path):
             found = bind(ckpt)  # the local base folder named in adapter_config.json
             torch.testing.assert_close(observe(found.logits, found.params_from(ckpt), batch).logp, obs.logp)
         base = GPT2LMHeadModel.from_pretrained(info.extra["base"]).eval()
-        direct = PeftModel.from_pretrained(base, ref.path).eval()
+        # the run's start (open_run puts the base model in front, B = 0) is the base model itself
+        direct = base if ref.adapter is not None else PeftModel.from_pretrained(base, ref.path).eval()
         torch.testing.assert_close(obs.logp, _direct_logp(lambda ids: direct(input_ids=ids).logits, batch), rtol=1e-5, atol=1e-5)
 
 

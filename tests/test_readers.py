@@ -20,7 +20,28 @@ RUN_NAMES = list(EXPECTED_LAYOUT)
 
 @pytest.fixture(scope="module")
 def opened(runs):
-    return {name: open_run(info.root) for name, info in runs.items()}
+    """Each run as saved: an adapter run's start (its base model, which open_run puts in front) is left out
+    here and checked on its own (test_adapter_run_starts_at_its_base_model)."""
+    out = {name: open_run(info.root) for name, info in runs.items()}
+    for run in out.values():
+        run.listing.checkpoints = [c for c in run.checkpoints if c.adapter is None]
+    return out
+
+
+def test_adapter_run_starts_at_its_base_model(runs):
+    """A LoRA run starts at the base model adapter_config.json names: step 0, W = W_base (B = 0), a note says so;
+    the first update is the whole first adapter, ‖scale·B₂A₂‖."""
+    info = runs["peft"]
+    run = open_run(info.root)
+    start = run.checkpoints[0]
+    assert [c.step for c in run.checkpoints] == [0, *info.steps] and start.step_source == "init" and start.adapter == info.checkpoints[0]
+    assert any("starts at the base model" in n for n in run.notes), run.notes
+    with run.open(start) as ckpt, run.open(run.checkpoints[1]) as first:
+        assert ckpt.names() == first.names() and ckpt.optimizer() is None and ckpt.lr_log() == []
+        for n in ckpt.names():
+            assert float(ckpt.tensor(n).abs().max()) == 0  # the adapter's ΔW at the start
+        first_norm = math.sqrt(sum(float(first.tensor(n).double().norm()) ** 2 for n in first.names()))
+    assert update_anatomy(run).intervals[0].update_norm == pytest.approx(first_norm, rel=1e-5)
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,15 @@ identity for SGD; (1−β₁)/(1−β₁ᵗ) / (√(v_t/(1−β₂ᵗ)) + ε) fo
 
 For one plain SGD step on a batch with every example's use known, Σ_u Δ_u = Δ_lin exactly; for an AdamW
 step rebuilt from the saved state the three terms sum to the real Δθ (tests check both).
+
+LoRA (``lora_preconditioner``): θ holds the merged W = W_base + s·L R (L (m, r), R (r, n): B and A), but the
+optimizer steps the factors, δL = −c P_L ∇_L, δR = −c P_R ∇_R with ∇_L = s ∇_W Rᵀ and ∇_R = s Lᵀ ∇_W. To first
+order W moves by
+
+    δW = s (δL R + L δR) = −c s² ((P_L ⊙ ∇_W Rᵀ) R + L (P_R ⊙ Lᵀ ∇_W))
+
+(the second-order s δL δR is left to 'unexplained'); momentum and weight decay on the factors map the same
+way, and the frozen base tensors do not move.
 """
 
 from __future__ import annotations
@@ -40,9 +49,42 @@ class Preconditioner:
     momentum: dict[str, torch.Tensor] | None  # the carry-over direction (already × −η …), or None
     decay: dict[str, torch.Tensor] | None  # the weight-decay direction, or None
     note: str = ""
+    lora: dict[str, "LoraFactor"] | None = None  # adapted weights, stepped through their factors
 
     def apply(self, grad: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return grad if self.scale is None else {n: g * self.scale[n] if n in self.scale else g for n, g in grad.items()}
+        out = grad if self.scale is None else {n: g * self.scale[n] if n in self.scale else g for n, g in grad.items()}
+        if self.lora:
+            out = {n: self.lora[n].precondition(g) if n in self.lora else g for n, g in out.items()}
+        return out
+
+
+@dataclass
+class LoraFactor:
+    """An adapted weight W = W_base + s · left @ right at θ_t (left (m, r), right (r, n), in W's orientation),
+    with the optimizer's names of its factors (stored transposed when ``transposed``: PEFT's fan_in_fan_out)
+    and, once the optimizer state is read, their elementwise preconditioners P_left, P_right (W's orientation)."""
+
+    left: torch.Tensor
+    right: torch.Tensor
+    scale: float
+    left_name: str
+    right_name: str
+    transposed: bool = False
+    p_left: torch.Tensor | None = None
+    p_right: torch.Tensor | None = None
+
+    def stored(self, t: torch.Tensor) -> torch.Tensor:
+        """A factor-shaped tensor between W's orientation and the optimizer's (a transpose, or nothing)."""
+        return t.T if self.transposed else t
+
+    def to_weight(self, d_left: torch.Tensor, d_right: torch.Tensor) -> torch.Tensor:
+        """δW = s (δL R + L δR) (m, n): a step of the factors, to first order, as a step of W."""
+        return self.scale * (d_left @ self.right + self.left @ d_right)
+
+    def precondition(self, grad_w: torch.Tensor) -> torch.Tensor:
+        """P_W ∇_W = s (P_L ⊙ s ∇_W Rᵀ) R + s L (P_R ⊙ s Lᵀ ∇_W): the factors' P seen from W (m, n)."""
+        g_left, g_right = self.scale * grad_w @ self.right.T, self.scale * self.left.T @ grad_w
+        return self.to_weight(g_left * self.p_left, g_right * self.p_right)
 
 
 def _state_tensor(state: dict, key: str, like: torch.Tensor) -> torch.Tensor | None:
@@ -107,6 +149,38 @@ def preconditioner(params: dict, *, start=None, end=None, lr: float, n_steps: in
     if end.kind == "adam" and any(float(g.get("weight_decay", 0) or 0) for g in end.groups):
         notes.append("weight decay taken as decoupled (AdamW); torch.optim.Adam's coupled L2 would land in 'unexplained'")
     return Preconditioner(end.kind, scale or None, momentum or None, decay or None, "; ".join(notes))
+
+
+def lora_preconditioner(params: dict, trained: dict[str, LoraFactor | None], *, start=None, end=None, lr: float, n_steps: int = 1) -> Preconditioner:
+    """``preconditioner`` for an adapter run: the optimizer state (over the factors' names) read for the factors
+    of each adapted weight in ``trained`` and mapped to W (module docstring); tensors trained whole (``None``
+    in ``trained``: modules_to_save) as usual; every other tensor of ``params`` (the base) frozen. Without a
+    saved state, SGD on the factors (P_L = P_R = 1)."""
+    stored: dict[str, torch.Tensor] = {}
+    for name, f in trained.items():
+        if f is None:
+            stored[name] = params[name]
+        else:
+            stored[f.left_name], stored[f.right_name] = f.stored(f.left), f.stored(f.right)
+    inner = preconditioner(stored, start=start, end=end, lr=lr, n_steps=n_steps)
+    scale = {n: torch.zeros_like(p) for n, p in params.items() if n not in trained}
+    lora, momentum, decay = {}, {}, {}
+    for name, f in trained.items():
+        if f is None:
+            scale[name] = inner.scale[name] if inner.scale else torch.ones_like(params[name])
+            for src, dst in ((inner.momentum, momentum), (inner.decay, decay)):
+                if src and name in src:
+                    dst[name] = src[name]
+            continue
+        p_left, p_right = (f.stored(inner.scale[k]) if inner.scale else torch.ones_like(t) for k, t in ((f.left_name, f.left), (f.right_name, f.right)))
+        lora[name] = f = LoraFactor(f.left, f.right, f.scale, f.left_name, f.right_name, f.transposed, p_left, p_right)
+        for src, dst in ((inner.momentum, momentum), (inner.decay, decay)):
+            if src and (f.left_name in src or f.right_name in src):
+                d_left, d_right = (f.stored(src[k]) if k in src else torch.zeros_like(t) for k, t in ((f.left_name, f.left), (f.right_name, f.right)))
+                dst[name] = f.to_weight(d_left, d_right)
+    note = "; ".join(x for x in [inner.note, "LoRA: the optimizer's steps on the factors A, B mapped to W = W_base + s·BA to first order "
+                                 "(δW = s(δB·A + B·δA); the second-order s·δB·δA is in 'unexplained')"] if x)  # fmt: skip
+    return Preconditioner(f"{inner.kind} on LoRA factors", scale, momentum or None, decay or None, note, lora)
 
 
 def _first_step(state) -> bool:

@@ -20,7 +20,7 @@ from .deepspeed import DeepSpeedLayout
 from .fsdp import FsdpLayout
 from .hf import HfLayout
 from .lightning import LightningLayout
-from .peft import PeftLayout
+from .peft import PeftLayout, adapter_start
 from .safetensors_ import SafetensorsDirLayout
 from .search import detect, find_below, found_note, several_message
 from .torch_ import TorchFileLayout
@@ -75,11 +75,14 @@ def open_run(
     init: str | Path | None = None,
     layout: str | None = None,
     trust_pickles: bool = False,
+    base_model: str | Path | None = None,
 ) -> Run:
     """Find the checkpoints of a run directory and settle their steps and order.
 
     ``init`` adds the model the run started from (a file or folder of any known layout, often outside the
-    run directory) as the first checkpoint. ``layout`` forces one layout instead of detecting it.
+    run directory) as the first checkpoint. ``layout`` forces one layout instead of detecting it. An adapter
+    run starts at its base model (``base_model``, or the local folder its adapter_config.json names) with
+    LoRA's B = 0, unless ``init`` names another start (``peft.adapter_start``).
     """
     root = Path(run_dir).expanduser()
     if not root.exists():
@@ -107,6 +110,9 @@ def open_run(
     if init is not None:
         candidates = [_init_candidate(Path(init).expanduser()), *candidates]
     refs, order_notes = order_candidates(candidates)
+    if chosen == "peft":
+        refs, start_notes = adapter_start(refs, base_model=Path(base_model).expanduser() if base_model else None)
+        order_notes += start_notes
     return Run(Listing(root, chosen, refs, notes + order_notes, given if given != root else None), trust_pickles=trust_pickles)
 
 
