@@ -195,7 +195,7 @@ def training_part(p, pt: PreparedTraining, k: int, before: dict, after: dict, dl
     logp, weights = _weights(p, pt, before, logits)
     coeff = _coefficients(pt, lr, a.step, b.step, n_steps)
     forces = example_forces(p.model.logits, before, p.batch, pt.batch, pt.owners, weights.flatten(), coeff, pre,
-                            teacher_logits=pt.teacher_logits, method=config.method, chunk_size=p.chunk_size)  # fmt: skip
+                            teacher_logits=pt.teacher_logits, method=config.method, chunk_size=p.chunk_size, module=p.model.module)  # fmt: skip
     mom, mom_star = direction_force(p.model.logits, before, p.batch, pre.momentum, method=config.method, chunk_size=p.chunk_size)
     dec, dec_star = direction_force(p.model.logits, before, p.batch, pre.decay, method=config.method, chunk_size=p.chunk_size)
     nan = torch.full((2, len(p.batch)), math.nan, dtype=torch.float64)
@@ -225,6 +225,8 @@ def training_part(p, pt: PreparedTraining, k: int, before: dict, after: dict, dl
         **{name: pad(v)[None] for name, v in g_stats.items()},
     }  # fmt: skip
     notes = [pre.note] if pre.note else []
+    if forces.method.startswith("jvp ("):
+        notes.append("the training examples' forces took one JVP each: the captured factors of a module did not sum to its JVP")
     if p.model.kind == "classifier" and tset.objective == "ce":
         matrices, note = class_matrices(p, pt, before)
         data.update(matrices)

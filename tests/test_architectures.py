@@ -414,6 +414,36 @@ def test_sum_of_example_forces_equals_delta_lin_for_an_sgd_step(case, objective,
     assert 3.0 < gaps[0] / gaps[1] < 5.0, (case.arch, gaps)
 
 
+@pytest.mark.parametrize("objective", ["sft", "dpo"])
+def test_example_forces_from_captured_factors_equal_one_jvp_per_example(case, objective, tmp_path):
+    """The fast path of the per-example forces (one capture of the probe rows, each δθ_u contracted with it)
+    equals one JVP per example — totals, y*, and the per-token split — under a random elementwise P, in chunks."""
+    theta = case.thetas[1]
+    rows = train_rows(3)
+    if objective == "sft":
+        examples = [{"id": f"u{i}", "prompt_ids": p, "responses": {"completion": c}} for i, (p, c) in enumerate(rows)]
+    else:
+        examples = [{"id": f"u{i}", "prompt_ids": p, "responses": {"chosen": c, "rejected": c[::-1][:3]}}
+                    for i, (p, c) in enumerate(rows)]  # fmt: skip
+    train = _rows(tmp_path, examples)
+    owners = [i for i, _ in train.rows]
+    gen = torch.Generator().manual_seed(1)
+    weights = torch.rand(len(owners), generator=gen, dtype=torch.float64) + 0.5
+    weights[1::2] *= -1  # both signs, so that both parts are checked
+    scale = {n: torch.rand(p.shape, generator=gen, dtype=torch.float64) * (n in case.moving) for n, p in theta.items()}
+    pre = Preconditioner("adam", scale, None, None)
+    coeff = torch.tensor([1e-3, 2e-3, 0.5e-3], dtype=torch.float64)
+    fn = case.model.logits
+    slow = example_forces(fn, theta, case.probes, train, owners, weights, coeff, pre)
+    for chunk in (None, 5):
+        fast = example_forces(fn, theta, case.probes, train, owners, weights, coeff, pre, module=case.model.module, chunk_size=chunk)
+        assert fast.method == "factors" and slow.method == "jvp"
+        for name in ("pos", "neg", "pos_argmax", "neg_argmax", "pos_tok", "neg_tok"):
+            want = getattr(slow, name)
+            torch.testing.assert_close(getattr(fast, name), want, rtol=1e-9, atol=1e-12 * float(want.abs().max()) + 1e-300, msg=lambda m: f"{case.arch} {name}: {m}")
+    assert float(slow.neg.abs().max()) > 0 and float(slow.pos.abs().max()) > 0
+
+
 def check_lora_adamw_steps(run, thetas: list[dict]) -> None:
     """An adapter run's AdamW steps on the factors, mapped to W (``lora_preconditioner``): for every interval and
     adapted weight, −η·P·g + momentum + decay of the factors (g from the two saved first moments) seen from W,

@@ -35,8 +35,10 @@ from dataclasses import dataclass
 
 import torch
 
+from .factored import capture
+from .factored import owners as module_owners
 from .linear import delta_lin
-from .observe import Fn, _wide
+from .observe import Fn, _wide, chunks
 from .objectives import kd_loss
 
 
@@ -226,6 +228,7 @@ class ExampleForces:
     neg_argmax: torch.Tensor  # (U, B)
     pos_tok: torch.Tensor | None = None  # (B, T) Σ_u of the positive parts, per response token of each probe row
     neg_tok: torch.Tensor | None = None  # (B, T) Σ_u of the negative parts
+    method: str = "jvp"  # "factors" (captured once, contracted per example), "jvp", or "jvp (factors misread)"
 
     @property
     def total(self) -> torch.Tensor:
@@ -234,29 +237,67 @@ class ExampleForces:
 
 def example_forces(
     fn: Fn, params: dict, probes, train_rows, owners: list[int], weights: torch.Tensor, coeff: torch.Tensor,
-    precond: Preconditioner, *, teacher_logits=None, method: str = "auto", chunk_size: int | None = None,
+    precond: Preconditioner, *, teacher_logits=None, method: str = "auto", chunk_size: int | None = None, module=None,
 ) -> ExampleForces:  # fmt: skip
     """Δ_u(o) for every example u (U = len(coeff)) and probe row o: rows of ``train_rows`` belong to example
-    ``owners[row]`` with weight ``weights[row]``; δθ_u = −coeff_u · P g_u (coeff = η × uses / batch size)."""
+    ``owners[row]`` with weight ``weights[row]``; δθ_u = −coeff_u · P g_u (coeff = η × uses / batch size).
+
+    With ``module`` (the nn.Module ``fn`` evaluates), each chunk of probe rows is captured once (one forward,
+    two backwards: ``factored.capture``) and every δθ_u contracted with its factors (about one forward each)
+    instead of a JVP per example (about 3.3); tensors the factors do not cover get a JVP of their own, and a
+    first example that does not sum to its JVP (1e-4) sends the whole set down the JVP path. The per-token
+    split, Σ_u of each sign, is one JVP per sign along Σ_u δθ_u. Tensors P leaves at zero (frozen) are skipped."""
     n_ex, n_probe = len(coeff), len(probes)
     zeros = lambda: torch.zeros(n_ex, n_probe, dtype=torch.float64)  # noqa: E731
     pos, neg, pos_star, neg_star = zeros(), zeros(), zeros(), zeros()
     width = probes.targets.shape[1]
     tok = {1: torch.zeros(n_probe, width, dtype=torch.float64), -1: torch.zeros(n_probe, width, dtype=torch.float64)}
-    for u in range(n_ex):
-        rows = [i for i, o in enumerate(owners) if o == u]
-        if not rows or float(coeff[u]) == 0:
-            continue
-        teacher = None if teacher_logits is None else teacher_logits[rows]
-        parts = example_gradient(fn, params, train_rows.select(rows), weights[rows], teacher)
-        for g, total, star, sign in zip(parts, (pos, neg), (pos_star, neg_star), (1, -1)):
-            if g is None:
+    frozen = {n for n, t in (precond.scale or {}).items() if n not in (precond.lora or {}) and not bool(t.any())}
+    factored, verified, start = module is not None, False, 0
+    names = [n for n, p in params.items() if p.is_floating_point() and n not in frozen]
+    for sub in chunks(probes, chunk_size if factored else None):  # the JVP path chunks inside delta_lin
+        at = slice(start, start + len(sub))
+        start += len(sub)
+        factors = capture(fn, module_owners(module, params, names), params, sub) if factored else None
+        summed: dict[int, dict] = {1: {}, -1: {}}
+        for u in range(n_ex):
+            rows = [i for i, o in enumerate(owners) if o == u]
+            if not rows or float(coeff[u]) == 0:
                 continue
-            step = {n: -float(coeff[u]) * d for n, d in precond.apply(g).items()}
-            change = delta_lin(fn, params, probes, step, method=method, chunk_size=chunk_size)
-            total[u], star[u] = change.total.double().cpu(), change.argmax.double().cpu()
-            tok[sign][:, : change.tok.shape[1]] += change.tok.double().cpu()
-    return ExampleForces(pos, neg, pos_star, neg_star, tok[1], tok[-1])
+            teacher = None if teacher_logits is None else teacher_logits[rows]
+            parts = example_gradient(fn, params, train_rows.select(rows), weights[rows], teacher)
+            for g, total, star, sign in zip(parts, (pos, neg), (pos_star, neg_star), (1, -1)):
+                if g is None:
+                    continue
+                step = {n: -float(coeff[u]) * d for n, d in precond.apply(g).items() if n not in frozen}
+                if module is not None:  # the per-token split comes from Σ_u δθ_u, below
+                    for n, d in step.items():
+                        summed[sign][n] = summed[sign][n] + d if n in summed[sign] else d.clone()
+                if factored:
+                    c, c_star, ok = factors.contract(params, step, list(step))
+                    rest = {n: d for n, d in step.items() if n not in ok}
+                    change_total, change_star = c.sum(1), c_star.sum(1)
+                    if rest:
+                        extra = delta_lin(fn, params, sub, rest, method=method, chunk_size=chunk_size)
+                        change_total, change_star = change_total + extra.total, change_star + extra.argmax
+                    if not verified:  # once per call: the factors of these modules sum to the JVP
+                        whole, verified = delta_lin(fn, params, sub, step, method=method, chunk_size=chunk_size), True
+                        scale = float(whole.total.abs().max())
+                        if not torch.allclose(change_total.double(), whole.total.double(), rtol=1e-4, atol=1e-6 * scale):
+                            factored = False  # a module whose factors misread: the JVP path for the rest
+                            change_total, change_star = whole.total, whole.argmax
+                else:
+                    change = delta_lin(fn, params, sub, step, method=method, chunk_size=chunk_size)
+                    change_total, change_star = change.total, change.argmax
+                    if module is None:
+                        tok[sign][at, : change.tok.shape[1]] += change.tok.double().cpu()
+                total[u, at], star[u, at] = change_total.double().cpu(), change_star.double().cpu()
+        for sign, direction in summed.items():
+            if direction:
+                change = delta_lin(fn, params, sub, direction, method=method, chunk_size=chunk_size)
+                tok[sign][at, : change.tok.shape[1]] += change.tok.double().cpu()
+    method = "factors" if factored else ("jvp (factors misread)" if module is not None else "jvp")
+    return ExampleForces(pos, neg, pos_star, neg_star, tok[1], tok[-1], method)
 
 
 def direction_force(fn: Fn, params: dict, probes, direction: dict | None, *, method: str = "auto", chunk_size: int | None = None):

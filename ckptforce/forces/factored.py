@@ -22,6 +22,7 @@ Jacobian (``linear.contributions_by_tensor``, the slow twin kept as the fallback
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -56,12 +57,11 @@ def factored_contributions(fn: Fn, module: nn.Module, params: dict, batch, direc
     Tensors whose module returns something other than one tensor are 'not covered' (their columns are 0): the
     caller computes those by per-row gradients (``linear.contributions_by_tensor``)."""
     names = [n for n in params if n in direction]
-    col = {n: i for i, n in enumerate(names)}
     found = owners(module, params, names)
     covered: set[str] = set()
     rows, rows_star = [], []
     for sub in chunks(batch, chunk_size):
-        c, c_star, ok = _chunk(fn, found, params, sub, direction, col, star)
+        c, c_star, ok = capture(fn, found, params, sub, star=star).contract(params, direction, names)
         covered |= ok
         rows.append(c)
         rows_star.append(c_star)
@@ -69,13 +69,53 @@ def factored_contributions(fn: Fn, module: nn.Module, params: dict, batch, direc
     return names, torch.cat(rows), torch.cat(rows_star) if star else None, missing
 
 
-def _chunk(fn, found, params, sub, direction, col, star):
+@dataclass
+class Factors:
+    """What one forward and backward of a chunk of rows leave behind: each owning module's inputs and its
+    output gradients δ of Σ_b log π(y_b) (and of Σ_b log π(y*_b)). ``contract`` then gives C for any direction
+    at about one forward's cost, so many directions (training examples) share one capture."""
+
+    found: list
+    records: dict[int, dict]
+    rows: int
+    outputs: int
+    dtype: torch.dtype
+    device: torch.device
+
+    def contract(self, params: dict, direction: dict, names: list[str]) -> tuple[torch.Tensor, torch.Tensor, set[str]]:
+        """(C (b, K), C* (b, K), names covered) for ``direction`` over ``names`` (the columns, in order)."""
+        col = {n: i for i, n in enumerate(names)}
+        b = self.rows
+        c = torch.zeros(b, len(col), dtype=torch.float64, device=self.device)
+        c_star = torch.zeros_like(c)
+        ok: set[str] = set()
+        for i, (m, own, subtree) in enumerate(self.found):
+            rec = self.records.get(i)
+            if rec is None or rec.get("twice") or len(rec["grads"]) != self.outputs or rec["grads"][0].shape[:1] != (b,):
+                continue  # output not a tensor, not reaching the scores, or shared by the rows (GPT-2's wpe): the fallback
+            for local, name in own.items():
+                if name not in col:
+                    continue
+                tau = _tangent(m, local, name, rec, params, direction, subtree)
+                if tau is not None and tau.shape[:1] == (1,) and b > 1:
+                    tau = tau.expand(b, *tau.shape[1:])
+                if tau is None or tau.shape != rec["grads"][0].shape:
+                    continue
+                c[:, col[name]] += (rec["grads"][0].flatten(1) * tau.flatten(1)).sum(1, dtype=torch.float64)
+                if self.outputs > 1:
+                    c_star[:, col[name]] += (rec["grads"][1].flatten(1) * tau.flatten(1)).sum(1, dtype=torch.float64)
+                ok.add(name)
+        return c.to(self.dtype), c_star.to(self.dtype), ok
+
+
+def capture(fn: Fn, found: list, params: dict, sub, *, star: bool = True) -> Factors:
+    """One forward of ``sub`` with hooks on the modules in ``found`` (``owners``), and one backward per score."""
     from .linear import _row_scores
 
     records: dict[int, dict] = {}
     handles = []
 
-    def capture(i):
+    def hook_for(i):
         def hook(m, args, kwargs, out):
             if not isinstance(out, torch.Tensor) or not out.is_floating_point():
                 return None
@@ -96,37 +136,19 @@ def _chunk(fn, found, params, sub, direction, col, star):
         return hook
 
     for i, (m, _, _) in enumerate(found):
-        handles.append(m.register_forward_hook(capture(i), with_kwargs=True))
+        handles.append(m.register_forward_hook(hook_for(i), with_kwargs=True))
+    outputs = 2 if star else 1
     try:
         with torch.enable_grad():
             fixed = {n: p.detach() for n, p in params.items()}
             scores = _row_scores(fn(fixed, sub), sub.targets, sub.target_mask)  # (b, 2)
-            outputs = range(2 if star else 1)
-            for j in outputs:
+            for j in range(outputs):
                 if scores.requires_grad:
-                    scores[:, j].sum().backward(retain_graph=j + 1 < len(outputs))
+                    scores[:, j].sum().backward(retain_graph=j + 1 < outputs)
     finally:
         for h in handles:
             h.remove()
-    b = len(sub)
-    c = torch.zeros(b, len(col), dtype=torch.float64, device=scores.device)
-    c_star = torch.zeros_like(c)
-    ok: set[str] = set()
-    for i, (m, own, subtree) in enumerate(found):
-        rec = records.get(i)
-        if rec is None or rec.get("twice") or len(rec["grads"]) != len(outputs) or rec["grads"][0].shape[:1] != (b,):
-            continue  # output not a tensor, not reaching the scores, or shared by the rows (GPT-2's wpe): the fallback
-        for local, name in own.items():
-            tau = _tangent(m, local, name, rec, params, direction, subtree)
-            if tau is not None and tau.shape[:1] == (1,) and b > 1:
-                tau = tau.expand(b, *tau.shape[1:])
-            if tau is None or tau.shape != rec["grads"][0].shape:
-                continue
-            c[:, col[name]] += (rec["grads"][0].flatten(1) * tau.flatten(1)).sum(1, dtype=torch.float64)
-            if star:
-                c_star[:, col[name]] += (rec["grads"][1].flatten(1) * tau.flatten(1)).sum(1, dtype=torch.float64)
-            ok.add(name)
-    return c.to(scores.dtype), c_star.to(scores.dtype), ok
+    return Factors(found, records, len(sub), outputs, scores.dtype, scores.device)
 
 
 def _tangent(m: nn.Module, local: str, name: str, rec: dict, params: dict, direction: dict, subtree: dict[str, str]) -> torch.Tensor | None:
