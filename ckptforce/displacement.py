@@ -25,12 +25,8 @@ import torch
 
 from .errors import ModelBindError
 from .forces.ches import pair_ches
+from .names import DISPLACE_TOPK, OWN_RESPONSES
 from .ranks import spearman, topk_overlap
-
-#: The pair's own responses, the labels of the cube's ``own_response`` dimension (training rows are in this order).
-OWN_RESPONSES = ("chosen", "rejected")
-#: k of the top-k overlap when no pair displaces chosen.
-DISPLACE_TOPK = 5
 
 
 def ches_at(p, pt, params: dict) -> tuple[np.ndarray, np.ndarray, str]:
@@ -46,6 +42,7 @@ def ches_at(p, pt, params: dict) -> tuple[np.ndarray, np.ndarray, str]:
 def displacement_part(p, pt, k: int, before: dict, after: dict, own_pos: torch.Tensor, own_neg: torch.Tensor) -> tuple[dict, list[str]]:
     """The arrays of interval k (see the module docstring) and notes; ``own_pos`` / ``own_neg`` (U, 2)."""
     n_ex = len(pt.tset)
+    assert tuple(pt.tset.examples[0].responses) == OWN_RESPONSES, "preference rows are (chosen, rejected) per pair"
     last = k + 2 == len(p.run.checkpoints)
     ches, ches_ln = np.full((2, n_ex + 2), math.nan), np.full((2, n_ex + 2), math.nan)
     notes = []

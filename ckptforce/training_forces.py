@@ -27,7 +27,8 @@ from .forces.objectives import loss as objective_loss
 from .probes import TokenBatch, boundary_note, load_tokenizer, make_batch, tokenize
 from .sequences import Convention, as_text, is_ids
 from .class_probes import CLASS_SUFFIXES, ClassBatch, load_class_probes, make_class_batch
-from .displacement import OWN_RESPONSES, displacement_part
+from .displacement import displacement_part
+from .names import OWN_RESPONSES
 from .train_examples import TrainExample, TrainingSet, infer_objective, load_training_set
 
 #: The full V×V matrices of a classifier are stored when the Jacobians (rows × V × |θ|) and K (P × U × V²) stay
