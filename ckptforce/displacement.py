@@ -39,8 +39,10 @@ def ches_at(p, pt, params: dict) -> tuple[np.ndarray, np.ndarray, str]:
     return c.ches.numpy(), c.ches_ln.numpy(), ""
 
 
-def displacement_part(p, pt, k: int, before: dict, after: dict, own_pos: torch.Tensor, own_neg: torch.Tensor) -> tuple[dict, list[str]]:
-    """The arrays of interval k (see the module docstring) and notes; ``own_pos`` / ``own_neg`` (U, 2)."""
+def displacement_part(p, pt, k: int, before: dict, after: dict, own_pos: torch.Tensor, own_neg: torch.Tensor,
+                      coeff: torch.Tensor) -> tuple[dict, list[str]]:  # fmt: skip
+    """The arrays of interval k (see the module docstring) and notes; ``own_pos`` / ``own_neg`` (U, 2); a pair the
+    interval did not use (``coeff`` 0: its 'steps' fall outside) has no own force there (NaN)."""
     n_ex = len(pt.tset)
     assert tuple(pt.tset.examples[0].responses) == OWN_RESPONSES, "preference rows are (chosen, rejected) per pair"
     last = k + 2 == len(p.run.checkpoints)
@@ -49,12 +51,14 @@ def displacement_part(p, pt, k: int, before: dict, after: dict, own_pos: torch.T
     for i, theta in enumerate([before] + ([after] if last else [])):
         ches[i, :n_ex], ches_ln[i, :n_ex], note = ches_at(p, pt, theta)
         notes += [note] if note else []
-    pos, neg = own_pos.double().numpy(), own_neg.double().numpy()
+    unused = (coeff == 0).numpy()
+    pos, neg = own_pos.double().numpy().copy(), own_neg.double().numpy().copy()
+    pos[unused], neg[unused] = math.nan, math.nan
     pad = lambda v: np.concatenate([v, np.full((2, *v.shape[1:]), math.nan)])[None]  # noqa: E731 - no pair for momentum / decay
     total = pos + neg  # (U, 2)
-    displaced = (total[:, 0] < 0).astype(np.float64)
+    displaced = np.where(unused, math.nan, (total[:, 0] < 0).astype(np.float64))
     drop = -total[:, 0]  # how far the pair's own update lowers its chosen answer
-    n_disp = int(displaced.sum())
+    n_disp = int(np.nansum(displaced))
     topk = n_disp if n_disp else min(DISPLACE_TOPK, n_ex)
     data = {
         "ches": ches, "ches_ln": ches_ln,

@@ -216,7 +216,7 @@ def training_part(p, pt: PreparedTraining, k: int, before: dict, after: dict, dl
     notes = [pre.note] if pre.note else []
     index = {}
     if pairs:  # likelihood displacement: each pair's own force on its own answers, beside CHES
-        displaced, more = displacement_part(p, pt, k, before, after, forces.own_pos, forces.own_neg)
+        displaced, more = displacement_part(p, pt, k, before, after, forces.own_pos, forces.own_neg, coeff)
         data.update(displaced)
         notes += more
         index["own_response"] = list(OWN_RESPONSES)

@@ -236,3 +236,33 @@ def test_cube_names_of_displacement_are_declared():
              "ches_ln_spearman", "ches_topk_overlap", "ches_topk"]  # fmt: skip
     assert all(n in cube.VARS for n in names) and "own_response" in cube.DIMS
     assert json.dumps(list(cube.VARS["self_force"].dims)) == '["interval", "source", "own_response"]'
+
+
+def test_the_report_and_the_rank_statistics_import_no_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, ckptforce.report.sections, ckptforce.ranks; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+
+
+def test_a_model_without_hidden_states_is_a_one_line_error():
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from ckptforce.errors import ModelBindError
+    from ckptforce.model import BoundModel
+
+    class Plain(nn.Module):  # a user's --model factory: logits only
+        def __init__(self):
+            super().__init__()
+            self.emb, self.head = nn.Embedding(8, 4), nn.Linear(4, 8)
+
+        def forward(self, ids):
+            return self.head(self.emb(ids))
+
+    bound = BoundModel(Plain(), "lm", "factory:pkg.mod:build", "sdpa (math kernel)", _takes_mask=False)
+    rows = SimpleNamespace(input_ids=torch.zeros(2, 3, dtype=torch.long))
+    with pytest.raises(ModelBindError, match=r"factory:pkg.mod:build: the model takes no output_hidden_states .*need a Hugging Face causal LM$"):
+        bound.last_hidden(_params(bound), rows)

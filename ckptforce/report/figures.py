@@ -266,8 +266,8 @@ def displacement(d: Diagnostic, *, top: int = 15) -> Figure:
     ax = axes[1]
     shown = pairs.sort_values("ches", ascending=False).head(top)
     y = np.arange(len(shown))
-    ax.barh(y - 0.2, shown["chosen_pull"], height=0.4, color=colour("chosen"), label="pull (its chosen pulled up)")
-    ax.barh(y + 0.2, shown["chosen_push"], height=0.4, color=colour("rejected"), label="push (its rejected pushed down)")
+    ax.barh(y - 0.2, shown["chosen_pull"], height=0.4, color=colour("chosen"), label="pull (w > 0: DPO's chosen pulled up)")
+    ax.barh(y + 0.2, shown["chosen_push"], height=0.4, color=colour("rejected"), label="push (w < 0: DPO's rejected pushed down)")
     ax.scatter(shown["chosen"], y, marker="D", color="black", zorder=3, label="total on chosen")
     ax.axvline(0, color="black", lw=0.8)
     ax.set_yticks(y, [f"{p} (CHES #{int(r)})" for p, r in zip(shown["pair"], shown["ches_rank"])])
