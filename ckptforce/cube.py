@@ -49,6 +49,7 @@ DIMS = {
     "source": "a training example or other source of force",
     "class": "a class of a classifier",
     "class_to": "a class, as the second index of a V×V matrix",
+    "own_response": "a preference pair's own response (chosen, rejected)",
 }
 
 #: Coordinates and data variables: name -> dims, long_name, units. Declared once; builders and readers use these.
@@ -108,6 +109,17 @@ VARS: dict[str, Var] = {
     "g_neg_rank": Var(("interval", "source"), "mean rank under π of the tokens the example pushes down (1 = argmax)", "1"),
     "dpo_margin": Var(("interval", "source"), "preference margin h of policy against reference log-ratios", "nat"),
     "dpo_weight": Var(("interval", "source"), "σ(−βh): how hard a preference pair still pushes", "1"),
+    # likelihood displacement of preference pairs (analyze --train with dpo / ipo / simpo): displacement.py
+    "ches": Var(("checkpoint", "source"), "CHES = ⟨S⁺, S⁻⟩ − ‖S⁺‖², S± the last hidden states summed over the pair's response positions"),
+    "ches_ln": Var(("checkpoint", "source"), "length-normalised CHES: ⟨S⁺/|y⁺|, S⁻/|y⁻|⟩ − ‖S⁺/|y⁺|‖²"),
+    "self_force": Var(("interval", "source", "own_response"), "force of the pair's own update on its own chosen / rejected log π", "nat"),
+    "self_force_pos": Var(("interval", "source", "own_response"), "the same, of the pair's positive part (w > 0: pulled up; DPO's chosen)", "nat"),
+    "self_force_neg": Var(("interval", "source", "own_response"), "the same, of the pair's negative part (w < 0: pushed down; DPO's rejected)", "nat"),
+    "displaces_chosen": Var(("interval", "source"), "1 where the pair's own update lowers its chosen log π, else 0 (NaN: not used in the interval)", "1"),
+    "ches_spearman": Var(("interval",), "Spearman correlation of CHES at the interval's start with −self_force on chosen", "1"),
+    "ches_ln_spearman": Var(("interval",), "the same for the length-normalised CHES", "1"),
+    "ches_topk_overlap": Var(("interval",), "share of the k pairs displacing chosen most that CHES also ranks in its top k", "1"),
+    "ches_topk": Var(("interval",), "k of the top-k overlap: the pairs displacing chosen (5 when none does)", "1"),
     "kernel": Var(("checkpoint", "probe", "source"), "⟨∇θ log π(y_o|x_o), ∇θ L(x_u)⟩"),
     "kernel_cos": Var(("checkpoint", "probe", "source"), "cosine of the two gradients", "1"),
     "kernel_tracin": Var(("probe", "source"), "TracIn: Σ_t η_t ⟨∇θ log π(y_o|x_o), ∇θ L(x_u)⟩ over the checkpoints starting an interval"),

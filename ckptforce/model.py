@@ -84,6 +84,25 @@ class BoundModel:
             out = functional_call(self.module, params, (batch.input_ids,), kwargs)
             return _as_logits(out)  # (B, T, V)
 
+    def last_hidden(self, params: dict[str, torch.Tensor], batch) -> torch.Tensor:
+        """The last layer's hidden states (B, T, H) of ``batch`` under ``params``: ``hidden_states[-1]`` of a
+        Hugging Face causal LM, the vectors its head turns into the logits (after the final norm), called
+        exactly as ``logits`` is. A model that does not return ``hidden_states`` is a ModelBindError."""
+        if self.kind != "lm":
+            raise ModelBindError(f"{self.source}: a classifier has no response positions; hidden states are read for language models")
+        wide = any(p.dtype == torch.float64 for p in params.values())
+        with _math_attention(), keep_float64() if wide else contextlib.nullcontext():
+            kwargs = {"attention_mask": batch.attention_mask} if self._takes_mask else {}
+            try:
+                out = functional_call(self.module, params, (batch.input_ids,), {**kwargs, "output_hidden_states": True})
+            except TypeError as e:
+                raise ModelBindError(f"{self.source}: the model takes no output_hidden_states ({_first_line(e)}); "
+                                     "last-layer scores (CHES) need a Hugging Face causal LM") from e  # fmt: skip
+        hidden = getattr(out, "hidden_states", None)
+        if not hidden:
+            raise ModelBindError(f"{self.source}: the model returns no hidden_states; last-layer scores (CHES) need a Hugging Face causal LM")
+        return hidden[-1]  # (B, T, H)
+
     def params_from(self, ckpt: Checkpoint, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
         """The checkpoint's tensors as this module's parameter dict (floating tensors cast to ``dtype``)."""
         own = dict(self.module.named_parameters())

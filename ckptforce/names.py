@@ -13,3 +13,8 @@ ARGMAX = "argmax"
 #: Remainder ratio ‖Δ_obs − Δ_lin‖ / ‖Δ_obs‖ above which an interval's first-order account is flagged as poor
 #: (the pipeline's warning and the report's verdict use the same line).
 POOR_LINEARISATION = 0.5
+
+#: The responses of a preference pair, in the order its training rows hold them: the cube's ``own_response`` labels.
+OWN_RESPONSES = ("chosen", "rejected")
+#: k of the likelihood-displacement top-k overlap when no pair displaces its chosen answer (else k = how many do).
+DISPLACE_TOPK = 5

@@ -236,6 +236,7 @@ def compute_part(config_json: str, k: int, device: str = "cpu", progress: Callab
         part = training_part(p, p.training, k, before, after, res.dlogp_lin, res.argmax_lin, grid)
         data.update(part["data"])
         index["source"] = p.training.sources
+        index.update(part["index"])
         if "a_class" in data:
             index["class"] = index.get("class") or list(range(data["a_class"].shape[-1]))
             index["class_to"] = index["class"]

@@ -27,6 +27,8 @@ from .forces.objectives import loss as objective_loss
 from .probes import TokenBatch, boundary_note, load_tokenizer, make_batch, tokenize
 from .sequences import Convention, as_text, is_ids
 from .class_probes import CLASS_SUFFIXES, ClassBatch, load_class_probes, make_class_batch
+from .displacement import displacement_part
+from .names import OWN_RESPONSES
 from .train_examples import TrainExample, TrainingSet, infer_objective, load_training_set
 
 #: The full V×V matrices of a classifier are stored when the Jacobians (rows × V × |θ|) and K (P × U × V²) stay
@@ -177,7 +179,8 @@ def _coefficients(pt: PreparedTraining, lr: float, step_from: int, step_to: int,
 
 def training_part(p, pt: PreparedTraining, k: int, before: dict, after: dict, dlogp_lin: torch.Tensor, dlogp_lin_star: torch.Tensor, grid) -> dict:
     """Arrays of the part of interval k keyed by cube names (``force``, ``force_pos``, ``force_neg``,
-    ``dlogp_unexplained``, the G statistics): see the module docstring."""
+    ``dlogp_unexplained``, the G statistics; for preference pairs CHES and their forces on their own answers,
+    displacement.py): see the module docstring."""
     config, run = p.config, p.run
     a, b = run.checkpoints[k], run.checkpoints[k + 1]
     n_steps = max(1, b.step - a.step) if a.step_source != "order" else 1
@@ -194,8 +197,9 @@ def training_part(p, pt: PreparedTraining, k: int, before: dict, after: dict, dl
         logits = p.model.logits(before, pt.batch)
     logp, weights = _weights(p, pt, before, logits)
     coeff = _coefficients(pt, lr, a.step, b.step, n_steps)
+    pairs = tset.objective in PREFERENCE
     forces = example_forces(p.model.logits, before, p.batch, pt.batch, pt.owners, weights.flatten(), coeff, pre,
-                            teacher_logits=pt.teacher_logits, method=config.method, chunk_size=p.chunk_size, module=p.model.module)  # fmt: skip
+                            teacher_logits=pt.teacher_logits, method=config.method, chunk_size=p.chunk_size, module=p.model.module, own=pairs)  # fmt: skip
     mom, mom_star = direction_force(p.model.logits, before, p.batch, pre.momentum, method=config.method, chunk_size=p.chunk_size)
     dec, dec_star = direction_force(p.model.logits, before, p.batch, pre.decay, method=config.method, chunk_size=p.chunk_size)
     nan = torch.full((2, len(p.batch)), math.nan, dtype=torch.float64)
@@ -227,6 +231,12 @@ def training_part(p, pt: PreparedTraining, k: int, before: dict, after: dict, dl
     notes = [pre.note] if pre.note else []
     if forces.method.startswith("jvp ("):
         notes.append("the training examples' forces took one JVP each: the captured factors of a module did not sum to its JVP")
+    index = {}
+    if pairs:  # likelihood displacement: each pair's own force on its own answers, beside CHES
+        displaced, more = displacement_part(p, pt, k, before, after, forces.own_pos, forces.own_neg, coeff)
+        data.update(displaced)
+        notes += more
+        index["own_response"] = list(OWN_RESPONSES)
     if p.model.kind == "classifier" and tset.objective == "ce":
         matrices, note = class_matrices(p, pt, before)
         data.update(matrices)
@@ -244,7 +254,7 @@ def training_part(p, pt: PreparedTraining, k: int, before: dict, after: dict, dl
     for name in ("kernel", "kernel_cos"):
         data[name] = np.stack([kernels[0][name], kernels[1][name] if len(kernels) > 1 else absent])
     kernel_info = {"approximate": any(x["approximate"] for x in kernels), "method": kernels[0]["method"]}
-    return {"data": data, "lr": lr, "notes": notes, "preconditioner": pre.kind, "coeff": coeff, "kernel": kernel_info}
+    return {"data": data, "index": index, "lr": lr, "notes": notes, "preconditioner": pre.kind, "coeff": coeff, "kernel": kernel_info}
 
 
 def probe_kernel(p, pt: PreparedTraining, params: dict, weights: torch.Tensor) -> dict:

@@ -229,6 +229,8 @@ class ExampleForces:
     pos_tok: torch.Tensor | None = None  # (B, T) Σ_u of the positive parts, per response token of each probe row
     neg_tok: torch.Tensor | None = None  # (B, T) Σ_u of the negative parts
     method: str = "jvp"  # "factors" (captured once, contracted per example), "jvp", or "jvp (factors misread)"
+    own_pos: torch.Tensor | None = None  # (U, R) with own=True: u's positive part on u's own responses
+    own_neg: torch.Tensor | None = None  # (U, R) u's negative part on u's own responses
 
     @property
     def total(self) -> torch.Tensor:
@@ -238,6 +240,7 @@ class ExampleForces:
 def example_forces(
     fn: Fn, params: dict, probes, train_rows, owners: list[int], weights: torch.Tensor, coeff: torch.Tensor,
     precond: Preconditioner, *, teacher_logits=None, method: str = "auto", chunk_size: int | None = None, module=None,
+    own: bool = False,
 ) -> ExampleForces:  # fmt: skip
     """Δ_u(o) for every example u (U = len(coeff)) and probe row o: rows of ``train_rows`` belong to example
     ``owners[row]`` with weight ``weights[row]``; δθ_u = −coeff_u · P g_u (coeff = η × uses / batch size).
@@ -246,12 +249,17 @@ def example_forces(
     two backwards: ``factored.capture``) and every δθ_u contracted with its factors (about one forward each)
     instead of a JVP per example (about 3.3); tensors the factors do not cover get a JVP of their own, and a
     first example that does not sum to its JVP (1e-4) sends the whole set down the JVP path. The per-token
-    split, Σ_u of each sign, is one JVP per sign along Σ_u δθ_u. Tensors P leaves at zero (frozen) are skipped."""
+    split, Σ_u of each sign, is one JVP per sign along Σ_u δθ_u. Tensors P leaves at zero (frozen) are skipped.
+
+    ``own=True`` adds the force of each part of u on u's own responses (``own_self_forces``), every example
+    holding the same number R of rows."""
     n_ex, n_probe = len(coeff), len(probes)
     zeros = lambda: torch.zeros(n_ex, n_probe, dtype=torch.float64)  # noqa: E731
     pos, neg, pos_star, neg_star = zeros(), zeros(), zeros(), zeros()
     width = probes.targets.shape[1]
     tok = {1: torch.zeros(n_probe, width, dtype=torch.float64), -1: torch.zeros(n_probe, width, dtype=torch.float64)}
+    n_resp = len(owners) // max(1, n_ex)
+    own_pos, own_neg = (torch.zeros(n_ex, n_resp, dtype=torch.float64) for _ in range(2))
     frozen = {n for n, t in (precond.scale or {}).items() if n not in (precond.lora or {}) and not bool(t.any())}
     factored, verified, start = module is not None, False, 0
     names = [n for n, p in params.items() if p.is_floating_point() and n not in frozen]
@@ -266,10 +274,13 @@ def example_forces(
                 continue
             teacher = None if teacher_logits is None else teacher_logits[rows]
             parts = example_gradient(fn, params, train_rows.select(rows), weights[rows], teacher)
+            steps = []
             for g, total, star, sign in zip(parts, (pos, neg), (pos_star, neg_star), (1, -1)):
                 if g is None:
+                    steps.append(None)
                     continue
                 step = {n: -float(coeff[u]) * d for n, d in precond.apply(g).items() if n not in frozen}
+                steps.append(step)
                 if module is not None:  # the per-token split comes from Σ_u δθ_u, below
                     for n, d in step.items():
                         summed[sign][n] = summed[sign][n] + d if n in summed[sign] else d.clone()
@@ -292,12 +303,44 @@ def example_forces(
                     if module is None:
                         tok[sign][at, : change.tok.shape[1]] += change.tok.double().cpu()
                 total[u, at], star[u, at] = change_total.double().cpu(), change_star.double().cpu()
+            if own and at.start == 0:  # once per example, with the first chunk of probes
+                own_pos[u], own_neg[u] = own_self_forces(fn, params, train_rows.select(rows), weights[rows], parts, steps,
+                                                         method=method, chunk_size=chunk_size)  # fmt: skip
         for sign, direction in summed.items():
             if direction:
                 change = delta_lin(fn, params, sub, direction, method=method, chunk_size=chunk_size)
                 tok[sign][at, : change.tok.shape[1]] += change.tok.double().cpu()
     method = "factors" if factored else ("jvp (factors misread)" if module is not None else "jvp")
-    return ExampleForces(pos, neg, pos_star, neg_star, tok[1], tok[-1], method)
+    out = ExampleForces(pos, neg, pos_star, neg_star, tok[1], tok[-1], method)
+    if own:
+        out.own_pos, out.own_neg = own_pos, own_neg
+    return out
+
+
+def own_self_forces(fn: Fn, params: dict, rows, weights: torch.Tensor, grads, steps, *, method: str = "auto",
+                    chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The force of an example's positive and negative parts on its own responses: (R,), (R,) with
+
+        Δ_s(r) = A_r J_r δθ_s summed over the tokens of response r  =  ⟨∇θ ℓ_r, δθ_s⟩,   δθ_s = −c P g_s
+
+    (ℓ_r = log π(y_r|x) summed; ``grads`` = (g⁺, g⁻) and ``steps`` = (δθ⁺, δθ⁻) as ``example_forces`` made them).
+    When r is the only response of its sign (a preference pair), g_{s(r)} = w_r ∇(−ℓ_r), so ∇ℓ_r = −g_{s(r)} / w_r
+    and the force is one inner product with a gradient already at hand: no forward, no backward. Otherwise
+    (a GRPO group, a zero weight) the twin: one JVP over the example's own rows per part."""
+    n = len(rows)
+    pos, neg = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
+    signs = [1 if float(w) > 0 else -1 if float(w) < 0 else 0 for w in weights]
+    alone = all(s != 0 and signs.count(s) == 1 for s in signs)
+    for step, out in zip(steps, (pos, neg)):
+        if step is None:
+            continue
+        if alone:
+            for r, s in enumerate(signs):
+                g = grads[0] if s > 0 else grads[1]
+                out[r] = -sum((g[k].double() * step[k].double()).sum() for k in step).cpu() / float(weights[r])
+        else:
+            out[:] = delta_lin(fn, params, rows, step, method=method, chunk_size=chunk_size).total.double().cpu()
+    return pos, neg
 
 
 def direction_force(fn: Fn, params: dict, probes, direction: dict | None, *, method: str = "auto", chunk_size: int | None = None):

@@ -1,4 +1,5 @@
-"""Diagnostics of the training-example forces (DESIGN §4 items 6–8): the cube in, tables and a verdict out.
+"""Diagnostics of the training-example forces (DESIGN §4 items 6–8, and the likelihood displacement of preference
+pairs): the cube in, tables and a verdict out.
 
 They need an analysis with ``--train``: ``force`` / ``force_pos`` / ``force_neg`` / ``dlogp_unexplained``,
 the G statistics, and the kernels. Same conventions as ``diagnostics.py`` (whose helpers they use).
@@ -10,6 +11,8 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
+from ..names import DISPLACE_TOPK
+from ..ranks import spearman, topk_overlap
 from .diagnostics import Diagnostic, _fmt, _given, _needs, _probe_labels
 
 
@@ -124,3 +127,50 @@ def similarity(ds: xr.Dataset, *, top: int = 20) -> Diagnostic:
     if int(ds.attrs.get("kernel_approximate", 0) or 0):
         verdict = f"approximate kernels ({ds.attrs.get('kernel_method', 'random projection')}): " + verdict
     return Diagnostic("similarity", tables, {f"mean_align_{k}": float(v) for k, v in final.items()}, verdict + ".")
+
+
+def displacement(ds: xr.Dataset) -> Diagnostic:
+    """Likelihood displacement of preference pairs (Razin et al., arXiv 2410.08847): which pairs' own updates
+    lower their own chosen answer, and how well CHES (a last-layer score, two forwards) ranks them.
+
+    Over the run: per pair, its own force on its chosen answer summed over intervals (``self_force``, the exact
+    first-order account through the whole model, with the optimizer's P) against CHES at the first checkpoint (as
+    the paper scores pairs before training). A pair *displaces chosen* when that sum is negative. Tables: ``pairs``
+    (one row per pair: prompt, ches, ches_ln, the own force on chosen — pull, push, total — and on rejected,
+    displaced, CHES rank) and ``intervals`` (step_to, pairs displacing, and the cube's per-interval Spearman and
+    top-k overlap). Numbers: ``displaced``, ``pairs``, ``spearman``, ``spearman_ln``, ``topk``, ``topk_overlap``.
+    """
+    need = ["self_force", "self_force_pos", "self_force_neg", "ches", "ches_ln"]
+    why = "needs each preference pair's force on its own answers (analyze --train FILE with a dpo, ipo or simpo objective)"
+    if (d := _needs(ds, "displacement", need, why)) is not None:
+        return d
+    kind = ds["source_kind"].values.astype(str) if "source_kind" in ds.coords else np.full(ds.sizes["source"], "example")
+    pairs = list(ds["source"].values[kind == "example"])
+    total = lambda name, r: ds[name].sel(source=pairs, own_response=r).sum("interval", min_count=1).values  # noqa: E731
+    chosen, rejected = total("self_force", "chosen"), total("self_force", "rejected")
+    ches, ches_ln = (ds[n].isel(checkpoint=0).sel(source=pairs).values for n in ("ches", "ches_ln"))
+    drop = -chosen  # how far its own updates lowered the pair's chosen answer
+    displaced = chosen < 0
+    n, k = int(displaced.sum()), int(displaced.sum()) or min(DISPLACE_TOPK, len(pairs))
+    rank = pd.Series(ches).rank(ascending=False, method="min").to_numpy()
+    prompt = ds["source_prompt"].sel(source=pairs).values.astype(str) if "source_prompt" in ds.coords else np.full(len(pairs), "")
+    table = pd.DataFrame({"pair": np.asarray(pairs).astype(str), "prompt": prompt, "ches": ches, "ches_ln": ches_ln,
+                          "chosen_pull": total("self_force_pos", "chosen"), "chosen_push": total("self_force_neg", "chosen"),
+                          "chosen": chosen, "rejected": rejected, "displaced": displaced, "ches_rank": rank})  # fmt: skip
+    per_iv = {"step_to": ds["step_to"].values}
+    if "displaces_chosen" in ds:
+        per_iv["displaced"] = ds["displaces_chosen"].sel(source=pairs).sum("source").values
+    per_iv.update({name: ds[name].values for name in ("ches_spearman", "ches_ln_spearman", "ches_topk_overlap") if name in ds})
+    numbers = {"displaced": float(n), "pairs": float(len(pairs)), "spearman": spearman(ches, drop), "spearman_ln": spearman(ches_ln, drop),
+               "topk": float(k), "topk_overlap": topk_overlap(ches, drop, k)}  # fmt: skip
+    verdict = (f"{n} of {len(pairs)} pairs displace chosen (their own updates lower their chosen answer over the run); "
+               f"CHES ranks the displacement with Spearman {_corr(numbers['spearman'])} (length-normalised "
+               f"{_corr(numbers['spearman_ln'])}) and puts {numbers['topk_overlap']:.0%} of the {k} most displaced in its top {k}")  # fmt: skip
+    if n:
+        worst = table.loc[table["chosen"].idxmin()]
+        verdict += f"; most displaced: pair {worst['pair']} ({_fmt(worst['chosen'])} nats on its chosen answer, CHES rank {int(worst['ches_rank'])})"
+    return Diagnostic("displacement", {"pairs": table, "intervals": pd.DataFrame(per_iv)}, numbers, verdict + ".")
+
+
+def _corr(x: float) -> str:
+    return "n/a (fewer than 3 pairs)" if not np.isfinite(x) else f"{x:.2f}".replace("-", "−")

@@ -250,6 +250,34 @@ def g_statistics(d: Diagnostic) -> Figure:
     return fig
 
 
+def displacement(d: Diagnostic, *, top: int = 15) -> Figure:
+    pairs = d.tables["pairs"]
+    fig, axes = _figure(12.5, max(4.2, 0.28 * min(top, len(pairs)) + 2.2), ncols=2, width_ratios=[1, 1.1])
+    ax = axes[0]
+    for hit, c, label in ((False, colour("chosen"), "chosen not displaced"), (True, colour("rejected"), "displaces chosen")):
+        part = pairs[pairs["displaced"] == hit]
+        ax.scatter(part["ches"], part["chosen"], color=c, s=28, label=f"{label} ({len(part)})", zorder=3)
+    for _, row in pairs.nsmallest(3, "chosen").iterrows():
+        ax.annotate(str(row["pair"]), (row["ches"], row["chosen"]), fontsize="x-small", xytext=(4, 2), textcoords="offset points")
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set(title="CHES against the exact displacement", xlabel="CHES at the first checkpoint",
+           ylabel="own force on chosen, Σ intervals  [nat]")  # fmt: skip
+    ax.legend(fontsize="x-small", loc="best")
+    ax = axes[1]
+    shown = pairs.sort_values("ches", ascending=False).head(top)
+    y = np.arange(len(shown))
+    ax.barh(y - 0.2, shown["chosen_pull"], height=0.4, color=colour("chosen"), label="pull (w > 0: DPO's chosen pulled up)")
+    ax.barh(y + 0.2, shown["chosen_push"], height=0.4, color=colour("rejected"), label="push (w < 0: DPO's rejected pushed down)")
+    ax.scatter(shown["chosen"], y, marker="D", color="black", zorder=3, label="total on chosen")
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set_yticks(y, [f"{p} (CHES #{int(r)})" for p, r in zip(shown["pair"], shown["ches_rank"])])
+    ax.invert_yaxis()
+    ax.set(title="Each pair's own force on its chosen answer (highest CHES first)", xlabel="Σ over intervals  [nat]")
+    ax.legend(fontsize="x-small", loc="best")
+    fig.suptitle("Likelihood displacement: preference pairs that lower their own chosen answer")
+    return fig
+
+
 def learning_paths(d: Diagnostic) -> Figure:
     probes, paths = d.tables["probes"], d.tables["paths"]
     fig, axes = _figure(12.0, 4.2, ncols=2)

@@ -73,6 +73,17 @@ SECTIONS: list[Section] = [
             "trained responses (a fading pull). For preference objectives σ(−βh) is how hard a pair still pushes. The "
             "rank of the tokens pushed down says where the negative gradient lands: at a large rank (a valley of π) "
             "the mass it removes flows to the argmax — the squeezing effect."),
+    Section("displacement", "Likelihood displacement of preference pairs", dt.displacement, fg.displacement,
+            "A DPO (IPO, SimPO) step on a pair pulls its chosen answer up and pushes its rejected answer down; when the "
+            "two are alike, the push drags the chosen answer down too (likelihood displacement, Razin et al., arXiv "
+            "2410.08847). For every pair the cube holds its own force on its own answers — the exact first-order change "
+            "⟨∇θ log π(y|x), δθ_u⟩ through the whole model, with the optimizer's preconditioner — and CHES = ⟨S⁺, S⁻⟩ − "
+            "‖S⁺‖², the paper's cheap score from the last hidden states summed over the chosen (S⁺) and rejected (S⁻) "
+            "response positions (two forwards, no gradient; the length-normalised form uses their means). Left: each "
+            "pair's CHES against its own force on its chosen answer over the run; red points (below zero) displace "
+            "chosen. Right: that force split into its pull and push, for the pairs with the highest CHES. A high "
+            "Spearman correlation says CHES can screen a data set for such pairs before training; where it is low, "
+            "trust the exact forces. Pairs that displace chosen are candidates to drop or to rewrite."),
     Section("similarity", "8. Similarity maps", dt.similarity, fg.similarity,
             "K[o, u] = ⟨∇θ log π(y_o|x_o), ∇θ L_u⟩ is the empirical NTK between a probe and a training example: one SGD "
             "step on u changes the probe by about −η·K. The figures show the alignment −cos of the two gradients: red "
