@@ -131,7 +131,9 @@ def _analysis_options(f):
         click.option("--special-tokens/--no-special-tokens", default=True, show_default=True, help="Add the special tokens "
                      "the tokenizer adds by default (BOS), as the trainer's tokenizer(text) did."),
         click.option("--device", default="cpu", show_default=True, help="cpu, cuda, or cuda:N."),
-        click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True, help="Arithmetic dtype of the forces."),
+        click.option("--dtype", type=click.Choice(["float32", "float64", "bfloat16", "float16"]), default="float32", show_default=True,
+                     help="Arithmetic dtype of the model: float64 for exact checks, bfloat16 / float16 for large models on a GPU "
+                          "(softmax, reductions and Δθ stay float32; the cube records it)."),
         click.option("--nodes", type=click.IntRange(0, 16), default=None, help="Gauss–Legendre nodes of the path attribution (0: skip it).  [default: 2]"),
         click.option("--no-by-tensor", is_flag=True, help="Skip the split of the changes by parameter tensor (faster)."),
         click.option("--method", type=click.Choice(["auto", "jvp", "double_vjp"]), default="auto", show_default=True, help="How J·Δθ is computed."),

@@ -138,6 +138,19 @@ def prepare(config: AnalysisConfig, device: str = "cpu") -> Prepared:
     return prepared
 
 
+#: Half-precision analyses (``--dtype bfloat16|float16``, for GPUs): the model's arithmetic in half precision,
+#: softmax and every reduction in float32 (observe.py ``_wide``), and Δθ formed in float32 before it is rounded.
+HALF = (torch.bfloat16, torch.float16)
+
+
+def half_step(model: BoundModel, a, b, device: str) -> dict[str, torch.Tensor]:
+    """Δθ = θ_b − θ_a formed in float32, then rounded to the analysis dtype by the JVP (not θ_b − θ_a of two
+    rounded checkpoints: bfloat16 keeps 8 bits, and an update 1/256 of a weight would vanish)."""
+    before = model.params_from(a, device=device, dtype=torch.float32)
+    after = model.params_from(b, device=device, dtype=torch.float32)
+    return {n: after[n] - before[n] for n, t in before.items() if t.is_floating_point()}
+
+
 def _chunk_rows(config: AnalysisConfig, model: BoundModel, batch, dtype, device: str) -> int:
     """--chunk-size, else the most rows whose forward / JVP / backward fits the memory budget (budget.py)."""
     if config.chunk_size:
@@ -195,9 +208,10 @@ def compute_part(config_json: str, k: int, device: str = "cpu", progress: Callab
     with p.run.open(refs[0]) as a, p.run.open(refs[1]) as b:
         before = p.model.params_from(a, device=device, dtype=dtype)
         after = p.model.params_from(b, device=device, dtype=dtype)
+        step = half_step(p.model, a, b, device) if dtype in HALF else None
     res = interval_forces(p.model.logits, before, after, p.batch, nodes=config.nodes, by_tensor=config.by_tensor, method=config.method,
                           chunk_size=p.chunk_size, batch_rows=PROBE_BATCH, progress=progress, full=p.model.kind == "classifier",
-                          module=p.model.module)  # fmt: skip
+                          module=p.model.module, step=step)  # fmt: skip
     grid = _Grid(p)
     data = {
         "logp": np.stack([grid.rows(res.before.logp, res.before.argmax_logp), grid.rows(res.after.logp, res.after.argmax_logp)]),
@@ -377,7 +391,7 @@ def analyze(
         merged["kernel_tracin"] = (starts * merged["lr"]).sum("interval", min_count=1).drop_vars("lr", errors="ignore")
     attrs = cube.provenance(
         tool_version=__version__, history=command, run_dir=str(run.root), layout=run.layout, config=config.to_json(),
-        device=device, jvp_method=merged.attrs["jvp_method"], step_source=",".join(r.step_source for r in run.checkpoints),
+        device=device, dtype=config.dtype, jvp_method=merged.attrs["jvp_method"], step_source=",".join(r.step_source for r in run.checkpoints),
         checkpoint_fingerprints={str(r.path): fingerprint(r.path) for r in run.checkpoints},
         warnings=run.notes + prepared.notes + warnings + _linearisation_warnings(merged) + json.loads(merged.attrs["training_notes"]),
         **({"tokenization": prepared.tokenization} if prepared.tokenization else {}),

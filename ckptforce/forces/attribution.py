@@ -90,8 +90,10 @@ class LoraFactor:
 
 
 def _state_tensor(state: dict, key: str, like: torch.Tensor) -> torch.Tensor | None:
+    """The saved state tensor shaped as ``like``, in float32 at least (Adam's v ≈ 1e-9 underflows float16)."""
     t = state.get(key)
-    return None if t is None else torch.as_tensor(t).to(device=like.device, dtype=like.dtype).reshape(like.shape)
+    dtype = like.dtype if like.dtype in (torch.float32, torch.float64) else torch.float32
+    return None if t is None else torch.as_tensor(t).to(device=like.device, dtype=dtype).reshape(like.shape)
 
 
 def preconditioner(params: dict, *, start=None, end=None, lr: float, n_steps: int = 1) -> Preconditioner:

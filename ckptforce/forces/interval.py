@@ -104,23 +104,27 @@ def interval_forces(
     progress: Callable[[int, int], None] | None = None,
     full: bool = False,
     module=None,
+    step: dict | None = None,
 ) -> IntervalForces:
     """Everything first-order about one interval; ``nodes=0`` skips the path integral; ``full`` keeps the whole
     distribution of one-position (classifier) rows in ``before.logp_full`` / ``after.logp_full``.
 
     Every quantity is per row, so ``batch_rows`` may split the batch into probe batches computed one after
-    another (the result is the same); ``progress(rows_done, rows)`` is called after each.
+    another (the result is the same); ``progress(rows_done, rows)`` is called after each. ``step`` gives
+    Δθ when the caller formed it wider than the parameters (bfloat16 / float16 analyses: the difference of
+    two half-precision checkpoints would lose most of a small update).
     """
     if batch_rows and len(batch) > batch_rows:
         parts = []
         for start in range(0, len(batch), batch_rows):
             rows = batch.select(slice(start, start + batch_rows))
             parts.append(interval_forces(fn, before, after, rows, nodes=nodes, by_tensor=by_tensor, method=method, chunk_size=chunk_size,
-                                         full=full, module=module))  # fmt: skip
+                                         full=full, module=module, step=step))  # fmt: skip
             if progress:
                 progress(min(start + batch_rows, len(batch)), len(batch))
         return IntervalForces.cat(parts, width=batch.input_ids.shape[1])
-    step = {n: after[n] - before[n] for n, p in before.items() if p.is_floating_point()}
+    if step is None:
+        step = {n: after[n] - before[n] for n, p in before.items() if p.is_floating_point()}
     obs_a = observe(fn, before, batch, chunk_size=chunk_size, full=full)
     obs_b = observe(fn, after, batch, chunk_size=chunk_size, full=full)
     lin = delta_lin(fn, before, batch, step, method=method, chunk_size=chunk_size)
