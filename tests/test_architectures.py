@@ -444,6 +444,42 @@ def test_example_forces_from_captured_factors_equal_one_jvp_per_example(case, ob
     assert float(slow.neg.abs().max()) > 0 and float(slow.pos.abs().max()) > 0
 
 
+def test_approximate_forces_are_exact_for_a_rank_one_preconditioner(case, tmp_path):
+    """forces/approx.py: with P = r cᵀ on every matrix (any P on vectors) the ghost products with scaled factors
+    equal one JVP per example (1e-9), totals and y*; with a general P they are an approximation whose error is
+    what ``relative_error`` reports (finite, and not 0)."""
+    from ckptforce.forces.approx import approximate_forces, relative_error
+
+    theta = case.thetas[1]
+    examples = [{"id": f"u{i}", "prompt_ids": p, "responses": {"chosen": c, "rejected": c[::-1][:3]}} for i, (p, c) in enumerate(train_rows(3))]
+    train = _rows(tmp_path, examples)
+    owners = [i for i, _ in train.rows]
+    gen = torch.Generator().manual_seed(2)
+    weights = torch.tensor([0.7, -0.4, 1.1, -0.9, 0.5, -1.3], dtype=torch.float64)
+    coeff = torch.tensor([1e-3, 2e-3, 0.5e-3], dtype=torch.float64)
+    names = list(case.moving)
+
+    def draw(shape):
+        if len(shape) == 2:
+            return (torch.rand(shape[0], 1, generator=gen, dtype=torch.float64) + 0.1) * (torch.rand(1, shape[1], generator=gen, dtype=torch.float64) + 0.1)
+        return torch.rand(shape, generator=gen, dtype=torch.float64) + 0.1
+
+    fn, module = case.model.logits, case.model.module
+    for rank_one in (True, False):
+        scale = {n: draw(theta[n].shape) if rank_one else torch.rand(theta[n].shape, generator=gen, dtype=torch.float64) + 0.1 for n in names}
+        scale.update({n: torch.zeros_like(p) for n, p in theta.items() if n not in names})
+        exact = example_forces(fn, theta, case.probes, train, owners, weights, coeff, Preconditioner("adam", scale, None, None))
+        pos, neg, pos_star, neg_star, fitted = approximate_forces(fn, theta, case.probes, train, owners, weights, coeff,
+                                                                  {n: scale[n] for n in names}, module=module, names=names)  # fmt: skip
+        assert fitted, case.arch
+        if rank_one:
+            for got, want in ((pos, exact.pos), (neg, exact.neg), (pos_star, exact.pos_argmax), (neg_star, exact.neg_argmax)):
+                torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12 * float(want.abs().max()), msg=lambda m: f"{case.arch}: {m}")
+        else:
+            err = relative_error(pos + neg, exact.total)
+            assert 0 < err < 10, (case.arch, err)
+
+
 def check_lora_adamw_steps(run, thetas: list[dict]) -> None:
     """An adapter run's AdamW steps on the factors, mapped to W (``lora_preconditioner``): for every interval and
     adapted weight, −η·P·g + momentum + decay of the factors (g from the two saved first moments) seen from W,

@@ -1,0 +1,117 @@
+"""A labelled fast approximation of the training examples' forces for large training sets (``--forces approximate``).
+
+The exact force of example u on probe row o is Δ_u(o) = −c_u ⟨∇θ log π_o, P ⊙ g_u⟩ (attribution.py), with P
+Adam's elementwise preconditioner. An elementwise P blocks the ghost inner products (kernels / ghost.py), which
+never form a per-row gradient. A rank-one P does not: for a layer whose per-row gradient is G = Σ_t u_t v_tᵀ,
+
+    (r cᵀ) ⊙ (u vᵀ) = (r ⊙ u)(c ⊙ v)ᵀ,
+
+so scaling the training side's ghost factors by r and c gives ⟨G_o, (r cᵀ) ⊙ G_u⟩ from the same products as
+the kernel. P is fitted per matrix the way Adafactor factors the second moment (Shazeer & Stern 2018):
+with v = (κ/P)² (κ = P's bias-correction numerator, which cancels), R = Σ_j v_ij, C = Σ_i v_ij, S = Σ v,
+
+    P̃_ij = κ √S / √(R_i C_j)          (rank one; exact when v is; ε dropped)
+
+Vectors (biases, norms) and tensors without ghost factors keep P exactly. Every training row is one ghost
+product against every probe row, so U examples cost two backward passes over the training rows in chunks and
+no JVP per example. The approximation's error is measured on the run itself: the exact forces of a few
+examples (``exact_forces`` on a subset) against the approximate ones, stored beside them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .ghost import RowGrads, kernel_between, row_grads
+from .kernels import _train_chunks, logp_rows, nll_rows
+from .observe import _wide, chunks
+
+
+def rank_one(p: Tensor) -> tuple[Tensor, Tensor] | None:
+    """(r (m,), c (n,)) with r cᵀ ≈ P (m, n) by Adafactor's factoring of v = 1/P²; None where P has zeros
+    (frozen entries: P̃ would not be zero there) or is not a matrix."""
+    if p.dim() != 2 or not bool((p > 0).all()):
+        return None
+    v = p.double().pow(-2)
+    rows, cols, total = v.sum(1), v.sum(0), v.sum()
+    return (total.sqrt() / rows.sqrt()).to(p.dtype), (1 / cols.sqrt()).to(p.dtype)
+
+
+def _max_logp_rows(logits: Tensor, batch) -> Tensor:
+    """Σ_t max_v log π_t(v): the score of y*, the argmax response at θ."""
+    logp = torch.log_softmax(_wide(logits), dim=-1)
+    return (logp.max(-1).values * batch.target_mask.to(logp.dtype)).sum(-1)
+
+
+def precondition_rows(grads: RowGrads, scale: dict[str, Tensor]) -> tuple[RowGrads, list[str]]:
+    """The training rows' gradients with P̃ applied (a copy; factors scaled, dense rows multiplied), and the
+    names whose P was replaced by its rank-one fit."""
+    out = RowGrads(grads.n, grads.dtype, grads.device, shapes=dict(grads.shapes), dense={}, factors={})
+    fitted = []
+    for name, uses in grads.factors.items():
+        p = scale.get(name)
+        if p is None:
+            out.factors[name] = uses
+            continue
+        p = p.to(device=grads.device, dtype=grads.dtype)
+        if p.dim() == 1:  # a bias: (d, None) uses, P exact
+            out.factors[name] = [(u * p, None) for u, _ in uses]
+            continue
+        fit = rank_one(p)
+        if fit is None:  # zeros (frozen entries): per-row gradients with the exact P
+            from .ghost import materialise
+
+            out.dense[name] = materialise(grads, name) * p.flatten()
+            continue
+        r, c = fit
+        fitted.append(name)
+        scaled = []
+        for u, v in uses:
+            if u.dtype == torch.long:  # an embedding: one-hot rows, so r[id] scales each position's v
+                scaled.append((u, v * c * r[u].unsqueeze(-1)))
+            else:
+                scaled.append((u * r, v * c))
+        out.factors[name] = scaled
+    for name, g in grads.dense.items():
+        p = scale.get(name)
+        out.dense[name] = g if p is None else g * p.to(device=g.device, dtype=g.dtype).flatten()
+    return out, fitted
+
+
+def approximate_forces(fn, params: dict, probes, train_rows, owners: list[int], weights: Tensor, coeff: Tensor, scale: dict[str, Tensor] | None,
+                       *, module, names: list[str], chunk_size: int | None = 64) -> tuple[Tensor, Tensor, Tensor, Tensor, list[str]]:  # fmt: skip
+    """(pos, neg, pos*, neg* — each (U, B) — and the names fitted rank-one): Δ̃_u(o) = −c_u Σ_{r of u, sign}
+    ⟨G_o, P̃ ⊙ ∇(w_r · (−log π_r))⟩ over the tensors ``names``; ``scale`` = P (None: SGD, P = I)."""
+    n_ex, n_probe = len(coeff), len(probes)
+    out = {key: torch.zeros(n_ex, n_probe, dtype=torch.float64) for key in ("pos", "neg", "pos*", "neg*")}
+    probe_sides = {
+        "": [row_grads(fn, params, sub, logp_rows, module=module, names=names) for sub in chunks(probes, chunk_size)],
+        "*": [row_grads(fn, params, sub, _max_logp_rows, module=module, names=names) for sub in chunks(probes, chunk_size)],
+    }
+    owner = torch.tensor(owners)
+    c_row = coeff.double()[owner]  # (rows,)
+    fitted: list[str] = []
+    start = 0
+    for sub in _train_chunks(train_rows, weights.to(torch.float64), chunk_size):  # w rides with each row (per-row paths)
+        rows = slice(start, start + len(sub.targets))
+        start += len(sub.targets)
+        w = sub.loss_weight
+        g = row_grads(fn, params, sub, nll_rows, module=module, names=names)  # row r: w_r ∇(−log π_r)
+        if scale is not None:
+            g, fitted = precondition_rows(g, scale)
+        for suffix, sides in probe_sides.items():
+            k = torch.cat([sum(kernel_between(p, g).values()) for p in sides]).double().cpu()  # (B, rows in chunk)
+            contrib = -(k * c_row[rows][None, :])  # (B, r)
+            for j in range(rows.stop - rows.start):
+                u = owners[rows.start + j]
+                key = ("pos" if float(w[j]) > 0 else "neg") + suffix
+                if float(w[j]) != 0:
+                    out[key][u] += contrib[:, j]
+    return out["pos"], out["neg"], out["pos*"], out["neg*"], fitted
+
+
+def relative_error(approx: Tensor, exact: Tensor) -> float:
+    """‖approx − exact‖_F / ‖exact‖_F (NaN when the exact forces are all zero)."""
+    den = float(torch.linalg.vector_norm(exact))
+    return float(torch.linalg.vector_norm(approx - exact)) / den if den > 0 else float("nan")
