@@ -45,6 +45,7 @@ class AnalysisConfig:
     train_sha256: str | None = dataclasses.field(default=None, metadata={"help": "hash of the training-examples file"})
     objective: str | None = dataclasses.field(default=None, metadata={"help": "training objective (--objective; else the file / trainer)"})
     feature_layer: str | None = dataclasses.field(default=None, metadata={"help": "submodule whose output is tracked (--feature-layer)"})
+    forces: str = dataclasses.field(default="exact", metadata={"help": "training-example forces: exact, or approximate (--forces)"})
     kernel_projection: int | None = dataclasses.field(default=None, metadata={"help": "sketch size of the approximate kernels (--kernel-projection; None: exact)"})
     special_tokens: bool = dataclasses.field(default=True, metadata={"help": "add the tokenizer's special tokens (BOS) to text, as the trainer did"})
     probe_eos: bool = dataclasses.field(default=False, metadata={"help": "append eos_token to probe responses (--probe-eos)"})

@@ -116,6 +116,7 @@ VARS: dict[str, Var] = {
     "self_force_pos": Var(("interval", "source", "own_response"), "the same, of the pair's positive part (w > 0: pulled up; DPO's chosen)", "nat"),
     "self_force_neg": Var(("interval", "source", "own_response"), "the same, of the pair's negative part (w < 0: pushed down; DPO's rejected)", "nat"),
     "displaces_chosen": Var(("interval", "source"), "1 where the pair's own update lowers its chosen log π, else 0 (NaN: not used in the interval)", "1"),
+    "force_approx_error": Var(("interval",), "with --forces approximate: ‖approximate − exact‖ / ‖exact‖ of the forces of the first 8 examples (NaN: exact)", "1"),
     "ches_spearman": Var(("interval",), "Spearman correlation of CHES at the interval's start with −self_force on chosen", "1"),
     "ches_ln_spearman": Var(("interval",), "the same for the length-normalised CHES", "1"),
     "ches_topk_overlap": Var(("interval",), "share of the k pairs displacing chosen most that CHES also ranks in its top k", "1"),

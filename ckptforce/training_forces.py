@@ -20,7 +20,9 @@ import numpy as np
 import torch
 
 from .errors import CkptforceError
-from .forces.attribution import LoraFactor, direction_force, example_forces, example_gradient, lora_preconditioner, preconditioner
+from .forces.approx import approximate_forces, relative_error
+from .forces.linear import delta_lin
+from .forces.attribution import ExampleForces, LoraFactor, direction_force, example_forces, example_gradient, lora_preconditioner, preconditioner
 from .forces.kernels import Projection, class_forces, gradient_kernel
 from .forces.objectives import DEFAULT_BETA, NEEDS_REFERENCE, PREFERENCE, g_statistics, kd_loss, margin, response_weights
 from .forces.objectives import loss as objective_loss
@@ -198,8 +200,12 @@ def training_part(p, pt: PreparedTraining, k: int, before: dict, after: dict, dl
     logp, weights = _weights(p, pt, before, logits)
     coeff = _coefficients(pt, lr, a.step, b.step, n_steps)
     pairs = tset.objective in PREFERENCE
-    forces = example_forces(p.model.logits, before, p.batch, pt.batch, pt.owners, weights.flatten(), coeff, pre,
-                            teacher_logits=pt.teacher_logits, method=config.method, chunk_size=p.chunk_size, module=p.model.module, own=pairs)  # fmt: skip
+    approx_error = math.nan
+    if config.forces == "approximate" and tset.objective != "kd" and pre.lora is None:
+        forces, approx_error = approximate_part(p, pt, before, weights.flatten(), coeff, pre)
+    else:
+        forces = example_forces(p.model.logits, before, p.batch, pt.batch, pt.owners, weights.flatten(), coeff, pre,
+                                teacher_logits=pt.teacher_logits, method=config.method, chunk_size=p.chunk_size, module=p.model.module, own=pairs)  # fmt: skip
     mom, mom_star = direction_force(p.model.logits, before, p.batch, pre.momentum, method=config.method, chunk_size=p.chunk_size)
     dec, dec_star = direction_force(p.model.logits, before, p.batch, pre.decay, method=config.method, chunk_size=p.chunk_size)
     nan = torch.full((2, len(p.batch)), math.nan, dtype=torch.float64)
@@ -232,7 +238,13 @@ def training_part(p, pt: PreparedTraining, k: int, before: dict, after: dict, dl
     if forces.method.startswith("jvp ("):
         notes.append("the training examples' forces took one JVP each: the captured factors of a module did not sum to its JVP")
     index = {}
-    if pairs:  # likelihood displacement: each pair's own force on its own answers, beside CHES
+    data["force_approx_error"] = np.array([approx_error])
+    if forces.method.startswith("approximate"):
+        notes.append(f"training-example forces: {forces.method}; relative error {approx_error:.3g} against the exact forces of the first "
+                     f"{APPROX_CHECK} examples (force_approx_error)")  # fmt: skip
+    if pairs and forces.own_pos is None:
+        notes.append("likelihood displacement (CHES, self_force) is computed with the exact forces only: drop --forces approximate")
+    elif pairs:  # likelihood displacement: each pair's own force on its own answers, beside CHES
         displaced, more = displacement_part(p, pt, k, before, after, forces.own_pos, forces.own_neg, coeff)
         data.update(displaced)
         notes += more
@@ -255,6 +267,36 @@ def training_part(p, pt: PreparedTraining, k: int, before: dict, after: dict, dl
         data[name] = np.stack([kernels[0][name], kernels[1][name] if len(kernels) > 1 else absent])
     kernel_info = {"approximate": any(x["approximate"] for x in kernels), "method": kernels[0]["method"]}
     return {"data": data, "index": index, "lr": lr, "notes": notes, "preconditioner": pre.kind, "coeff": coeff, "kernel": kernel_info}
+
+
+#: Examples whose exact forces check ``--forces approximate`` on every interval (the error stored in the cube).
+APPROX_CHECK = 8
+
+
+def approximate_part(p, pt: PreparedTraining, before: dict, weights: torch.Tensor, coeff: torch.Tensor, pre) -> tuple:
+    """(ExampleForces, relative error): ``forces/approx.py``'s rank-one P with ghost products for every example;
+    the per-token split exact (one backward per sign over all training rows, one JVP each); the error of the
+    first APPROX_CHECK used examples against their exact forces."""
+    fn, module = p.model.logits, p.model.module
+    frozen = {n for n, t in (pre.scale or {}).items() if not bool(t.any())}
+    names = [n for n, t in before.items() if t.is_floating_point() and n not in frozen]
+    pos, neg, pos_star, neg_star, fitted = approximate_forces(fn, before, p.batch, pt.batch, pt.owners, weights, coeff, pre.scale, module=module,
+                                                              names=names, chunk_size=p.chunk_size)  # fmt: skip
+    c_rows = coeff[torch.tensor(pt.owners)].to(weights)
+    tok = []
+    for g in example_gradient(fn, before, pt.batch, weights * c_rows):  # Σ_u c_u g_u± in one backward per sign
+        if g is None:
+            tok.append(torch.zeros(len(p.batch), p.batch.targets.shape[1], dtype=torch.float64))
+            continue
+        step = {n: -d for n, d in pre.apply(g).items() if n not in frozen}
+        tok.append(delta_lin(fn, before, p.batch, step, method=p.config.method, chunk_size=p.chunk_size).tok.double().cpu())
+    used = [u for u in range(len(coeff)) if float(coeff[u]) != 0][:APPROX_CHECK]
+    rows = [i for i, o in enumerate(pt.owners) if o in used]
+    exact = example_forces(fn, before, p.batch, pt.batch.select(rows), [used.index(pt.owners[i]) for i in rows], weights[rows], coeff[used], pre,
+                           method=p.config.method, chunk_size=p.chunk_size, module=module)  # fmt: skip
+    error = relative_error((pos + neg)[used], exact.total) if used else math.nan
+    method = f"approximate: Adafactor-style rank-one P on {len(fitted)} matrices, ghost products"
+    return ExampleForces(pos, neg, pos_star, neg_star, tok[0], tok[1], method), error
 
 
 def probe_kernel(p, pt: PreparedTraining, params: dict, weights: torch.Tensor) -> dict:
