@@ -228,3 +228,13 @@ def test_dpo_filter_uses_displaces_chosen_alone(tmp_path):
 def test_export_imports_no_torch():
     code = "import sys, ckptforce.remedies; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+@pytest.mark.slow  # about 2 min: the digits run analysed with every training example as a probe, then students trained
+def test_bench_filter_kd_runs(tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "filter_kd.py"), "--seeds", "1", "--alpha", "0.95", "--out", str(tmp_path)],
+                         check=True, capture_output=True, text=True, cwd=ROOT).stdout  # fmt: skip
+    for line in ("noisy labels", "Filter-KD α = 0.95", "clean-test accuracy"):
+        assert line in out, out
+    with np.load(tmp_path / "targets-0.95.npz") as z:
+        assert z["targets"].shape == (1300, 10) and json.loads(str(z["provenance"]))["settings"]["alpha"] == 0.95
