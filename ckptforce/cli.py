@@ -290,7 +290,7 @@ def demo(out: Path, only: tuple[str, ...]) -> None:
                 click.echo(f"  {key}: {s['verdicts'][key]}")
 
 
-@main.group(cls=_Group)
+@main.group(cls=_Group, short_help="Write a remedy as a file a trainer reads (filter-kd, dpo-filter).")
 def export() -> None:
     """Write a remedy the cube's numbers justify, as a file a trainer reads: soft targets for distillation
     (filter-kd), or a preference data set without the pairs that hurt (dpo-filter). Every file records the
@@ -298,7 +298,7 @@ def export() -> None:
     """
 
 
-@export.command("filter-kd")
+@export.command("filter-kd", short_help="Soft targets for distillation: the EMA of each example's predictions (.npz).")
 @click.argument("cube_path", metavar="CUBE.h5", type=click.Path(path_type=Path))
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="The .npz to write (ids, targets, labels, steps, provenance).")
 @click.option("--alpha", type=float, default=0.95, show_default=True, help="EMA weight of the past: q̄ ← α·q̄ + (1 − α)·q_t at each "
@@ -327,7 +327,7 @@ def export_filter_kd(cube_path: Path, out: Path, alpha: float) -> None:
     click.echo(f"wrote {path}: soft targets of {n} examples over {v} classes, EMA α = {alpha} over {len(arrays['steps'])} checkpoints")
 
 
-@export.command("dpo-filter")
+@export.command("dpo-filter", short_help="The preference file without the pairs that displace or squeeze their answers.")
 @click.argument("cube_path", metavar="CUBE.h5", type=click.Path(path_type=Path))
 @click.option("--train", required=True, type=click.Path(path_type=Path), help="The JSONL training file the cube was analysed with (--train of analyze).")
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="The filtered copy to write (JSONL); the reasons go to OUT.reasons.jsonl.")

@@ -225,6 +225,15 @@ def test_dpo_filter_uses_displaces_chosen_alone(tmp_path):
     assert {r["id"]: r["evidence"] for r in records}["p_displace"] == "cube"
 
 
+def test_help_explains():
+    top = CliRunner().invoke(main, ["export", "--help"]).output
+    assert "filter-kd" in top and "dpo-filter" in top
+    fkd = CliRunner().invoke(main, ["export", "filter-kd", "--help"]).output
+    assert "q̄_t = α·q̄_{t−1} + (1 − α)·q_t" in fkd and "--probes train.npz" in fkd
+    dpo = CliRunner().invoke(main, ["export", "dpo-filter", "--help"]).output
+    assert "byte for byte" in dpo and "OUT.reasons.jsonl" in dpo
+
+
 def test_export_imports_no_torch():
     code = "import sys, ckptforce.remedies; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
