@@ -172,7 +172,7 @@ def test_dpo_filter_drops_exactly_the_pairs_the_cube_says(tmp_path):
     assert {i: r["action"] for i, r in by_id.items()} == {"p_good": "keep", "p_displace": "drop", "p_rise": "drop",
                                                           "p_unused": "keep", "p_extra": "keep"}  # fmt: skip
     assert [x["rule"] for x in by_id["p_displace"]["reasons"]] == ["displaces_chosen"]
-    assert "lower its chosen answer by -0.2 nats" in by_id["p_displace"]["reasons"][0]["why"]
+    assert "lower its chosen answer by 0.2 nats over the run (pull +1.4, push -1.6: the push on its rejected answer squeezes" in by_id["p_displace"]["reasons"][0]["why"]
     assert by_id["p_displace"]["chosen"] == pytest.approx(-0.2) and by_id["p_displace"]["line"] == 4
     assert [x["rule"] for x in by_id["p_rise"]["reasons"]] == ["rejected_rises"] and by_id["p_rise"]["rejected"] == pytest.approx(0.15)
     assert by_id["p_unused"]["evidence"] == "no interval used it" and by_id["p_extra"]["evidence"] == "not in the cube"

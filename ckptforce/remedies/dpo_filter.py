@@ -135,7 +135,7 @@ def decide(ev: dict[str, dict[str, float]], config: DpoFilterConfig) -> dict[str
         if "displaces_chosen" in config.rules:
             if math.isfinite(v["chosen"]):
                 if v["chosen"] < 0:
-                    why = f"its own updates lower its chosen answer by {_num(v['chosen'])} nats over the run"
+                    why = f"its own updates lower its chosen answer by {-v['chosen']:.3g} nats over the run"
                     if math.isfinite(v["pull"]) and math.isfinite(v["push"]):
                         why += f" (pull {_num(v['pull'])}, push {_num(v['push'])}"
                         why += ": the push on its rejected answer squeezes chosen down)" if v["push"] < -v["pull"] else ")"
@@ -144,7 +144,7 @@ def decide(ev: dict[str, dict[str, float]], config: DpoFilterConfig) -> dict[str
                 reasons.append({"rule": "displaces_chosen",
                                 "why": f"its own update lowered its chosen answer in {v['displaced_share']:.0%} of the intervals that used it"})
         if "rejected_rises" in config.rules and math.isfinite(v["rejected"]) and v["rejected"] > 0:
-            reasons.append({"rule": "rejected_rises", "why": f"its own updates raise its rejected answer by {_num(v['rejected'])} nats over the run"})
+            reasons.append({"rule": "rejected_rises", "why": f"its own updates raise its rejected answer by {v['rejected']:.3g} nats over the run"})
         if "high_ches" in config.rules and pair in top:
             reasons.append({"rule": "high_ches", "why": f"CHES {v['ches']:.4g} is among the {config.ches_top} highest at the first checkpoint"})
         out[pair] = reasons
