@@ -296,6 +296,77 @@ def demo(out: Path, only: tuple[str, ...]) -> None:
                 click.echo(f"  {key}: {s['verdicts'][key]}")
 
 
+@main.group(cls=_Group, short_help="Write a remedy as a file a trainer reads (filter-kd, dpo-filter).")
+def export() -> None:
+    """Write a remedy the cube's numbers justify, as a file a trainer reads: soft targets for distillation
+    (filter-kd), or a preference data set without the pairs that hurt (dpo-filter). Every file records the
+    cube (path, SHA-256, run, command) and the settings it came from.
+    """
+
+
+@export.command("filter-kd", short_help="Soft targets for distillation: the EMA of each example's predictions (.npz).")
+@click.argument("cube_path", metavar="CUBE.h5", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="The .npz to write (ids, targets, labels, steps, provenance).")
+@click.option("--alpha", type=float, default=0.95, show_default=True, help="EMA weight of the past: q̄ ← α·q̄ + (1 − α)·q_t at each "
+              "checkpoint (0: the last prediction alone).")  # fmt: skip
+def export_filter_kd(cube_path: Path, out: Path, alpha: float) -> None:
+    """Filter-KD soft targets (Ren et al., ICLR 2022): each example's predictions over the checkpoints,
+    filtered by an exponential moving average, q̄_0 = q_0, q̄_t = α·q̄_{t−1} + (1 − α)·q_t. On noisy or hard
+    labels the path zig-zags towards what the rest of the data supports before it memorises the label;
+    q̄ keeps that, and a fresh student distilled on it (cross-entropy against q̄) generalises better than
+    one trained on the labels.
+
+    The cube must hold the training examples' per-class predictions: analyze a classifier run with the
+    training arrays as probes (--probes train.npz with x, y, ids). The .npz holds ids (N,), targets (N, V)
+    float32, labels (N,) as in the probe file, steps (C,) and provenance (a JSON string). Language-model
+    cubes do not hold the next-token distributions per-token targets need; that is refused with a reason.
+
+    \b
+    Examples:
+      ckptforce analyze run/ --probes train.npz --model pkg.mod:factory -o train.h5
+      ckptforce export filter-kd train.h5 -o targets.npz --alpha 0.9
+    """
+    from .remedies import write_filter_kd
+
+    path, arrays = write_filter_kd(cube_path, out, alpha)
+    n, v = arrays["targets"].shape
+    click.echo(f"wrote {path}: soft targets of {n} examples over {v} classes, EMA α = {alpha} over {len(arrays['steps'])} checkpoints")
+
+
+@export.command("dpo-filter", short_help="The preference file without the pairs that displace or squeeze their answers.")
+@click.argument("cube_path", metavar="CUBE.h5", type=click.Path(path_type=Path))
+@click.option("--train", required=True, type=click.Path(path_type=Path), help="The JSONL training file the cube was analysed with (--train of analyze).")
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="The filtered copy to write (JSONL); the reasons go to OUT.reasons.jsonl.")
+@click.option("--ches-top", type=click.IntRange(0), default=0, show_default=True, metavar="K", help="Also drop the K pairs with the "
+              "highest CHES at the first checkpoint (Razin et al.'s filter; 0: off).")  # fmt: skip
+def export_dpo_filter(cube_path: Path, train: Path, out: Path, ches_top: int) -> None:
+    """The preference pairs to drop from a DPO / IPO / SimPO training file, from the cube of its run
+    (analyze --train FILE): a pair is dropped when its own updates lower its own chosen answer
+    (likelihood displacement; when the push on its rejected answer outweighs the pull on chosen, that is
+    squeezing), when they raise its own rejected answer, or (--ches-top K) when its CHES is among the K
+    highest. The numbers are the cube's self_force / displaces_chosen / ches, summed over the intervals
+    that used the pair.
+
+    OUT is the training file without the dropped pairs: every kept line is copied byte for byte (header,
+    extra fields, blank lines). OUT.reasons.jsonl starts with the provenance (cube, settings, training
+    file and hashes), then one line per pair: id, line, action (drop / keep), reasons, the numbers.
+
+    \b
+    Examples:
+      ckptforce analyze dpo/ --init sft/checkpoint-40 --probes probes.jsonl --train train_dpo.jsonl -o dpo.h5
+      ckptforce export dpo-filter dpo.h5 --train train_dpo.jsonl -o train_dpo.filtered.jsonl
+    """
+    from .remedies import DpoFilterConfig, write_dpo_filter
+
+    path, sidecar, records = write_dpo_filter(cube_path, train, out, DpoFilterConfig(ches_top=ches_top))
+    dropped = [r for r in records if r["action"] == "drop"]
+    click.echo(f"wrote {path}: kept {len(records) - len(dropped)} of {len(records)} pairs; reasons in {sidecar}")
+    for r in dropped[:10]:
+        click.echo(f"  drop {r['id']} (line {r['line']}): " + "; ".join(x["why"] for x in r["reasons"]))
+    if len(dropped) > 10:
+        click.echo(f"  … and {len(dropped) - 10} more (see {sidecar})")
+
+
 class _progress_bar:
     """A rich progress bar with ETA, on stderr, as a progress callback."""
 

@@ -54,3 +54,7 @@ class ProbeFileNotFoundError(ProbeFileError, FileNotFoundError):
 
 class TokenizerError(CkptforceError, ValueError):
     """Probe text needs a tokenizer and none was found, or the one found cannot be loaded."""
+
+
+class ExportError(CkptforceError, ValueError):
+    """A remedy cannot be exported from a cube: it lacks the numbers the remedy needs, or the inputs do not match it."""

@@ -267,3 +267,22 @@ def test_interval_forces_in_probe_batches_equal_one_batch(batch):
             for g in ("logp", "logp_tok", "argmax_logp", "entropy", "top1"):
                 torch.testing.assert_close(getattr(b, g), getattr(a, g), rtol=1e-9, atol=1e-12, msg=f"{f.name}.{g}")
     assert parts.remainder_ratio == pytest.approx(whole.remainder_ratio, rel=1e-9)
+
+
+def test_classifier_interval_forces_in_probe_batches_equal_one_batch():
+    """Classifier rows (one position each) split into probe batches: the same numbers (a batch of more probes than
+    one chunk used to fail on the missing input_ids)."""
+    from ckptforce.class_probes import ClassBatch
+    from ckptforce.forces import interval_forces
+
+    torch.manual_seed(0)
+    model = BoundModel(_Mlp().double().eval(), "classifier", "test", "none")
+    before = _params(model)
+    after = {n: p + d for (n, p), d in zip(before.items(), _direction(before, 0.01, seed=4).values())}
+    y = torch.tensor([[0], [1], [2], [3], [0]])
+    batch = ClassBatch(torch.randn(5, 5, dtype=torch.float64), y, torch.ones_like(y, dtype=torch.bool), list(range(5)))
+    whole = interval_forces(model.logits, before, after, batch, nodes=2)
+    parts = interval_forces(model.logits, before, after, batch, nodes=2, batch_rows=2)
+    for name in ("dlogp_obs", "dlogp_lin", "dlogp_path"):
+        torch.testing.assert_close(getattr(parts, name), getattr(whole, name), rtol=1e-9, atol=1e-12, msg=name)
+    torch.testing.assert_close(parts.after.logp_tok, whole.after.logp_tok, rtol=1e-9, atol=1e-12)

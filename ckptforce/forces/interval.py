@@ -122,7 +122,8 @@ def interval_forces(
                                          full=full, module=module, step=step))  # fmt: skip
             if progress:
                 progress(min(start + batch_rows, len(batch)), len(batch))
-        return IntervalForces.cat(parts, width=batch.input_ids.shape[1])
+        width = batch.input_ids.shape[1] if hasattr(batch, "input_ids") else batch.targets.shape[1]  # classifier rows: one position
+        return IntervalForces.cat(parts, width=width)
     if step is None:
         step = {n: after[n] - before[n] for n, p in before.items() if p.is_floating_point()}
     obs_a = observe(fn, before, batch, chunk_size=chunk_size, full=full)

@@ -19,6 +19,7 @@ import xarray as xr
 
 from .. import cube
 from ..names import ARGMAX, POOR_LINEARISATION
+from ..remedies.filter_kd import ema_targets
 
 #: Forgetting threshold τ (nats): a probe "forgot" when its chosen answer fell by more than this.
 FORGET_TAU = 0.5
@@ -406,9 +407,7 @@ def learning_paths(ds: xr.Dataset, *, ema: float = 0.95) -> Diagnostic:
     rival = q.copy()
     rival[:, np.arange(n_probe), labels] = -1
     p_rival = rival.max(-1)  # (C, P) largest non-label mass
-    q_bar = np.zeros_like(q[0])
-    for t in range(n_ckpt):
-        q_bar = ema * q_bar + (1 - ema) * q[t] if t else q[0]
+    q_bar = ema_targets(q, ema)  # (P, V): the Filter-KD target, as `ckptforce export filter-kd` writes it
     groups = _probe_labels(ds)
     probes = pd.DataFrame({"probe": ds["probe"].values.astype(str), "group": groups, "zigzag": zigzag,
                            "peak_rival": p_rival[:-1].max(0), "p_label_end": p_label[-1],

@@ -83,7 +83,9 @@ SECTIONS: list[Section] = [
             "pair's CHES against its own force on its chosen answer over the run; red points (below zero) displace "
             "chosen. Right: that force split into its pull and push, for the pairs with the highest CHES. A high "
             "Spearman correlation says CHES can screen a data set for such pairs before training; where it is low, "
-            "trust the exact forces. Pairs that displace chosen are candidates to drop or to rewrite."),
+            "trust the exact forces. Pairs that displace chosen are candidates to drop or to rewrite: "
+            "ckptforce export dpo-filter CUBE --train FILE -o filtered.jsonl writes the training file without them, with a reason "
+            "per pair."),
     Section("similarity", "8. Similarity maps", dt.similarity, fg.similarity,
             "K[o, u] = ⟨∇θ log π(y_o|x_o), ∇θ L_u⟩ is the empirical NTK between a probe and a training example: one SGD "
             "step on u changes the probe by about −η·K. The figures show the alignment −cos of the two gradients: red "
@@ -102,7 +104,9 @@ SECTIONS: list[Section] = [
             "length of that path over the distance it finally covered: 1 is a straight path, large values mean the "
             "prediction went somewhere else first (an example with a wrong or ambiguous label is pulled by its "
             "similar neighbours before its own label wins). Right: probability of the label (solid) and of the "
-            "strongest other class (dotted) for the most winding probes; red are probes whose labels were flipped."),
+            "strongest other class (dotted) for the most winding probes; red are probes whose labels were flipped. With "
+            "the training examples as probes, ckptforce export filter-kd CUBE -o targets.npz writes the filtered paths "
+            "(Filter-KD: q̄ ← α·q̄ + (1 − α)·q_t) as soft targets to distil a fresh student on."),
     Section("update_anatomy", "11. Update anatomy", dg.update_anatomy, fg.update_anatomy,
             "Left: the size of each tensor's update relative to its weights, per interval (log scale; brighter is "
             "larger). Right: the size of the whole update and the mean cosine between consecutive updates of each "

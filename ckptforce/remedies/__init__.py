@@ -1,0 +1,19 @@
+"""Remedies as files: a cube in, a file a trainer reads out, with the evidence and where it came from.
+
+    filter_kd.py    ``ckptforce export filter-kd``: EMA-filtered predictions of each example over the checkpoints
+                    (Filter-KD, Ren et al. ICLR 2022) as soft targets keyed by example id (.npz)
+    dpo_filter.py   ``ckptforce export dpo-filter``: the preference pairs to drop (likelihood displacement,
+                    squeezing; Ren & Sutherland ICLR 2025, Razin et al. arXiv 2410.08847) as a filtered copy of the
+                    training file, and a sidecar with a reason per pair
+
+Like the cube and the report, nothing here imports torch: numpy and xarray only. Every export records the cube
+(path, SHA-256, the run and the command that wrote it) and its own settings (``provenance``).
+"""
+
+from __future__ import annotations
+
+from .common import cube_provenance
+from .dpo_filter import DpoFilterConfig, dpo_filter, write_dpo_filter
+from .filter_kd import ema_targets, filter_kd_targets, write_filter_kd
+
+__all__ = ["DpoFilterConfig", "cube_provenance", "dpo_filter", "ema_targets", "filter_kd_targets", "write_dpo_filter", "write_filter_kd"]
