@@ -368,19 +368,25 @@ def test_ghost_kernel_equals_the_loop_per_tensor(case, train):
 # per-example forces, and the optimizer's step
 
 
-@pytest.mark.parametrize("objective", ["sft", "dpo"])
-def test_sum_of_example_forces_equals_delta_lin_for_an_sgd_step(case, objective, tmp_path):
-    """test_attribution's oracle over the moving tensors: one plain SGD step on three examples."""
-    params = {n: case.thetas[1][n] for n in case.moving}
-    model = case.moving_model(case.thetas[1])
+def _three_examples(objective: str, folder: Path):
+    """(rows, owner of each row): three of the runs' training rows as SFT examples, or as preference pairs whose
+    rejected answer is the chosen one reversed."""
     rows = train_rows(3)
     if objective == "sft":
         examples = [{"id": f"u{i}", "prompt_ids": p, "responses": {"completion": c}} for i, (p, c) in enumerate(rows)]
     else:
         examples = [{"id": f"u{i}", "prompt_ids": p, "responses": {"chosen": c, "rejected": c[::-1][:3]}}
                     for i, (p, c) in enumerate(rows)]  # fmt: skip
-    train = _rows(tmp_path, examples)
-    owners = [i for i, _ in train.rows]
+    train = _rows(folder, examples)
+    return train, [i for i, _ in train.rows]
+
+
+@pytest.mark.parametrize("objective", ["sft", "dpo"])
+def test_sum_of_example_forces_equals_delta_lin_for_an_sgd_step(case, objective, tmp_path):
+    """test_attribution's oracle over the moving tensors: one plain SGD step on three examples."""
+    params = {n: case.thetas[1][n] for n in case.moving}
+    model = case.moving_model(case.thetas[1])
+    train, owners = _three_examples(objective, tmp_path)
     lengths = train.target_mask.sum(1).double()
     logp = observe_rows(model, params, train).detach()
     if objective == "sft":
@@ -419,14 +425,7 @@ def test_example_forces_from_captured_factors_equal_one_jvp_per_example(case, ob
     """The fast path of the per-example forces (one capture of the probe rows, each δθ_u contracted with it)
     equals one JVP per example — totals, y*, and the per-token split — under a random elementwise P, in chunks."""
     theta = case.thetas[1]
-    rows = train_rows(3)
-    if objective == "sft":
-        examples = [{"id": f"u{i}", "prompt_ids": p, "responses": {"completion": c}} for i, (p, c) in enumerate(rows)]
-    else:
-        examples = [{"id": f"u{i}", "prompt_ids": p, "responses": {"chosen": c, "rejected": c[::-1][:3]}}
-                    for i, (p, c) in enumerate(rows)]  # fmt: skip
-    train = _rows(tmp_path, examples)
-    owners = [i for i, _ in train.rows]
+    train, owners = _three_examples(objective, tmp_path)
     gen = torch.Generator().manual_seed(1)
     weights = torch.rand(len(owners), generator=gen, dtype=torch.float64) + 0.5
     weights[1::2] *= -1  # both signs, so that both parts are checked
@@ -451,9 +450,7 @@ def test_approximate_forces_are_exact_for_a_rank_one_preconditioner(case, tmp_pa
     from ckptforce.forces.approx import approximate_forces, relative_error
 
     theta = case.thetas[1]
-    examples = [{"id": f"u{i}", "prompt_ids": p, "responses": {"chosen": c, "rejected": c[::-1][:3]}} for i, (p, c) in enumerate(train_rows(3))]
-    train = _rows(tmp_path, examples)
-    owners = [i for i, _ in train.rows]
+    train, owners = _three_examples("dpo", tmp_path)
     gen = torch.Generator().manual_seed(2)
     weights = torch.tensor([0.7, -0.4, 1.1, -0.9, 0.5, -1.3], dtype=torch.float64)
     coeff = torch.tensor([1e-3, 2e-3, 0.5e-3], dtype=torch.float64)
