@@ -278,6 +278,25 @@ def displacement(d: Diagnostic, *, top: int = 15) -> Figure:
     return fig
 
 
+def mutual_support(d: Diagnostic) -> Figure:
+    examples, matrix = d.tables["examples"], d.tables["matrix"]
+    fig, axes = _figure(12.5, 4.6, ncols=2, width_ratios=[1, 1])
+    ax = axes[0]
+    sns.scatterplot(data=examples, x="support", y="area", hue="group", s=36, ax=ax, zorder=3)
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set(title="Support from the rest of the data against learning speed", xlabel="Σ_{u≠v} force of u on v's target  [nat]",
+           ylabel="log-likelihood area  [nat / token]")  # fmt: skip
+    ax = axes[1]
+    order = examples.sort_values(["group", "example"])["example"].tolist()
+    shown = matrix.loc[order, order]
+    limit = float(np.nanmax(np.abs(shown.values))) or 1.0
+    sns.heatmap(shown, cmap="RdBu_r", vmin=-limit, vmax=limit, center=0, ax=ax, xticklabels=len(order) <= 40, yticklabels=len(order) <= 40,
+                cbar_kws={"label": "force  [nat]"})  # fmt: skip
+    ax.set(title="Force of each example (column) on each example's target (row)", xlabel="from", ylabel="on")
+    fig.suptitle("Mutual support: how training examples pull each other toward their targets")
+    return fig
+
+
 def learning_paths(d: Diagnostic) -> Figure:
     probes, paths = d.tables["probes"], d.tables["paths"]
     fig, axes = _figure(12.0, 4.2, ncols=2)

@@ -13,6 +13,7 @@ import xarray as xr
 from matplotlib.figure import Figure
 
 from . import diagnostics as dg
+from . import diagnostics_support as dsup
 from . import diagnostics_train as dt
 from . import figures as fg
 
@@ -99,6 +100,15 @@ SECTIONS: list[Section] = [
             "norm and their projection on the start (z·z_0). Fine-tuning from a well-fitted head (small energy "
             "E_0 = mean ‖e_y − p_0‖, e.g. after head probing) changes the features little and mostly along z_0; a "
             "random head pushes them far (Ren et al., ICLR 2023)."),
+    Section("mutual_support", "Mutual support between training examples", dsup.mutual_support, fg.mutual_support,
+            "With the training examples analyzed as probes too (analyze --probes TRAIN --train TRAIN), every example's "
+            "force on every other example's own target is in the cube. Examples that share structure push each other "
+            "toward their targets (positive forces), and the data that supports itself is learned first: the simplicity "
+            "bias of the force analysis (Ren, arXiv 2509.19554). Left: each example's support from the rest of the data "
+            "(Σ of the others' forces on it, over the run) against how fast it was learned (its mean log-likelihood gain "
+            "per token over the checkpoints). Right: the whole matrix, examples sorted by group — a block-diagonal of red "
+            "means examples of a group help each other; blue entries are examples that fight each other.",
+            grouped=True),
     Section("learning_paths", "10. Learning paths of classifier examples", dg.learning_paths, fg.learning_paths,
             "Each probe's predicted distribution moves through the simplex as training goes on. The zig-zag score is the "
             "length of that path over the distance it finally covered: 1 is a straight path, large values mean the "
