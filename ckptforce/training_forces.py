@@ -242,6 +242,8 @@ def training_part(p, pt: PreparedTraining, k: int, before: dict, after: dict, dl
     if forces.method.startswith("approximate"):
         notes.append(f"training-example forces: {forces.method}; relative error {approx_error:.3g} against the exact forces of the first "
                      f"{APPROX_CHECK} examples (force_approx_error)")  # fmt: skip
+    elif config.forces == "approximate":
+        notes.append("--forces approximate applies to Adam-style P on full weights (not LoRA factors, not kd): the exact forces were computed")
     if pairs and forces.own_pos is None:
         notes.append("likelihood displacement (CHES, self_force) is computed with the exact forces only: drop --forces approximate")
     elif pairs:  # likelihood displacement: each pair's own force on its own answers, beside CHES
