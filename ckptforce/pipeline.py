@@ -143,12 +143,17 @@ def prepare(config: AnalysisConfig, device: str = "cpu") -> Prepared:
 HALF = (torch.bfloat16, torch.float16)
 
 
-def half_step(model: BoundModel, a, b, device: str) -> dict[str, torch.Tensor]:
-    """Δθ = θ_b − θ_a formed in float32, then rounded to the analysis dtype by the JVP (not θ_b − θ_a of two
-    rounded checkpoints: bfloat16 keeps 8 bits, and an update 1/256 of a weight would vanish)."""
-    before = model.params_from(a, device=device, dtype=torch.float32)
-    after = model.params_from(b, device=device, dtype=torch.float32)
-    return {n: after[n] - before[n] for n, t in before.items() if t.is_floating_point()}
+def read_pair(model: BoundModel, a, b, device: str, dtype: torch.dtype) -> tuple[dict, dict, dict | None]:
+    """(θ_a, θ_b, Δθ or None) in ``dtype``, each checkpoint read once. For half precision Δθ = θ_b − θ_a is formed
+    in float32 before the parameters are rounded (not θ_b − θ_a of two rounded checkpoints: bfloat16 keeps 8 bits,
+    and an update 1/256 of a weight would vanish); the JVP rounds Δθ itself."""
+    wide = torch.float32 if dtype in HALF else dtype
+    before, after = (model.params_from(c, device=device, dtype=wide) for c in (a, b))
+    if dtype not in HALF:
+        return before, after, None
+    step = {n: after[n] - before[n] for n, t in before.items() if t.is_floating_point()}
+    narrow = lambda theta: {n: t.to(dtype) if t.is_floating_point() else t for n, t in theta.items()}  # noqa: E731
+    return narrow(before), narrow(after), step
 
 
 def _chunk_rows(config: AnalysisConfig, model: BoundModel, batch, dtype, device: str) -> int:
@@ -206,9 +211,7 @@ def compute_part(config_json: str, k: int, device: str = "cpu", progress: Callab
     refs = p.run.checkpoints[k : k + 2]
     dtype = getattr(torch, config.dtype)
     with p.run.open(refs[0]) as a, p.run.open(refs[1]) as b:
-        before = p.model.params_from(a, device=device, dtype=dtype)
-        after = p.model.params_from(b, device=device, dtype=dtype)
-        step = half_step(p.model, a, b, device) if dtype in HALF else None
+        before, after, step = read_pair(p.model, a, b, device, dtype)
     res = interval_forces(p.model.logits, before, after, p.batch, nodes=config.nodes, by_tensor=config.by_tensor, method=config.method,
                           chunk_size=p.chunk_size, batch_rows=PROBE_BATCH, progress=progress, full=p.model.kind == "classifier",
                           module=p.model.module, step=step)  # fmt: skip

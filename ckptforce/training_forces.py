@@ -280,7 +280,7 @@ def approximate_part(p, pt: PreparedTraining, before: dict, weights: torch.Tenso
     the per-token split exact (one backward per sign over all training rows, one JVP each); the error of the
     first APPROX_CHECK used examples against their exact forces."""
     fn, module = p.model.logits, p.model.module
-    frozen = {n for n, t in (pre.scale or {}).items() if not bool(t.any())}
+    frozen = pre.frozen
     names = [n for n, t in before.items() if t.is_floating_point() and n not in frozen]
     pos, neg, pos_star, neg_star, fitted = approximate_forces(fn, before, p.batch, pt.batch, pt.owners, weights, coeff, pre.scale, module=module,
                                                               names=names, chunk_size=p.chunk_size)  # fmt: skip

@@ -150,7 +150,9 @@ def test_step_from_every_naming_idiom(step, marker, sep, prefix, ext, epoch, zer
         name = f"epoch={epoch}-{name}"
     if prefix is not None:
         name = f"{prefix}_{name}"
-    assert step_from_name(name) == step, name
+    # accelerate's save_state folders, checkpoint_N alone, count saves, not steps (discover._SAVE_COUNTER): no step
+    counter = (marker, sep, prefix, epoch) == ("checkpoint", "_", None, None)
+    assert step_from_name(name) == (None if counter else step), name
 
 
 @settings(max_examples=200, deadline=None)

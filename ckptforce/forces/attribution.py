@@ -53,6 +53,11 @@ class Preconditioner:
     note: str = ""
     lora: dict[str, "LoraFactor"] | None = None  # adapted weights, stepped through their factors
 
+    @property
+    def frozen(self) -> set[str]:
+        """Tensors P leaves where they are (all-zero scale, not stepped through LoRA factors): no step, no force."""
+        return {n for n, t in (self.scale or {}).items() if n not in (self.lora or {}) and not bool(t.any())}
+
     def apply(self, grad: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out = grad if self.scale is None else {n: g * self.scale[n] if n in self.scale else g for n, g in grad.items()}
         if self.lora:
@@ -262,7 +267,7 @@ def example_forces(
     tok = {1: torch.zeros(n_probe, width, dtype=torch.float64), -1: torch.zeros(n_probe, width, dtype=torch.float64)}
     n_resp = len(owners) // max(1, n_ex)
     own_pos, own_neg = (torch.zeros(n_ex, n_resp, dtype=torch.float64) for _ in range(2))
-    frozen = {n for n, t in (precond.scale or {}).items() if n not in (precond.lora or {}) and not bool(t.any())}
+    frozen = precond.frozen
     factored, verified, start = module is not None, False, 0
     names = [n for n, p in params.items() if p.is_floating_point() and n not in frozen]
     for sub in chunks(probes, chunk_size if factored else None):  # the JVP path chunks inside delta_lin
