@@ -119,6 +119,9 @@ def _analysis_options(f):
                      help="Training-example forces: exact (one contraction per example), or approximate for large training sets "
                           "(Adam's P fitted rank-one per matrix, ghost products; its error against the exact forces of 8 examples "
                           "is stored as force_approx_error)."),
+        click.option("--max-grad-norm", type=click.FloatRange(min=0), default=1.0, show_default=True, metavar="X",
+                     help="The trainer's gradient clipping (TrainingArguments.max_grad_norm; 0 for none): each step's examples are "
+                          "scaled by min(1, X / grad_norm) with the grad_norm the trainer logged for that step."),
         click.option("--kernel-projection", type=click.IntRange(1), metavar="DIM",
                      help="Approximate the probe × training-example kernels by a seeded random sketch of DIM coordinates per "
                           "tensor (for very large training sets); the cube labels them approximate. Default: exact."),
@@ -154,7 +157,7 @@ def _analysis_options(f):
     return f
 
 
-def _run_analysis(run_dir, out, *, probes, train, objective, feature_layer, forces_mode, kernel_projection, init, layout, trust_pickles, model, base_model, tokenizer, chat_template, probe_eos, train_eos, special_tokens, device, dtype, nodes, no_by_tensor, method, chunk_size, memory_gb, workers, scheduler, quiet, **column_options) -> Path:
+def _run_analysis(run_dir, out, *, probes, train, objective, feature_layer, forces_mode, max_grad_norm, kernel_projection, init, layout, trust_pickles, model, base_model, tokenizer, chat_template, probe_eos, train_eos, special_tokens, device, dtype, nodes, no_by_tensor, method, chunk_size, memory_gb, workers, scheduler, quiet, **column_options) -> Path:
     import shlex
 
     from .forces import DEFAULT_NODES
@@ -167,7 +170,7 @@ def _run_analysis(run_dir, out, *, probes, train, objective, feature_layer, forc
     config = AnalysisConfig.for_run(
         run_dir, probes, init=init, model=model, base_model=base_model, tokenizer=tokenizer, layout=layout,
         nodes=DEFAULT_NODES if nodes is None else nodes, by_tensor=not no_by_tensor, method=method, dtype=dtype,
-        chunk_size=chunk_size, memory_gb=memory_gb, trust_pickles=trust_pickles, train=train, objective=objective, forces=forces_mode, kernel_projection=kernel_projection,
+        chunk_size=chunk_size, memory_gb=memory_gb, trust_pickles=trust_pickles, train=train, objective=objective, forces=forces_mode, max_grad_norm=max_grad_norm, kernel_projection=kernel_projection,
         feature_layer=feature_layer, chat_template=chat_template, probe_eos=probe_eos, train_eos=train_eos, special_tokens=special_tokens,
         columns={c: column_options[f"{c}_column"] for c in COLUMNS},
     )  # fmt: skip

@@ -46,6 +46,7 @@ class AnalysisConfig:
     objective: str | None = dataclasses.field(default=None, metadata={"help": "training objective (--objective; else the file / trainer)"})
     feature_layer: str | None = dataclasses.field(default=None, metadata={"help": "submodule whose output is tracked (--feature-layer)"})
     forces: str = dataclasses.field(default="exact", metadata={"help": "training-example forces: exact, or approximate (--forces)"})
+    max_grad_norm: float = dataclasses.field(default=1.0, metadata={"help": "the trainer's gradient clipping (--max-grad-norm; 0: none)"})
     kernel_projection: int | None = dataclasses.field(default=None, metadata={"help": "sketch size of the approximate kernels (--kernel-projection; None: exact)"})
     special_tokens: bool = dataclasses.field(default=True, metadata={"help": "add the tokenizer's special tokens (BOS) to text, as the trainer did"})
     probe_eos: bool = dataclasses.field(default=False, metadata={"help": "append eos_token to probe responses (--probe-eos)"})

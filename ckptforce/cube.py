@@ -49,7 +49,8 @@ DIMS = {
     "source": "a training example or other source of force",
     "class": "a class of a classifier",
     "class_to": "a class, as the second index of a V×V matrix",
-    "own_response": "a preference pair's own response (chosen, rejected)",
+    "own_response": "a training example's own response (a preference pair's chosen, rejected; a GRPO group's completion_i)",
+    "completion_token": "the i-th token of a GRPO completion",
 }
 
 #: Coordinates and data variables: name -> dims, long_name, units. Declared once; builders and readers use these.
@@ -121,6 +122,21 @@ VARS: dict[str, Var] = {
     "ches_ln_spearman": Var(("interval",), "the same for the length-normalised CHES", "1"),
     "ches_topk_overlap": Var(("interval",), "share of the k pairs displacing chosen most that CHES also ranks in its top k", "1"),
     "ches_topk": Var(("interval",), "k of the top-k overlap: the pairs displacing chosen (5 when none does)", "1"),
+    # lazy likelihood displacement of GRPO groups (analyze --train with grpo): lld.py
+    "rollout_reward": Var(("source", "own_response"), "reward of each completion of the group"),
+    "rollout_advantage": Var(("source", "own_response"), "group-normalised advantage Â = (r − r̄)/(s_r + 1e-4) of each completion", "1"),
+    "rollout_logp": Var(("checkpoint", "source", "own_response"), "log π(y_i|x) of each completion", "nat"),
+    "rollout_entropy": Var(("checkpoint", "source", "own_response"), "mean entropy of the policy along the completion", "nat"),
+    "rollout_top1": Var(("checkpoint", "source", "own_response"), "mean largest probability of the policy along the completion", "1"),
+    "rollout_token": Var(("source", "own_response", "completion_token"), "text of each completion token"),
+    "lld": Var(("interval", "source"), "the group's own first-order change of its correct completions' log π (mean over them)", "nat"),
+    "lld_pos": Var(("interval", "source"), "the same, of the group's positive part (Â > 0 completions pulled up)", "nat"),
+    "lld_neg": Var(("interval", "source"), "the same, of the group's negative part (Â < 0 completions pushed down)", "nat"),
+    "lld_observed": Var(("interval", "source"), "observed change of the group's correct completions' log π over the interval (mean)", "nat"),
+    "token_force": Var(("interval", "source", "own_response", "completion_token"), "force of each completion token on the group's correct completions (Σ log π)", "nat"),
+    "nthr": Var(("interval", "source", "own_response", "completion_token"), "NTHR: Σ_j Σ_k' α⟨h⁺, h⟩ of each token with the correct completions (last layer, at the interval's start)"),
+    "nthr_spearman": Var(("interval",), "Spearman correlation of NTHR with −token_force over the negative completions' tokens", "1"),
+    "nthr_topk_overlap": Var(("interval",), "share of the 10 negative tokens dragging the correct completions most that NTHR also ranks in its top 10", "1"),
     "kernel": Var(("checkpoint", "probe", "source"), "⟨∇θ log π(y_o|x_o), ∇θ L(x_u)⟩"),
     "kernel_cos": Var(("checkpoint", "probe", "source"), "cosine of the two gradients", "1"),
     "kernel_tracin": Var(("probe", "source"), "TracIn: Σ_t η_t ⟨∇θ log π(y_o|x_o), ∇θ L(x_u)⟩ over the checkpoints starting an interval"),

@@ -18,3 +18,8 @@ POOR_LINEARISATION = 0.5
 OWN_RESPONSES = ("chosen", "rejected")
 #: k of the likelihood-displacement top-k overlap when no pair displaces its chosen answer (else k = how many do).
 DISPLACE_TOPK = 5
+#: k of the NTHR top-k overlap: the negative-response tokens that drag a GRPO group's correct completions most.
+NTHR_TOPK = 10
+#: A GRPO group's correct completions are *lazy* when its negative part cancels more than this share of the pull
+#: its positive part gives them (−lld_neg / lld_pos); they are *displaced* when the group's own update lowers them.
+LAZY_SHARE = 0.5

@@ -94,7 +94,8 @@ def merge_parts(out: Path, n_intervals: int, anatomy_ds: xr.Dataset) -> xr.Datas
     ckpt = xr.concat([d[per_ckpt] for d in parts], dim="checkpoint", coords="minimal", compat="override", join="outer")
     ckpt = ckpt.drop_duplicates("checkpoint", keep="last")  # part k+1 computed its start's kernel; logp agree
     iv = xr.concat([d[per_iv] for d in parts], dim="interval", coords="minimal", compat="override", join="outer")
-    merged = xr.merge([ckpt, iv, anatomy_ds], compat="override", join="outer", combine_attrs="drop")
+    static = [n for n, v in parts[0].data_vars.items() if "checkpoint" not in v.dims and "interval" not in v.dims]  # per example
+    merged = xr.merge([ckpt, iv, parts[0][static], anatomy_ds], compat="override", join="outer", combine_attrs="drop")
     notes = list(dict.fromkeys(n for d in parts for n in json.loads(d.attrs.get("training_notes", "[]"))))
     extra = {k: parts[0].attrs[k] for k in ("objective", "kernel_method", "feature_layer") if k in parts[0].attrs}
     if "kernel_approximate" in parts[0].attrs:

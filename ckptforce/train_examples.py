@@ -28,7 +28,7 @@ from pathlib import Path
 
 from . import datafiles, labels
 from .errors import ProbeFileError, ProbeFileNotFoundError
-from .forces.objectives import OBJECTIVES, PREFERENCE
+from .forces.objectives import GRPO_DEFAULT_LOSS, OBJECTIVES, PREFERENCE
 from .probes import LmProbe, ProbeSet
 
 SCHEMA_NAME = "train_set.schema.json"
@@ -61,6 +61,8 @@ class TrainingSet:
     beta: float | None = None
     gamma: float | None = None
     batch_size: int | None = None
+    loss_type: str | None = None  # GRPO: GRPOConfig.loss_type (None: TRL's default)
+    max_completion_length: int | None = None  # GRPO: GRPOConfig.max_completion_length
     objective_source: str = "examples"  # command line | header | trainer record | examples
     notes: list[str] = field(default_factory=list)
     columns: set[str] = field(default_factory=set)  # every field name the file holds, before --*-column renaming
@@ -186,7 +188,10 @@ def load_training_set(path, objective: str | None = None, *, record: str | None 
     if any(e.steps is not None for e in examples) and not all(e.steps is not None for e in examples):
         raise TrainFileError(f"{path}: 'steps' is given for some examples only; give it for all or none")
     notes = [] if chosen not in PREFERENCE or "beta" in header else [f"β not given for {chosen}: TRL's default is used"]
-    return TrainingSet(path, chosen, examples, header.get("beta"), header.get("gamma"), header.get("batch_size"), source, notes, names)
+    if chosen == "grpo" and "loss_type" not in header:
+        notes.append(f"GRPO loss_type not given (header): TRL's default, {GRPO_DEFAULT_LOSS}, is used")
+    return TrainingSet(path, chosen, examples, header.get("beta"), header.get("gamma"), header.get("batch_size"), header.get("loss_type"),
+                       header.get("max_completion_length"), source, notes, names)  # fmt: skip
 
 
 def _records(path: Path):

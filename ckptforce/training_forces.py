@@ -10,7 +10,6 @@ arrays keyed by cube names, which the pipeline scatters into the part.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
@@ -24,12 +23,13 @@ from .forces.approx import approximate_forces, relative_error
 from .forces.linear import delta_lin
 from .forces.attribution import ExampleForces, LoraFactor, direction_force, example_forces, example_gradient, lora_preconditioner, preconditioner
 from .forces.kernels import Projection, class_forces, gradient_kernel
-from .forces.objectives import DEFAULT_BETA, NEEDS_REFERENCE, PREFERENCE, g_statistics, kd_loss, margin, response_weights
+from .forces.objectives import DEFAULT_BETA, GRPO_DEFAULT_LOSS, NEEDS_REFERENCE, PREFERENCE, g_statistics, kd_loss, margin, response_weights
 from .forces.objectives import loss as objective_loss
 from .probes import TokenBatch, boundary_note, load_tokenizer, make_batch, tokenize
 from .sequences import Convention, as_text, is_ids
 from .class_probes import CLASS_SUFFIXES, ClassBatch, load_class_probes, make_class_batch
 from .displacement import displacement_part
+from .lld import completion_width, lld_part
 from .names import OWN_RESPONSES
 from .train_examples import TrainExample, TrainingSet, infer_objective, load_training_set
 
@@ -54,6 +54,7 @@ class PreparedTraining:
     batch_size: int | None
     notes: list[str] = field(default_factory=list)
     tokenizer: object = None  # the tokenizer the texts went through (None for ids / arrays)
+    token_norm: torch.Tensor | None = None  # (U,) GRPO dapo / bnpo: each group's share of its step's completion tokens
 
     @property
     def sources(self) -> list[str]:
@@ -91,8 +92,6 @@ def prepare_training(config, run, model, tokenizer, device: str, dtype: torch.dt
     if tokenizer is None and any(x is not None and not is_ids(x) for e in tset.examples for x in [e.prompt, *e.responses.values()]):
         first = run.checkpoints[-1].path
         tokenizer = load_tokenizer(Path(config.tokenizer) if config.tokenizer else None, [first if first.is_dir() else first.parent, run.root])
-    if tset.objective == "grpo":  # completions were generated: their EOS, if any, is not in the logged text
-        convention = dataclasses.replace(convention, eos=False)
     tok = tokenize(tset.as_probe_set(), tokenizer, convention=convention, max_length=model.context, vocab_size=model.vocab_size)
     pad = getattr(tokenizer, "pad_token_id", None) or 0
     roles = list(tset.examples[0].responses)
@@ -115,13 +114,42 @@ def prepare_training(config, run, model, tokenizer, device: str, dtype: torch.dt
         who = "teacher" if tset.objective == "kd" else "reference model"
         notes.append(f"{who}: the first checkpoint (step {run.checkpoints[0].step}; give the run's start with --init)")
     batch_size = tset.batch_size or state.get("train_batch_size")
+    if tset.objective == "grpo" and not tset.batch_size and batch_size:  # the trainer counts completions, we count groups
+        batch_size = max(1, batch_size // len(roles))
     if tset.has_steps and not batch_size:
         raise CkptforceError(f"{tset.path}: 'steps' says when each example was used, but the batch size is unknown; "
                              'add a header line {"objective": "...", "batch_size": N}')  # fmt: skip
     if not tset.has_steps:
         notes.append("the training file has no 'steps': each example is counted as used n_steps × batch/U times per interval (uniform sampling)")
     notes += [n for n in [boundary_note(tok, tokenizer, "training examples")] if n]
-    return PreparedTraining(tset, batch, [u for u, _ in rows], len(roles), lengths, ref_logp, teacher, batch_size, notes, tokenizer)
+    token_norm = None
+    if tset.objective == "grpo":
+        token_norm, more = grpo_token_norm(tset, lengths, batch_size)
+        notes += more
+    return PreparedTraining(tset, batch, [u for u, _ in rows], len(roles), lengths, ref_logp, teacher, batch_size, notes, tokenizer, token_norm)
+
+
+def grpo_token_norm(tset: TrainingSet, lengths: torch.Tensor, batch_size: int | None) -> tuple[torch.Tensor, list[str]]:
+    """N_u (U,) of the token-normalised GRPO losses (dapo / bnpo, objectives.py): the completion tokens of the
+    optimizer step that used group u, divided by the groups in that step — exactly the trainer's normaliser when
+    the file holds every group of the step ('steps'); without 'steps', the mean group's tokens (uniform sampling)."""
+    per_group = lengths.sum(1)  # (U,)
+    kind = tset.loss_type or GRPO_DEFAULT_LOSS
+    if kind not in ("dapo", "bnpo", "cispo"):
+        return per_group, []
+    if not tset.has_steps:
+        return torch.full_like(per_group, float(per_group.mean())), [
+            f"GRPO {kind}: each step's completion tokens are estimated as the mean group's times the groups per step (no 'steps' in the file)"]
+    tokens: dict[int, list[float]] = {}
+    for u, e in enumerate(tset.examples):
+        for s in e.steps:
+            tokens.setdefault(s, []).append(float(per_group[u]))
+    norm = torch.tensor([sum(sum(tokens[s]) / len(tokens[s]) for s in e.steps) / max(1, len(e.steps)) if e.steps else float(per_group[u])
+                         for u, e in enumerate(tset.examples)], dtype=torch.float64)  # fmt: skip
+    short = sorted(s for s, v in tokens.items() if batch_size and len(v) < batch_size)
+    notes = [f"GRPO {kind}: {len(short)} step(s) have fewer groups in the file than the {batch_size} per step; their token count is "
+             "estimated from the groups given"] if short else []  # fmt: skip
+    return norm, notes
 
 
 def _prepare_class_training(config, state: dict, device: str, dtype: torch.dtype) -> PreparedTraining:
@@ -170,12 +198,32 @@ def adapter_factors(ckpt, params: dict) -> dict[str, LoraFactor | None] | None:
     return {n: None if f is None else LoraFactor(move(f[0].left), move(f[0].right), f[0].scale, f[1], f[2], f[3]) for n, f in trained().items()}
 
 
-def _coefficients(pt: PreparedTraining, lr: float, step_from: int, step_to: int, n_steps: int) -> torch.Tensor:
-    """c_u = η × (uses of u in the interval) / batch size; uniform sampling (η n_steps / U) without 'steps'."""
+def clip_factors(log_history: list[dict], max_grad_norm: float, step_from: int, step_to: int) -> tuple[dict[int, float], float, str]:
+    """Gradient clipping of the steps in (step_from, step_to]: ({step: min(1, max_grad_norm / grad_norm)} for the
+    steps whose pre-clipping ``grad_norm`` the trainer logged, the mean factor for the others, a note).
+    ``max_grad_norm`` 0: no clipping (factor 1)."""
+    if not max_grad_norm:
+        return {}, 1.0, ""
+    logged = {int(h["step"]): float(h["grad_norm"]) for h in log_history if "grad_norm" in h and "step" in h and step_from < int(h["step"]) <= step_to}
+    factors = {s: min(1.0, max_grad_norm / g) if g > 0 else 1.0 for s, g in logged.items() if math.isfinite(g)}
+    if not factors:
+        return {}, 1.0, ""
+    mean = sum(factors.values()) / len(factors)
+    clipped = sum(1 for f in factors.values() if f < 1)
+    note = (f"gradient clipping (max_grad_norm {max_grad_norm:g}, the trainer's logged grad_norm): {clipped} of {len(factors)} logged steps "
+            f"in {step_from}→{step_to} clipped, mean factor {mean:.3g}") if clipped else ""  # fmt: skip
+    return factors, mean, note
+
+
+def _coefficients(pt: PreparedTraining, lr: float, step_from: int, step_to: int, n_steps: int, clip: tuple[dict[int, float], float] = ({}, 1.0)) -> torch.Tensor:
+    """c_u = η × Σ_{uses of u in the interval} clip_s / batch size (clip_s: the step's gradient-clipping factor);
+    uniform sampling (η × Σ_s clip_s / U) without 'steps'."""
     n_ex = len(pt.tset)
+    factors, mean = clip
     if not pt.tset.has_steps:
-        return torch.full((n_ex,), lr * n_steps / n_ex, dtype=torch.float64)
-    uses = [sum(1 for s in e.steps if step_from < s <= step_to) for e in pt.tset.examples]
+        total = sum(factors.get(s, mean) for s in range(step_from + 1, step_from + n_steps + 1))
+        return torch.full((n_ex,), lr * total / n_ex, dtype=torch.float64)
+    uses = [sum(factors.get(s, mean) for s in e.steps if step_from < s <= step_to) for e in pt.tset.examples]
     return torch.tensor(uses, dtype=torch.float64) * lr / float(pt.batch_size)
 
 
@@ -198,14 +246,16 @@ def training_part(p, pt: PreparedTraining, k: int, before: dict, after: dict, dl
     with torch.no_grad():
         logits = p.model.logits(before, pt.batch)
     logp, weights = _weights(p, pt, before, logits)
-    coeff = _coefficients(pt, lr, a.step, b.step, n_steps)
-    pairs = tset.objective in PREFERENCE
+    factors, mean_clip, clip_note = clip_factors(_trainer_state(run).get("log_history", []), config.max_grad_norm, a.step, b.step)
+    coeff = _coefficients(pt, lr, a.step, b.step, n_steps, (factors, mean_clip))
+    pairs, groups = tset.objective in PREFERENCE, tset.objective == "grpo"
     approx_error = math.nan
     if config.forces == "approximate" and tset.objective != "kd" and pre.lora is None:
         forces, approx_error = approximate_part(p, pt, before, weights.flatten(), coeff, pre)
     else:
         forces = example_forces(p.model.logits, before, p.batch, pt.batch, pt.owners, weights.flatten(), coeff, pre,
-                                teacher_logits=pt.teacher_logits, method=config.method, chunk_size=p.chunk_size, module=p.model.module, own=pairs)  # fmt: skip
+                                teacher_logits=pt.teacher_logits, method=config.method, chunk_size=p.chunk_size, module=p.model.module,
+                                own=pairs or groups)  # fmt: skip
     mom, mom_star = direction_force(p.model.logits, before, p.batch, pre.momentum, method=config.method, chunk_size=p.chunk_size)
     dec, dec_star = direction_force(p.model.logits, before, p.batch, pre.decay, method=config.method, chunk_size=p.chunk_size)
     nan = torch.full((2, len(p.batch)), math.nan, dtype=torch.float64)
@@ -234,7 +284,7 @@ def training_part(p, pt: PreparedTraining, k: int, before: dict, after: dict, dl
         "force_pos_tok": grid.tokens(forces.pos_tok, None)[None], "force_neg_tok": grid.tokens(forces.neg_tok, None)[None],
         **{name: pad(v)[None] for name, v in g_stats.items()},
     }  # fmt: skip
-    notes = [pre.note] if pre.note else []
+    notes = [n for n in (pre.note, clip_note) if n]
     if forces.method.startswith("jvp ("):
         notes.append("the training examples' forces took one JVP each: the captured factors of a module did not sum to its JVP")
     index = {}
@@ -244,8 +294,15 @@ def training_part(p, pt: PreparedTraining, k: int, before: dict, after: dict, dl
                      f"{APPROX_CHECK} examples (force_approx_error)")  # fmt: skip
     elif config.forces == "approximate":
         notes.append("--forces approximate applies to Adam-style P on full weights (not LoRA factors, not kd): the exact forces were computed")
-    if pairs and forces.own_pos is None:
-        notes.append("likelihood displacement (CHES, self_force) is computed with the exact forces only: drop --forces approximate")
+    if (pairs or groups) and forces.own_pos is None:
+        what = "(CHES, self_force)" if pairs else "(LLD, token forces, NTHR)"
+        notes.append(f"likelihood displacement {what} is computed with the exact forces only: drop --forces approximate")
+    elif groups:  # lazy likelihood displacement: each group's own force on its own correct completions, per token
+        lazy, more = lld_part(p, pt, k, before, after, logits, weights, coeff, forces.own_pos, forces.own_neg, pre)
+        data.update(lazy)
+        notes += more
+        index["own_response"] = list(tset.examples[0].responses)
+        index["completion_token"] = list(range(completion_width(pt)))
     elif pairs:  # likelihood displacement: each pair's own force on its own answers, beside CHES
         displaced, more = displacement_part(p, pt, k, before, after, forces.own_pos, forces.own_neg, coeff)
         data.update(displaced)
@@ -375,6 +432,7 @@ def _objective_kw(pt: PreparedTraining) -> dict:
     kw = {"lengths": pt.lengths, "ref_logp": pt.ref_logp, "beta": pt.tset.beta, "gamma": pt.tset.gamma}
     if pt.tset.objective == "grpo":
         kw["rewards"] = torch.tensor([e.rewards for e in pt.tset.examples], dtype=torch.float64)
+        kw.update(loss_type=pt.tset.loss_type, token_norm=pt.token_norm, max_completion_length=pt.tset.max_completion_length)
     return kw
 
 

@@ -357,3 +357,26 @@ def direction_force(fn: Fn, params: dict, probes, direction: dict | None, *, met
         return z, z.clone()
     change = delta_lin(fn, params, probes, direction, method=method, chunk_size=chunk_size)
     return change.total.double().cpu(), change.argmax.double().cpu()
+
+
+def token_forces(fn: Fn, params: dict, rows, weights: torch.Tensor, anchors: list[int], coeff: float, precond: Preconditioner, *,
+                 method: str = "auto", chunk_size: int | None = None) -> torch.Tensor:  # fmt: skip
+    """The force of every response token of one example on its anchor responses (a GRPO group's correct ones):
+    (R, T) float64, R = len(rows), zero off the response, with
+
+        F_{i,k} = ⟨∇θ ℓ_A, δθ_{i,k}⟩ = c · w_i · ⟨P ∇θ ℓ_A, ∇θ log π(y_{i,k})⟩,   ℓ_A = Σ_{j ∈ anchors} log π(y_j|x)
+
+    δθ_{i,k} = c w_i P ∇θ log π(y_{i,k}) the part of the example's step δθ = −c P g that token k of response i
+    makes (g = Σ_i w_i ∇(−ℓ_i), P symmetric). One backward over the anchors, P applied once, one JVP over the
+    example's rows along v = P ∇ℓ_A: the per-token tangents are the F / (c w_i). Σ_{i,k} F_{i,k} is the example's
+    own force on its anchors, and Σ over the rows of one sign is that part's (``own_self_forces``)."""
+    width = rows.targets.shape[1]
+    if not anchors or coeff == 0:
+        return torch.zeros(len(rows), width, dtype=torch.float64)
+    grad = example_gradient(fn, params, rows.select(anchors), -torch.ones(len(anchors), dtype=weights.dtype, device=weights.device))[1]
+    frozen = precond.frozen
+    v = {n: d for n, d in precond.apply(grad).items() if n not in frozen}
+    tok = delta_lin(fn, params, rows, v, method=method, chunk_size=chunk_size).tok.double().cpu()  # (R, T') ⟨v, ∇ log π_k⟩
+    out = torch.zeros(len(rows), width, dtype=torch.float64)
+    out[:, : tok.shape[1]] = coeff * weights.double().cpu()[:, None] * tok
+    return out

@@ -17,9 +17,15 @@ force splits exactly into its positive and negative parts. Knowledge distillatio
 | dpo       | −log σ(β h), h = (ℓ⁺ − ℓ⁺_ref) − (ℓ⁻ − ℓ⁻_ref)    | ±β σ(−βh)                                     |
 | ipo       | (h − 1/(2β))², h on token-averaged ℓ/|y| (TRL)    | ±2(1/(2β) − h)/|y±|                           |
 | simpo     | −log σ(β(ℓ⁺/|y⁺| − ℓ⁻/|y⁻|) − γ)                 | ±(β/|y±|) σ(−(β(ℓ⁺/|y⁺| − ℓ⁻/|y⁻|) − γ))       |
-| grpo      | −Σ_i Â_i ℓ_i / (n|y_i|), Â = (r − r̄)/(s_r + 1e-4) | Â_i/(n|y_i|)                                  |
+| grpo      | −Σ_i Â_i ℓ_i / (n|y_i|), Â = (r − r̄)/(s_r + 1e-4) | Â_i/(n|y_i|)       TRL ``loss_type="grpo"``    |
+|  ″ dapo   | −Σ_i Â_i ℓ_i / N_u                                | Â_i/N_u            ``"dapo"`` (TRL's default), ``"bnpo"`` |
+|  ″ dr_grpo| −Σ_i Â_i ℓ_i / (n·L_max)                          | Â_i/(n·L_max)      ``"dr_grpo"``                |
 
-(ℓ = log π(y|x) summed over the response tokens.) The pure functions take tensors of shape (U, R): U
+(ℓ = log π(y|x) summed over the response tokens.) GRPO's loss types differ only in what divides the summed
+token losses (TRL ``GRPOTrainer._compute_loss``): each completion's own length (``grpo``, then the mean over the
+batch's completions), the tokens of the whole step (``dapo`` / ``bnpo``: N_u is the group's share of them, the
+step's completion tokens / its groups — ``token_norm``), or n × ``max_completion_length`` (``dr_grpo``). With c_u =
+η × uses / (groups per step) each is exactly the trainer's step. The pure functions take tensors of shape (U, R): U
 training examples, R responses each (1 for sft/unlearn/kd, 2 = (chosen, rejected) for preferences, n for grpo).
 """
 
@@ -35,6 +41,9 @@ DEFAULT_BETA = {"dpo": 0.1, "ipo": 0.1, "simpo": 0.1}
 DEFAULT_SIMPO_GAMMA = 0.5
 #: TRL's GRPO adds this to the (Bessel-corrected) standard deviation of a group's rewards.
 GRPO_STD_EPS = 1e-4
+#: GRPOConfig.loss_type values whose policy term this module knows, and TRL's default.
+GRPO_LOSS_TYPES = ("grpo", "sapo", "dapo", "bnpo", "cispo", "dr_grpo")
+GRPO_DEFAULT_LOSS = "dapo"
 
 
 def margin(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
@@ -43,10 +52,14 @@ def margin(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     return ratio[:, 0] - ratio[:, 1]
 
 
-def loss(objective: str, logp: torch.Tensor, *, ref_logp=None, lengths=None, rewards=None, beta=None, gamma=None) -> torch.Tensor:
+def loss(objective: str, logp: torch.Tensor, *, ref_logp=None, lengths=None, rewards=None, beta=None, gamma=None,
+         advantage=None, loss_type=None, token_norm=None, max_completion_length=None) -> torch.Tensor:  # fmt: skip
     """The per-example loss L (U,) of ``objective`` from summed log-probabilities ``logp`` (U, R).
 
     ``lengths`` (U, R) response lengths in tokens; ``rewards`` (U, R) for grpo; ``ref_logp`` (U, R) for dpo/ipo.
+    GRPO: ``advantage`` (U, R) when the trainer logged it (else from ``rewards``), ``loss_type`` (TRL's, default
+    dapo), ``token_norm`` (U,) N_u for dapo / bnpo (default: the group's own completion tokens),
+    ``max_completion_length`` for dr_grpo.
     Differentiable in ``logp``: ``response_weights`` is −∂L/∂logp, and the tests check it is.
     """
     beta = DEFAULT_BETA.get(objective, 0.1) if beta is None else beta
@@ -63,8 +76,18 @@ def loss(objective: str, logp: torch.Tensor, *, ref_logp=None, lengths=None, rew
         norm = logp / lengths
         return -torch.nn.functional.logsigmoid(beta * (norm[:, 0] - norm[:, 1]) - gamma)
     if objective == "grpo":
-        adv = advantages(rewards)
-        return -(adv * logp / lengths).sum(1) / logp.shape[1]
+        adv = advantages(rewards) if advantage is None else advantage
+        kind = loss_type or GRPO_DEFAULT_LOSS
+        if kind in ("grpo", "sapo"):
+            return -(adv * logp / lengths).sum(1) / logp.shape[1]
+        if kind in ("dapo", "bnpo", "cispo"):
+            norm = lengths.sum(1) if token_norm is None else token_norm
+            return -(adv * logp).sum(1) / norm
+        if kind == "dr_grpo":
+            if not max_completion_length:
+                raise ValueError("loss_type dr_grpo divides by max_completion_length: give it")
+            return -(adv * logp).sum(1) / (logp.shape[1] * max_completion_length)
+        raise ValueError(f"GRPO loss_type {kind!r} is not known; known: {', '.join(GRPO_LOSS_TYPES)}")
     raise ValueError(f"objective {objective!r}: no closed-form weights; known: {', '.join(OBJECTIVES)}")
 
 

@@ -38,12 +38,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import world
+from . import rl, world
 from ._common import fresh_dir, one_thread, quiet, write_jsonl, write_manifest
 
 SEED = 1234
 #: the files this recipe's result depends on (the cache key of ``sample_runs.recipes.ensure``)
-SOURCES = ("lm.py", "world.py", "_common.py")
+SOURCES = ("lm.py", "world.py", "rl.py", "_common.py")
 
 
 @dataclass(frozen=True)
@@ -66,6 +66,15 @@ class LmConfig:
     dpo_beta: float = dataclasses.field(default=0.1, metadata={"help": "DPO beta"})
     dpo_optim: str = dataclasses.field(default="sgd", metadata={"help": "DPO optimizer (TrainingArguments.optim)"})
     dpo_optim_args: str | None = dataclasses.field(default="momentum=0.5", metadata={"help": "DPO TrainingArguments.optim_args"})
+    grpo_steps: int = dataclasses.field(default=20, metadata={"help": "GRPO steps"})
+    grpo_lr: float = dataclasses.field(default=0.05, metadata={"help": "GRPO lr (constant)"})
+    grpo_groups: int = dataclasses.field(default=2, metadata={"help": "GRPO prompts (groups) per step"})
+    grpo_generations: int = dataclasses.field(default=4, metadata={"help": "GRPO completions per prompt (num_generations)"})
+    grpo_max_completion: int = dataclasses.field(default=12, metadata={"help": "GRPO max_completion_length (tokens)"})
+    grpo_loss_type: str = dataclasses.field(default="dapo", metadata={"help": "GRPOConfig.loss_type (TRL's default)"})
+    grpo_save: int = dataclasses.field(default=5, metadata={"help": "GRPO save_steps"})
+    grpo_optim: str = dataclasses.field(default="sgd", metadata={"help": "GRPO optimizer (TrainingArguments.optim)"})
+    grpo_optim_args: str | None = dataclasses.field(default=None, metadata={"help": "GRPO TrainingArguments.optim_args"})
 
 
 CONFIG = LmConfig()
@@ -94,7 +103,7 @@ def _args(kind: str, out: Path, **kw):
     import trl
     from transformers import TrainingArguments
 
-    cls = {"pretrain": TrainingArguments, "sft": trl.SFTConfig, "dpo": trl.DPOConfig}[kind]
+    cls = {"pretrain": TrainingArguments, "sft": trl.SFTConfig, "dpo": trl.DPOConfig, "grpo": trl.GRPOConfig}[kind]
     common = {"output_dir": str(out), "use_cpu": True, "report_to": "none", "disable_tqdm": True, "seed": SEED,
               "data_seed": SEED, "dataloader_num_workers": 0, "dataloader_pin_memory": False, "log_level": "error",
               "logging_steps": 1, "weight_decay": 0.0}  # fmt: skip
@@ -171,6 +180,11 @@ def dpo(out: Path, init: Path, cfg: LmConfig = CONFIG) -> Path:
     return out
 
 
+def grpo(out: Path, init: Path, cfg: LmConfig = CONFIG) -> Path:
+    """TRL ``GRPOTrainer`` from ``init`` on the SFT questions with a rule-based reward (``rl.py``)."""
+    return rl.grpo(out, init, cfg, seed=SEED, args_fn=_args, tokenizer=tokenizer, drop_printer=_drop_printer)
+
+
 def last_checkpoint(run: Path) -> Path:
     """The ``checkpoint-N`` folder with the largest N."""
     return max(Path(run).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
@@ -193,12 +207,14 @@ def build(out, cfg: LmConfig = CONFIG) -> Path:
         files = write_data(out)
         for stage, fn in (("pretrain", lambda: pretrain(out / "pretrain", cfg)),
                           ("sft", lambda: sft(out / "sft", out / "pretrain", cfg)),
-                          ("dpo", lambda: dpo(out / "dpo", last_checkpoint(out / "sft"), cfg))):  # fmt: skip
+                          ("dpo", lambda: dpo(out / "dpo", last_checkpoint(out / "sft"), cfg)),
+                          ("grpo", lambda: grpo(out / "grpo", last_checkpoint(out / "sft"), cfg))):  # fmt: skip
             t0 = time.perf_counter()
             fn()
             seconds[stage] = round(time.perf_counter() - t0, 2)
     (out / "pretrain" / "pretrain.txt").replace(out / "pretrain.txt")
-    files.update(pretrain="pretrain", sft="sft", dpo="dpo", dpo_init=str(last_checkpoint(out / "sft").relative_to(out)),
+    files.update(pretrain="pretrain", sft="sft", dpo="dpo", grpo="grpo", train_grpo="train_grpo.jsonl",
+                 dpo_init=str(last_checkpoint(out / "sft").relative_to(out)),
                  pretrain_corpus="pretrain.txt")  # fmt: skip
     write_manifest(out, "lm", dataclasses.asdict(cfg), seconds, files)
     return out
