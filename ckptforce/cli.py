@@ -14,6 +14,7 @@ import click
 
 from . import __version__
 from .datafiles import COLUMNS
+from .demo import AUDITS
 from .errors import CkptforceError
 
 #: The names of ckptforce.io.LAYOUTS (spelt out so that --help does not import torch; a test keeps them equal).
@@ -275,7 +276,7 @@ def _probe_groupings(probes: Path, columns: dict) -> list[str]:
 @main.command()
 @click.option("-o", "--output", "out", type=click.Path(path_type=Path), default=Path("ckptforce-demo"), show_default=True,
               help="Folder for the audits (one sub-folder per sample run).")
-@click.option("--only", multiple=True, type=click.Choice(["sft", "dpo", "digits-noisy", "digits-finetune"]), help="Audit only these sample runs (repeatable).")
+@click.option("--only", multiple=True, type=click.Choice([a.name for a in AUDITS]), help="Audit only these sample runs (repeatable).")
 def demo(out: Path, only: tuple[str, ...]) -> None:
     """Train (first time, cached after) the sample runs of sample_runs/recipes with real trainers — a tiny
     GPT-2 pretrained on a world of facts, then SFT and DPO with TRL; a Lightning MLP on scikit-learn's digits

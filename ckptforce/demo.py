@@ -1,7 +1,7 @@
 """``ckptforce demo``: build (or reuse) the bundled sample runs, audit each, and say where the reports are.
 
 The runs are trained on demand by the recipes in ``sample_runs/recipes`` (a tiny GPT-2 pretrained on a world
-of facts, then SFT with TRL, then DPO; a Lightning MLP on scikit-learn's digits with 20 % flipped labels and
+of facts, then SFT with TRL, then DPO and GRPO from the SFT model; a Lightning MLP on scikit-learn's digits with 20 % flipped labels and
 a head-probing → fine-tuning pair) and cached (``~/.cache/ckptforce/sample_runs``). Each audit is exactly
 ``ckptforce audit`` with the probe and training-example files the recipes write.
 """
@@ -36,6 +36,8 @@ AUDITS = (
     DemoAudit("sft", "lm", "SFT with TRL on a world of facts (hallucination: other_trained rises)", "sft", "probes.jsonl", "train_sft.jsonl"),
     DemoAudit("dpo", "lm", "DPO with TRL from the SFT model (squeezing: rejected falls, y* rises)", "dpo", "probes.jsonl", "train_dpo.jsonl",
               init="sft/checkpoint-40"),
+    DemoAudit("grpo", "lm", "GRPO with TRL from the SFT model (lazy likelihood displacement, harmful tokens)", "grpo", "probes.jsonl",
+              "train_grpo.jsonl", init="sft/checkpoint-40"),
     DemoAudit("digits-noisy", "digits", "Lightning MLP on digits with 20% flipped labels (zig-zag learning paths)", "noisy",
               "probes_noisy.npz", model="sample_runs.recipes.digits:model"),
     DemoAudit("digits-finetune", "digits", "Lightning: fine-tuning after head probing (feature adaptation)", "ft", "probes_test.npz",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -21,7 +22,7 @@ def test_demo_builds_audits_and_reports(tmp_path):
     done = subprocess.run([exe, "demo", "-o", str(out)], capture_output=True, text=True, timeout=900, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     summaries = json.loads((out / "demo.json").read_text())
-    assert [s["name"] for s in summaries] == ["sft", "dpo", "digits-noisy", "digits-finetune"]
+    assert [s["name"] for s in summaries] == ["sft", "dpo", "grpo", "digits-noisy", "digits-finetune"]
     for s in summaries:
         for key in ("cube", "html", "pdf"):
             assert Path(s[key]).is_file() and Path(s[key]).stat().st_size > 10_000, s[key]
@@ -32,5 +33,9 @@ def test_demo_builds_audits_and_reports(tmp_path):
     assert by["dpo"]["squeezing"].startswith("squeezing: log π(y*) rose")
     assert "flipped-label probes take longer, more winding paths" in by["digits-noisy"]["learning_paths"]
     assert "force_attribution" in by["sft"] and "force_attribution" in by["dpo"]
+    lazy = re.match(r"(\d+) of (\d+) groups have lazy correct completions", by["grpo"]["lazy_displacement"])
+    assert lazy and 0 < int(lazy[1]) <= int(lazy[2]) and "most harmful token: «" in by["grpo"]["lazy_displacement"], by["grpo"]
+    grpo_html = Path(next(s["html"] for s in summaries if s["name"] == "grpo")).read_text()
+    assert 'id="lazy_displacement"' in grpo_html and grpo_html.count("<mark>") >= 1
     rerun = subprocess.run([exe, "demo", "-o", str(tmp_path / "again"), "--only", "digits-noisy"], capture_output=True, text=True, timeout=600, env=env)
     assert rerun.returncode == 0 and "cached at" in rerun.stderr, rerun.stderr[-2000:]
