@@ -295,7 +295,7 @@ def demo(out: Path, only: tuple[str, ...]) -> None:
         click.echo(f"\n{s['name']}: {s['what']}  ({s['seconds']} s)")
         click.echo(f"  report: {s['html']}")
         click.echo(f"          {s['pdf']}")
-        for key in ("trajectories", "squeezing", "hallucination", "learning_paths"):
+        for key in dict.fromkeys(("trajectories", s["shows"])):
             if key in s["verdicts"]:
                 click.echo(f"  {key}: {s['verdicts'][key]}")
 

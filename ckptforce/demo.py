@@ -29,19 +29,22 @@ class DemoAudit:
     init: str | None = None
     model: str | None = None
     feature_layer: str | None = None
+    shows: str = "trajectories"  # the report section whose verdict the demo prints for this run
 
 
 #: What the demo audits, in order (paths relative to the recipe's build folder).
 AUDITS = (
-    DemoAudit("sft", "lm", "SFT with TRL on a world of facts (hallucination: other_trained rises)", "sft", "probes.jsonl", "train_sft.jsonl"),
+    DemoAudit("sft", "lm", "SFT with TRL on a world of facts (hallucination: other_trained rises)", "sft", "probes.jsonl", "train_sft.jsonl",
+              shows="hallucination"),
     DemoAudit("dpo", "lm", "DPO with TRL from the SFT model (squeezing: rejected falls, y* rises)", "dpo", "probes.jsonl", "train_dpo.jsonl",
-              init="sft/checkpoint-40"),
+              init="sft/checkpoint-40", shows="squeezing"),
     DemoAudit("grpo", "lm", "GRPO with TRL from the SFT model (lazy likelihood displacement, harmful tokens)", "grpo", "probes.jsonl",
-              "train_grpo.jsonl", init="sft/checkpoint-40"),
+              "train_grpo.jsonl", init="sft/checkpoint-40", shows="lazy_displacement"),
     DemoAudit("digits-noisy", "digits", "Lightning MLP on digits with 20% flipped labels (zig-zag learning paths)", "noisy",
-              "probes_noisy.npz", model="sample_runs.recipes.digits:model"),
+              "probes_noisy.npz", model="sample_runs.recipes.digits:model", shows="learning_paths"),
     DemoAudit("digits-finetune", "digits", "Lightning: fine-tuning after head probing (feature adaptation)", "ft", "probes_test.npz",
-              init="hp/epoch=9-step=410.ckpt", model="sample_runs.recipes.digits:model", feature_layer="backbone"),
+              init="hp/epoch=9-step=410.ckpt", model="sample_runs.recipes.digits:model", feature_layer="backbone",
+              shows="feature_adaptation"),
 )  # fmt: skip
 
 
@@ -83,7 +86,7 @@ def run_demo(out: Path, *, only: list[str] | None = None, echo: Callable[[str], 
         )  # fmt: skip
         cube_path = analyze(config, folder / "cube.h5", command=f"ckptforce demo ({a.name})")
         paths = write_report(cube_path, folder)
-        summaries.append({"name": a.name, "what": a.what, "cube": str(cube_path), "html": str(paths[0]), "pdf": str(paths[1]),
+        summaries.append({"name": a.name, "what": a.what, "shows": a.shows, "cube": str(cube_path), "html": str(paths[0]), "pdf": str(paths[1]),
                           "seconds": round(time.perf_counter() - start, 1), "verdicts": _verdicts(cube_path)})  # fmt: skip
     (out / "demo.json").write_text(json.dumps(summaries, indent=1))
     return summaries

@@ -39,3 +39,16 @@ def test_demo_builds_audits_and_reports(tmp_path):
     assert 'id="lazy_displacement"' in grpo_html and grpo_html.count("<mark>") >= 1
     rerun = subprocess.run([exe, "demo", "-o", str(tmp_path / "again"), "--only", "digits-noisy"], capture_output=True, text=True, timeout=600, env=env)
     assert rerun.returncode == 0 and "cached at" in rerun.stderr, rerun.stderr[-2000:]
+
+
+def test_each_demo_audit_names_a_report_section_and_the_cli_offers_it():
+    from click.testing import CliRunner
+
+    from ckptforce.cli import main
+    from ckptforce.demo import AUDITS
+    from ckptforce.report.sections import SECTIONS
+
+    keys = {s.key for s in SECTIONS}
+    assert all(a.shows in keys for a in AUDITS), [a.shows for a in AUDITS if a.shows not in keys]
+    help_text = CliRunner().invoke(main, ["demo", "--help"]).output
+    assert all(a.name in help_text for a in AUDITS)
