@@ -300,6 +300,51 @@ def demo(out: Path, only: tuple[str, ...]) -> None:
                 click.echo(f"  {key}: {s['verdicts'][key]}")
 
 
+@main.command(short_help="Sample GRPO rollouts at a checkpoint with your reward function: a --train file.")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@_run_options
+@click.option("--prompts", required=True, type=click.Path(path_type=Path), help="The prompts (JSONL or a data set: 'prompt' as text or "
+              "chat messages; other columns are passed to the reward function).")  # fmt: skip
+@click.option("--reward", "reward", required=True, metavar="package.module:function", help="The reward function, TRL's signature: "
+              "f(prompts=, completions=, completion_ids=, **columns) -> one float per completion.")  # fmt: skip
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="The --train file to write (JSONL).")
+@click.option("--step", "step", type=int, help="Sample at the checkpoint of this step (default: the first, the run's start with --init).")
+@click.option("--num-generations", "-G", type=click.IntRange(2), default=8, show_default=True, help="Completions per prompt (a group).")
+@click.option("--max-completion-length", type=click.IntRange(1), default=256, show_default=True, help="Tokens per completion at most.")
+@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True, help="Sampling temperature.")
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True, help="Nucleus sampling cut (1: none).")
+@click.option("--top-k", type=click.IntRange(0), default=0, show_default=True, help="Top-k cut (0: none, as TRL).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed: the same seed gives the same file.")
+@click.option("--tokenizer", type=click.Path(path_type=Path), help="Tokenizer folder (default: the checkpoint's, then the run root's).")
+@click.option("--no-special-tokens", is_flag=True, help="Tokenize prompts without the tokenizer's special tokens (BOS).")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, or cuda:N.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def rollouts(run_dir: Path, init, layout, trust_pickles, prompts: Path, reward: str, out: Path, step, num_generations, max_completion_length,
+             temperature, top_p, top_k, seed, tokenizer, no_special_tokens, device, quiet) -> None:  # fmt: skip
+    """For a GRPO run whose rollouts were not saved: sample a group of completions per prompt from the policy
+    at one checkpoint (transformers' generate, as TRL's GRPOTrainer does), score them with your reward
+    function, and write a --train file (prompt, completions as token ids, rewards) whose header records the
+    checkpoint, the reward function, the prompts' SHA-256 and every sampling setting. Nothing is written
+    into RUN_DIR. These are fresh rollouts, not the trainer's: analyze says so in its notes.
+
+    \b
+    Examples:
+      ckptforce rollouts grpo/ --init sft/final --prompts prompts.jsonl --reward my_rewards:correct -o rollouts.jsonl
+      ckptforce analyze grpo/ --init sft/final --probes probes.jsonl --train rollouts.jsonl -o grpo.h5
+    """
+    from .rollouts import Sampling, sample_rollouts
+
+    sampling = Sampling(num_generations, temperature, top_p, top_k, max_completion_length, seed)
+    bar = None if quiet else _progress_bar("sampling", "prompts")
+    try:
+        header = sample_rollouts(run_dir, prompts, reward, out, checkpoint=step, init=init, layout=layout, sampling=sampling, tokenizer=tokenizer,
+                                 special_tokens=not no_special_tokens, device=device, trust_pickles=trust_pickles, progress=bar)  # fmt: skip
+    finally:
+        if bar is not None:
+            bar.close()
+    click.echo(f"wrote {out}: {num_generations} completions per prompt sampled at step {header['sampled']['step']}, scored by {reward}")
+
+
 @main.group(cls=_Group, short_help="Write a remedy as a file a trainer reads (filter-kd, dpo-filter).")
 def export() -> None:
     """Write a remedy the cube's numbers justify, as a file a trainer reads: soft targets for distillation
