@@ -345,10 +345,11 @@ def rollouts(run_dir: Path, init, layout, trust_pickles, prompts: Path, reward: 
     click.echo(f"wrote {out}: {num_generations} completions per prompt sampled at step {header['sampled']['step']}, scored by {reward}")
 
 
-@main.group(cls=_Group, short_help="Write a remedy as a file a trainer reads (filter-kd, dpo-filter).")
+@main.group(cls=_Group, short_help="Write a remedy as a file a trainer reads (filter-kd, dpo-filter, grpo-weights).")
 def export() -> None:
     """Write a remedy the cube's numbers justify, as a file a trainer reads: soft targets for distillation
-    (filter-kd), or a preference data set without the pairs that hurt (dpo-filter). Every file records the
+    (filter-kd), a preference data set without the pairs that hurt (dpo-filter), or GRPO rollouts with their
+    harmful tokens down-weighted (grpo-weights). Every file records the
     cube (path, SHA-256, run, command) and the settings it came from.
     """
 
@@ -414,6 +415,41 @@ def export_dpo_filter(cube_path: Path, train: Path, out: Path, ches_top: int) ->
         click.echo(f"  drop {r['id']} (line {r['line']}): " + "; ".join(x["why"] for x in r["reasons"]))
     if len(dropped) > 10:
         click.echo(f"  … and {len(dropped) - 10} more (see {sidecar})")
+
+
+@export.command("grpo-weights", short_help="The GRPO rollouts with down-weighted harmful negative tokens (token_weights).")
+@click.argument("cube_path", metavar="CUBE.h5", type=click.Path(path_type=Path))
+@click.option("--train", required=True, type=click.Path(path_type=Path), help="The JSONL rollouts file the cube was analysed with (--train of analyze).")
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="The weighted copy to write (JSONL); the evidence goes to OUT.reasons.jsonl.")
+@click.option("--min-share", type=click.FloatRange(min=0, min_open=True), default=0.1, show_default=True, help="A negative token is harmful "
+              "when it alone cancels this share of its group's pull on its correct completions.")  # fmt: skip
+@click.option("--weight", type=click.FloatRange(0, 1, max_open=True), default=0.5, show_default=True, help="The weight of a harmful token's "
+              "gradient (0: dropped).")  # fmt: skip
+def export_grpo_weights(cube_path: Path, train: Path, out: Path, min_share: float, weight: float) -> None:
+    """Token weights for a GRPO run's harmful negative tokens, from the cube of its run (analyze --train
+    FILE): a token of a negative-advantage completion is harmful when its push — its exact first-order force
+    on its group's correct completions, the cube's token_force — cancels at least --min-share of the pull
+    the group's positive completions give them (lazy likelihood displacement, Deng et al. arXiv 2505.18830,
+    whose NTHR score chooses such tokens from the last layer; the sidecar gives it beside the exact harm).
+
+    OUT is the rollouts file with "token_weights" added to the groups that have a harmful token: per
+    completion, one weight per token the trainer scored (EOS included), --weight on the harmful ones and 1
+    elsewhere, for a GRPO loss that scales each token's term; every other line is copied byte for byte.
+    OUT.reasons.jsonl starts with the provenance, then one line per harmful token with its numbers.
+
+    \b
+    Examples:
+      ckptforce analyze grpo/ --init sft/checkpoint-40 --probes probes.jsonl --train train_grpo.jsonl -o grpo.h5
+      ckptforce export grpo-weights grpo.h5 --train train_grpo.jsonl -o train_grpo.weighted.jsonl
+    """
+    from .remedies import GrpoWeightsConfig, write_grpo_weights
+
+    path, sidecar, records = write_grpo_weights(cube_path, train, out, GrpoWeightsConfig(min_share=min_share, weight=weight))
+    click.echo(f"wrote {path}: {len(records)} harmful tokens in {len({r['id'] for r in records})} groups weighted {weight}; evidence in {sidecar}")
+    for r in records[:10]:
+        click.echo(f"  {r['id']} completion {r['completion']} token {r['position']} {r['token']!r}: cancels {r['share']:.0%} of the pull ({r['harm']:.3g} nats)")
+    if len(records) > 10:
+        click.echo(f"  … and {len(records) - 10} more (see {sidecar})")
 
 
 class _progress_bar:

@@ -3,6 +3,8 @@ rank agreement, the harmful tokens quoted as text (escaped in the HTML), and a c
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import xarray as xr
@@ -112,3 +114,80 @@ def test_the_figure_draws_and_a_cube_without_rollouts_says_what_would_give_the_s
     assert len(fig.axes) == 4  # three panels and the top-1 twin axis
     d = drl.lazy_displacement(xr.Dataset())
     assert d.missing and "grpo objective" in d.missing
+
+
+# --- ckptforce export grpo-weights: the harmful tokens of the same cube, as token weights ------------------------
+
+ROLLOUTS = (
+    '{"objective": "grpo", "batch_size": 2}\n'
+    '{"id": "g0", "prompt": "Q0", "completions": [[1, 2], [3], [4], [5]], "rewards": [1, 0, 0, 0], "extra": "kept"}\n'
+    '{"id": "g1", "prompt": "Q1", "completions": [[1, 2], [3], [4], [5]], "rewards": [1, 0, 0, 0]}\r\n'
+    "\n"
+    '{"id": "g2", "prompt": "Q2", "completions": [[1, 2], [3], [4], [5]], "rewards": [1, 0, 0, 0]}\n'
+    '{"id": "g3", "prompt": "Q3", "completions": [[1, 2], [3], [4], [5]], "rewards": [1, 1, 1, 1]}'
+)
+
+
+def _saved(tmp_path):
+    from ckptforce import cube
+
+    ds = _cube()
+    index = {d: ds[d].values.tolist() for d in ("checkpoint", "interval", "source", "own_response", "completion_token")}
+    coords = {c: ds[c].values for c in ("step", "step_to", "source_kind", "source_prompt")}
+    path = cube.save(cube.build(index=index, coords=coords, data={n: v.values for n, v in ds.data_vars.items()},
+                                attrs=cube.provenance(run_dir="/runs/grpo", config={})), tmp_path / "grpo.h5")  # fmt: skip
+    train = tmp_path / "rollouts.jsonl"
+    train.write_bytes(ROLLOUTS.encode())
+    return path, train
+
+
+def test_grpo_weights_mark_exactly_the_tokens_whose_push_cancels_a_share_of_the_pull(tmp_path):
+    from ckptforce.remedies import GrpoWeightsConfig, harmful_tokens, write_grpo_weights
+    from ckptforce.remedies.common import file_sha256
+
+    path, train = _saved(tmp_path)
+    ds = _cube()
+    harm = -ds["token_force"].sum("interval", min_count=1).where(ds["rollout_advantage"] < 0)
+    pull = ds["lld_pos"].sum("interval", min_count=1) * (ds["rollout_advantage"] > 0).sum("own_response")
+    share = (harm / pull).values
+    for min_share in (0.3, 0.6, 5.0):
+        want = {(GROUPS[u], int(i), int(k)) for u, i, k in np.argwhere(np.nan_to_num(share, nan=-1) >= min_share)}
+        got = {(h["id"], h["completion"], h["position"]) for h in harmful_tokens(ds, GrpoWeightsConfig(min_share=min_share))}
+        assert got == want
+    assert ("g1", 3, 0) in got and share[1, 3, 0] == pytest.approx(9.0)  # the planted token: 9 nats against a pull of 1
+    out, sidecar, records = write_grpo_weights(path, train, tmp_path / "w.jsonl", GrpoWeightsConfig(min_share=0.6, weight=0.25))
+    lines = out.read_bytes().split(b"\n")
+    raw = ROLLOUTS.encode().split(b"\n")
+    weighted = {json.loads(x)["id"]: json.loads(x) for x in lines if x.strip() and b"token_weights" in x}
+    hit = {(r["id"], r["completion"], r["position"]) for r in records}
+    for gid, row in weighted.items():
+        scored = [int((ds["rollout_token"].sel(source=gid, own_response=f"completion_{i}") != "").sum()) for i in range(4)]
+        assert [len(w) for w in row["token_weights"]] == scored  # one weight per scored token (the cube's rollout_token)
+        for i, w in enumerate(row["token_weights"]):
+            assert w == [0.25 if (gid, i, k) in hit else 1.0 for k in range(scored[i])]
+        assert {k: v for k, v in row.items() if k != "token_weights"} == json.loads(raw[GROUPS.index(gid) + 1 + (gid >= "g2")])
+    untouched = [x for x in lines if x.strip() and b"token_weights" not in x]
+    assert all(x in raw for x in untouched) and lines[0] == raw[0] and lines[3] == raw[3]  # header and blank line as they were
+    head = json.loads(sidecar.read_text().splitlines()[0])["provenance"]
+    assert head["export"] == "grpo-weights" and head["settings"]["weight"] == 0.25 and head["settings"]["train_sha256"] == file_sha256(train)
+    assert records[0]["id"] == "g1" and records[0]["token"] == "<script>alert(1)</script>" and records[0]["line"] == 3
+    assert train.read_bytes() == ROLLOUTS.encode()
+
+
+def test_grpo_weights_cli_and_errors(tmp_path):
+    from click.testing import CliRunner
+
+    from ckptforce.cli import main
+
+    path, train = _saved(tmp_path)
+    ok = CliRunner().invoke(main, ["export", "grpo-weights", str(path), "--train", str(train), "-o", str(tmp_path / "w.jsonl"), "--min-share", "0.6"])
+    assert ok.exit_code == 0, ok.output
+    assert "harmful tokens in" in ok.output and "g1 completion 3 token 0 '<script>alert(1)</script>': cancels 900% of the pull" in ok.output
+    same = CliRunner().invoke(main, ["export", "grpo-weights", str(path), "--train", str(train), "-o", str(train)])
+    assert same.exit_code != 0 and "the same file as --train" in same.output
+    from ckptforce import cube
+
+    cube.save(cube.build(index={"checkpoint": [0], "source": ["p"]}, data={"ches": [[1.0]]}, coords={"step": [0]}), tmp_path / "dpo.h5")
+    bad = CliRunner().invoke(main, ["export", "grpo-weights", str(tmp_path / "dpo.h5"), "--train", str(train), "-o", str(tmp_path / "x.jsonl")])
+    assert bad.exit_code != 0 and "no GRPO token forces" in bad.output and "Traceback" not in bad.output
+    assert "grpo-weights" in CliRunner().invoke(main, ["export", "--help"]).output

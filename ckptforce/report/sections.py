@@ -104,7 +104,8 @@ SECTIONS: list[Section] = [
             "gradient; a high Spearman correlation means NTHR is a fair screen for the tokens to down-weight, where it is "
             "low trust the exact forces. Right: the policy's mean entropy and top-1 mass along the rollouts at each "
             "checkpoint; entropy falling toward 0 is exploration collapsing. The marked tokens below are the most "
-            "harmful ones, shown in their completions."),
+            "harmful ones, shown in their completions; ckptforce export grpo-weights CUBE --train FILE -o weighted.jsonl writes "
+            "the rollouts with those tokens down-weighted (token_weights), with the evidence per token."),
     Section("similarity", "8. Similarity maps", dt.similarity, fg.similarity,
             "K[o, u] = ⟨∇θ log π(y_o|x_o), ∇θ L_u⟩ is the empirical NTK between a probe and a training example: one SGD "
             "step on u changes the probe by about −η·K. The figures show the alignment −cos of the two gradients: red "
