@@ -345,11 +345,12 @@ def rollouts(run_dir: Path, init, layout, trust_pickles, prompts: Path, reward: 
     click.echo(f"wrote {out}: {num_generations} completions per prompt sampled at step {header['sampled']['step']}, scored by {reward}")
 
 
-@main.group(cls=_Group, short_help="Write a remedy as a file a trainer reads (filter-kd, dpo-filter, grpo-weights).")
+@main.group(cls=_Group, short_help="Write a remedy as a file a trainer reads (filter-kd, dpo-filter, dpo-extend, grpo-weights).")
 def export() -> None:
     """Write a remedy the cube's numbers justify, as a file a trainer reads: soft targets for distillation
-    (filter-kd), a preference data set without the pairs that hurt (dpo-filter), or GRPO rollouts with their
-    harmful tokens down-weighted (grpo-weights). Every file records the
+    (filter-kd), a preference data set without the pairs that hurt (dpo-filter), an SFT file of the pairs DPO
+    would squeeze, to train first (dpo-extend), or GRPO rollouts with their harmful tokens down-weighted
+    (grpo-weights). Every file records the
     cube (path, SHA-256, run, command) and the settings it came from.
     """
 
@@ -415,6 +416,40 @@ def export_dpo_filter(cube_path: Path, train: Path, out: Path, ches_top: int) ->
         click.echo(f"  drop {r['id']} (line {r['line']}): " + "; ".join(x["why"] for x in r["reasons"]))
     if len(dropped) > 10:
         click.echo(f"  … and {len(dropped) - 10} more (see {sidecar})")
+
+
+@export.command("dpo-extend", short_help="An SFT file of the pairs whose rejected answers DPO would squeeze: train it before DPO.")
+@click.argument("cube_path", metavar="CUBE.h5", type=click.Path(path_type=Path))
+@click.option("--train", required=True, type=click.Path(path_type=Path), help="The JSONL preference file the cube was analysed with (--train of analyze).")
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="The SFT file to write (JSONL, prompt + completion); the reasons go to OUT.reasons.jsonl.")
+@click.option("--valley-rank", type=click.FloatRange(min=1), default=10.0, show_default=True, help="Extend the pairs whose rejected "
+              "tokens have at least this mean rank under π as DPO starts (1 = the argmax).")  # fmt: skip
+def export_dpo_extend(cube_path: Path, train: Path, out: Path, valley_rank: float) -> None:
+    """The squeezing mitigation of Ren & Sutherland (ICLR 2025): before DPO, train SFT on both answers of
+    the pairs whose rejected answer sits in a valley of π — DPO's push on such an answer moves probability
+    mass onto the argmax instead of lowering it, and the chosen answer falls with the rest. A pair is
+    extended when the mean rank of its rejected tokens under π at the run's first checkpoint (the cube's
+    g_neg_rank) is at least --valley-rank, or when its push on the rejected answer outweighed the pull on
+    the chosen one over the run (self_force).
+
+    OUT has two lines per extended pair, x → chosen and x → rejected, in TRL's prompt + completion columns
+    (values copied from the preference file, no header: TRL's SFTTrainer reads it as it is).
+    OUT.reasons.jsonl starts with the provenance, then one line per pair with its action and numbers.
+
+    \b
+    Examples:
+      ckptforce analyze dpo/ --init sft/checkpoint-40 --probes probes.jsonl --train train_dpo.jsonl -o dpo.h5
+      ckptforce export dpo-extend dpo.h5 --train train_dpo.jsonl -o sft_extend.jsonl
+    """
+    from .remedies import DpoExtendConfig, write_dpo_extend
+
+    path, sidecar, records = write_dpo_extend(cube_path, train, out, DpoExtendConfig(valley_rank=valley_rank))
+    extended = [r for r in records if r["action"] == "extend"]
+    click.echo(f"wrote {path}: both answers of {len(extended)} of {len(records)} pairs as SFT examples; reasons in {sidecar}")
+    for r in extended[:10]:
+        click.echo(f"  extend {r['id']} (line {r['line']}): " + "; ".join(x["why"] for x in r["reasons"]))
+    if len(extended) > 10:
+        click.echo(f"  … and {len(extended) - 10} more (see {sidecar})")
 
 
 @export.command("grpo-weights", short_help="The GRPO rollouts with down-weighted harmful negative tokens (token_weights).")

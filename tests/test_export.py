@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from ckptforce import cube
 from ckptforce.cli import main
 from ckptforce.errors import ExportError
-from ckptforce.remedies import DpoFilterConfig, filter_kd_targets, write_dpo_filter, write_filter_kd
+from ckptforce.remedies import DpoExtendConfig, DpoFilterConfig, filter_kd_targets, write_dpo_extend, write_dpo_filter, write_filter_kd
 from ckptforce.remedies.common import file_sha256
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -127,6 +127,8 @@ PAIRS = {
     "p_rise": ([(+0.3, +0.1), (+0.1, +0.05)], 0.5),  # Σ rejected = +0.15: dropped (rejected_rises)
     "p_unused": ([(np.nan, np.nan), (np.nan, np.nan)], 9.0),  # no interval used it: kept, highest CHES
 }
+#: per pair: the mean rank under π of its rejected tokens (g_neg_rank) as DPO starts
+RANKS = {"p_good": 3.0, "p_displace": 2.0, "p_rise": 25.0, "p_unused": 40.0}
 TRAIN = (
     '{"objective": "dpo", "beta": 0.1}\n'
     '{"id": "p_good", "prompt": "Q: a?", "chosen": " yes", "rejected": " no", "note": "kept as is",   "x": [1, 2]}\n'
@@ -149,6 +151,7 @@ def _dpo_cube(tmp_path, *, ches=True, self_force=True) -> Path:
     if self_force:
         data.update(self_force=sf, self_force_pos=pos, self_force_neg=sf - pos)
         data["displaces_chosen"] = np.where(np.isnan(sf[:, :, 0]), np.nan, (sf[:, :, 0] < 0).astype(float))
+    data["g_neg_rank"] = np.array([[RANKS.get(n, np.nan) for n in sources]] * 2)
     if ches:
         c = np.full((3, len(sources)), np.nan)
         c[:, : len(names)] = [v for _, v in PAIRS.values()]
@@ -223,6 +226,29 @@ def test_dpo_filter_uses_displaces_chosen_alone(tmp_path):
     _, _, records = write_dpo_filter(slim, train, tmp_path / "f.jsonl")
     assert [r["id"] for r in records if r["action"] == "drop"] == []  # p_displace displaced in 1 of 2 intervals: not most
     assert {r["id"]: r["evidence"] for r in records}["p_displace"] == "cube"
+
+
+def test_dpo_extend_writes_both_answers_of_the_pairs_in_valleys_or_squeezing(tmp_path):
+    train = tmp_path / "train.jsonl"
+    train.write_bytes(TRAIN.encode())
+    out, sidecar, records = write_dpo_extend(_dpo_cube(tmp_path), train, tmp_path / "extend.jsonl")
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["p_displace:chosen", "p_displace:rejected", "p_rise:chosen", "p_rise:rejected",
+                                       "p_unused:chosen", "p_unused:rejected"]  # fmt: skip
+    assert rows[2] == {"id": "p_rise:chosen", "prompt": "Q: c?", "completion": " é"} and rows[3]["completion"] == " no"
+    assert "objective" not in out.read_text()  # no header: TRL's SFTTrainer reads the file as it is
+    by_id = {r["id"]: r for r in records}
+    assert {i: [x["rule"] for x in r["reasons"]] for i, r in by_id.items()} == {
+        "p_good": [], "p_displace": ["squeezes"], "p_rise": ["valley"], "p_unused": ["valley"], "p_extra": []}  # fmt: skip
+    assert by_id["p_rise"]["rank"] == 25.0 and by_id["p_displace"]["push"] == pytest.approx(-1.6) and by_id["p_extra"]["rank"] is None
+    head = json.loads(sidecar.read_text().splitlines()[0])["provenance"]
+    assert head["export"] == "dpo-extend" and head["settings"]["extended"] == 3 and head["settings"]["valley_rank"] == 10.0
+    _, _, strict = write_dpo_extend(_dpo_cube(tmp_path), train, tmp_path / "e2.jsonl", DpoExtendConfig(valley_rank=30))
+    assert [r["id"] for r in strict if r["action"] == "extend"] == ["p_displace", "p_unused"]
+    ok = CliRunner().invoke(main, ["export", "dpo-extend", str(tmp_path / "dpo.h5"), "--train", str(train), "-o", str(tmp_path / "e3.jsonl")])
+    assert ok.exit_code == 0 and "both answers of 3 of 5 pairs" in ok.output and "extend p_rise (line 5): its rejected answer's tokens sit at mean rank 25" in ok.output
+    same = CliRunner().invoke(main, ["export", "dpo-extend", str(tmp_path / "dpo.h5"), "--train", str(train), "-o", str(train)])
+    assert same.exit_code != 0 and "the same file as --train" in same.output and train.read_bytes() == TRAIN.encode()
 
 
 def test_help_explains():

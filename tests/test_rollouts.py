@@ -88,6 +88,7 @@ def test_rollouts_write_a_grpo_train_file_that_records_how_it_was_made(runs, pro
     first = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "a.jsonl")])
     assert first.exit_code == 0, first.output
     again = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "b.jsonl")])
+    assert again.exit_code == 0, again.output
     assert (tmp_path / "a.jsonl").read_bytes() == (tmp_path / "b.jsonl").read_bytes()
     other = CliRunner().invoke(main, [*args, "--seed", "1", "-o", str(tmp_path / "c.jsonl")])
     assert other.exit_code == 0 and (tmp_path / "c.jsonl").read_bytes() != (tmp_path / "a.jsonl").read_bytes()

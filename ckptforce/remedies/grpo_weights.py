@@ -33,10 +33,8 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from ..atomic import write_atomic
-from ..cube import open_cube
 from ..errors import ExportError
-from .common import cube_provenance, file_sha256
+from .common import write_training_export
 from .dpo_filter import Line, read_lines
 
 NEEDS = ("token_force", "lld_pos", "rollout_advantage", "rollout_token")
@@ -113,18 +111,9 @@ def grpo_weights(ds: xr.Dataset, lines: list[Line], config: GrpoWeightsConfig = 
 def write_grpo_weights(cube_path: str | Path, train: str | Path, out: str | Path, config: GrpoWeightsConfig = GrpoWeightsConfig(),
                        sidecar: str | Path | None = None) -> tuple[Path, Path, list[dict]]:  # fmt: skip
     """Write the weighted copy to ``out`` and the evidence to ``sidecar`` (default ``OUT.reasons.jsonl``), atomically."""
-    cube_path, train, out = Path(cube_path), Path(train), Path(out)
-    sidecar = Path(sidecar) if sidecar else out.with_name(out.name + ".reasons.jsonl")
-    if not out.parent.is_dir():
-        raise ExportError(f"{out.parent}: no such directory for the output; create it or choose another -o path")
-    if out.resolve() == train.resolve():
-        raise ExportError(f"{out}: the same file as --train; write the weighted copy elsewhere (the original is kept as it is)")
-    ds = open_cube(cube_path)
-    body, records = grpo_weights(ds, read_lines(train), config, where=str(cube_path), train=str(train))
-    settings = {**dataclasses.asdict(config), "train": str(train.resolve()), "train_sha256": file_sha256(train),
-                "harmful_tokens": len(records), "groups": len({r["id"] for r in records})}  # fmt: skip
-    head = {"provenance": cube_provenance(cube_path, ds, "grpo-weights", settings)}
-    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in [head, *records]).encode()
-    write_atomic(out, lambda tmp: Path(tmp).write_bytes(body), error=ExportError)
-    write_atomic(sidecar, lambda tmp: Path(tmp).write_bytes(text), error=ExportError)
-    return out, sidecar, records
+
+    def make(ds: xr.Dataset, path: Path) -> tuple[bytes, list[dict], dict]:
+        body, records = grpo_weights(ds, read_lines(path), config, where=str(cube_path), train=str(path))
+        return body, records, {"harmful_tokens": len(records), "groups": len({r["id"] for r in records})}
+
+    return write_training_export(cube_path, train, out, sidecar, "grpo-weights", config, make)
