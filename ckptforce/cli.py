@@ -126,6 +126,9 @@ def _analysis_options(f):
         click.option("--kernel-projection", type=click.IntRange(1), metavar="DIM",
                      help="Approximate the probe × training-example kernels by a seeded random sketch of DIM coordinates per "
                           "tensor (for very large training sets); the cube labels them approximate. Default: exact."),
+        click.option("--topk", type=click.IntRange(0), default=0, show_default=True, metavar="K", help="Keep the top K of the "
+                     "next-token distribution at every response token and checkpoint (for export filter-kd on language models; "
+                     "one forward per checkpoint more; 0: off)."),
         _run_options,
         click.option("--model", "model", help="package.module:factory returning the nn.Module (default: the run's config.json)."),
         click.option("--base-model", type=click.Path(path_type=Path), help="Base model folder under a LoRA adapter (default: the local folder adapter_config.json names)."),
@@ -158,7 +161,7 @@ def _analysis_options(f):
     return f
 
 
-def _run_analysis(run_dir, out, *, probes, train, objective, feature_layer, forces_mode, max_grad_norm, kernel_projection, init, layout, trust_pickles, model, base_model, tokenizer, chat_template, probe_eos, train_eos, special_tokens, device, dtype, nodes, no_by_tensor, method, chunk_size, memory_gb, workers, scheduler, quiet, **column_options) -> Path:
+def _run_analysis(run_dir, out, *, probes, train, objective, feature_layer, topk, forces_mode, max_grad_norm, kernel_projection, init, layout, trust_pickles, model, base_model, tokenizer, chat_template, probe_eos, train_eos, special_tokens, device, dtype, nodes, no_by_tensor, method, chunk_size, memory_gb, workers, scheduler, quiet, **column_options) -> Path:
     import shlex
 
     from .forces import DEFAULT_NODES
@@ -172,7 +175,7 @@ def _run_analysis(run_dir, out, *, probes, train, objective, feature_layer, forc
         run_dir, probes, init=init, model=model, base_model=base_model, tokenizer=tokenizer, layout=layout,
         nodes=DEFAULT_NODES if nodes is None else nodes, by_tensor=not no_by_tensor, method=method, dtype=dtype,
         chunk_size=chunk_size, memory_gb=memory_gb, trust_pickles=trust_pickles, train=train, objective=objective, forces=forces_mode, max_grad_norm=max_grad_norm, kernel_projection=kernel_projection,
-        feature_layer=feature_layer, chat_template=chat_template, probe_eos=probe_eos, train_eos=train_eos, special_tokens=special_tokens,
+        feature_layer=feature_layer, topk=topk, chat_template=chat_template, probe_eos=probe_eos, train_eos=train_eos, special_tokens=special_tokens,
         columns={c: column_options[f"{c}_column"] for c in COLUMNS},
     )  # fmt: skip
     bar = None if (quiet or not sys.stderr.isatty()) else _progress_bar("analysing", "intervals")
@@ -367,21 +370,30 @@ def export_filter_kd(cube_path: Path, out: Path, alpha: float) -> None:
     q̄ keeps that, and a fresh student distilled on it (cross-entropy against q̄) generalises better than
     one trained on the labels.
 
-    The cube must hold the training examples' per-class predictions: analyze a classifier run with the
-    training arrays as probes (--probes train.npz with x, y, ids). The .npz holds ids (N,), targets (N, V)
-    float32, labels (N,) as in the probe file, steps (C,) and provenance (a JSON string). Language-model
-    cubes do not hold the next-token distributions per-token targets need; that is refused with a reason.
+    Classifiers: analyze the run with the training arrays as probes (--probes train.npz with x, y, ids); the
+    .npz holds ids (N,), targets (N, V) float32, labels (N,) as in the probe file, steps (C,) and provenance
+    (a JSON string). Language models: analyze with the training file as probes and --topk K; the filter runs
+    per token of each example's completion on the top-K next-token distributions, and the .npz holds ids,
+    token_ids (N, W, K), token_probs (N, W, K), rest (N, W: the mass of every other id), lengths (N,), steps
+    and provenance.
 
     \b
     Examples:
       ckptforce analyze run/ --probes train.npz --model pkg.mod:factory -o train.h5
       ckptforce export filter-kd train.h5 -o targets.npz --alpha 0.9
+      ckptforce analyze sft/ --probes train_sft.jsonl --topk 20 -o sft.h5
+      ckptforce export filter-kd sft.h5 -o token_targets.npz
     """
     from .remedies import write_filter_kd
 
     path, arrays = write_filter_kd(cube_path, out, alpha)
-    n, v = arrays["targets"].shape
-    click.echo(f"wrote {path}: soft targets of {n} examples over {v} classes, EMA α = {alpha} over {len(arrays['steps'])} checkpoints")
+    if "targets" in arrays:
+        n, v = arrays["targets"].shape
+        what = f"{n} examples over {v} classes"
+    else:
+        n, w, k = arrays["token_ids"].shape
+        what = f"{n} examples, the top {k} ids at each of up to {w} response tokens"
+    click.echo(f"wrote {path}: soft targets of {what}, EMA α = {alpha} over {len(arrays['steps'])} checkpoints")
 
 
 @export.command("dpo-filter", short_help="The preference file without the pairs that displace or squeeze their answers.")
