@@ -424,10 +424,7 @@ def export_dpo_filter(cube_path: Path, train: Path, out: Path, ches_top: int) ->
     path, sidecar, records = write_dpo_filter(cube_path, train, out, DpoFilterConfig(ches_top=ches_top))
     dropped = [r for r in records if r["action"] == "drop"]
     click.echo(f"wrote {path}: kept {len(records) - len(dropped)} of {len(records)} pairs; reasons in {sidecar}")
-    for r in dropped[:10]:
-        click.echo(f"  drop {r['id']} (line {r['line']}): " + "; ".join(x["why"] for x in r["reasons"]))
-    if len(dropped) > 10:
-        click.echo(f"  … and {len(dropped) - 10} more (see {sidecar})")
+    _echo_some([f"drop {r['id']} (line {r['line']}): " + "; ".join(x["why"] for x in r["reasons"]) for r in dropped], sidecar)
 
 
 @export.command("dpo-extend", short_help="An SFT file of the pairs whose rejected answers DPO would squeeze: train it before DPO.")
@@ -458,10 +455,7 @@ def export_dpo_extend(cube_path: Path, train: Path, out: Path, valley_rank: floa
     path, sidecar, records = write_dpo_extend(cube_path, train, out, DpoExtendConfig(valley_rank=valley_rank))
     extended = [r for r in records if r["action"] == "extend"]
     click.echo(f"wrote {path}: both answers of {len(extended)} of {len(records)} pairs as SFT examples; reasons in {sidecar}")
-    for r in extended[:10]:
-        click.echo(f"  extend {r['id']} (line {r['line']}): " + "; ".join(x["why"] for x in r["reasons"]))
-    if len(extended) > 10:
-        click.echo(f"  … and {len(extended) - 10} more (see {sidecar})")
+    _echo_some([f"extend {r['id']} (line {r['line']}): " + "; ".join(x["why"] for x in r["reasons"]) for r in extended], sidecar)
 
 
 @export.command("grpo-weights", short_help="The GRPO rollouts with down-weighted harmful negative tokens (token_weights).")
@@ -493,10 +487,16 @@ def export_grpo_weights(cube_path: Path, train: Path, out: Path, min_share: floa
 
     path, sidecar, records = write_grpo_weights(cube_path, train, out, GrpoWeightsConfig(min_share=min_share, weight=weight))
     click.echo(f"wrote {path}: {len(records)} harmful tokens in {len({r['id'] for r in records})} groups weighted {weight}; evidence in {sidecar}")
-    for r in records[:10]:
-        click.echo(f"  {r['id']} completion {r['completion']} token {r['position']} {r['token']!r}: cancels {r['share']:.0%} of the pull ({r['harm']:.3g} nats)")
-    if len(records) > 10:
-        click.echo(f"  … and {len(records) - 10} more (see {sidecar})")
+    _echo_some([f"{r['id']} completion {r['completion']} token {r['position']} {r['token']!r}: cancels {r['share']:.0%} of the pull "
+                f"({r['harm']:.3g} nats)" for r in records], sidecar)  # fmt: skip
+
+
+def _echo_some(lines: list[str], sidecar: Path, shown: int = 10) -> None:
+    """The first ``shown`` lines of an export's evidence, indented, and where the rest are."""
+    for line in lines[:shown]:
+        click.echo(f"  {line}")
+    if len(lines) > shown:
+        click.echo(f"  … and {len(lines) - shown} more (see {sidecar})")
 
 
 class _progress_bar:
