@@ -5,10 +5,12 @@ generates them (``transformers`` ``generate``: multinomial sampling at ``tempera
 default, each completion cut after its first EOS, which it keeps — the trainer scores it), and scored with the
 user's reward function called with TRL's signature::
 
-    reward(prompts=[...], completions=[...], completion_ids=[...], **columns) -> list[float]
+    reward(prompts=[...], completions=[...], completion_ids=[...], **columns, trainer_state=None, log_extra=…,
+           log_metric=…) -> list[float]
 
-(``completions`` decoded without special tokens, one entry per completion; every other column of the prompt
-file arrives as a list of the same length, e.g. ``answer``). The result is a ``--train`` file in TRL's
+(``completions`` decoded without special tokens, one entry per completion — for a conversational prompt, one
+assistant message each; every other column of the prompt file, ``id`` included, arrives as a list of the same
+length, e.g. ``answer``; there is no trainer, so ``trainer_state`` is None and the loggers do nothing). The result is a ``--train`` file in TRL's
 conventions (``prompt``, ``completions`` as token ids, ``rewards``) whose header records how it was made
 (checkpoint, seed, reward function, sampling settings): the same seed gives the same file.
 
@@ -62,10 +64,11 @@ def cut_at_eos(ids: list[int], eos: int | None, pad: int | None) -> list[int]:
     return ids
 
 
-def score(reward: Callable, spec: str, prompts: list, completions: list[str], completion_ids: list[list[int]], columns: dict[str, list]) -> list[float]:
+def score(reward: Callable, spec: str, prompts: list, completions: list, completion_ids: list[list[int]], columns: dict[str, list]) -> list[float]:
     """Call ``reward`` as TRL does; one finite float per completion, or a one-line error naming ``spec``."""
+    extras = {"trainer_state": None, "log_extra": lambda *a, **k: None, "log_metric": lambda *a, **k: None}  # TRL's, with no trainer
     try:
-        out = reward(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
+        out = reward(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns, **extras)
     except Exception as e:  # noqa: BLE001 - the user's function may fail in any way
         raise CkptforceError(f"--reward {spec}: the reward function failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
                              "it is called as reward(prompts=..., completions=..., completion_ids=..., **columns)") from e  # fmt: skip
@@ -118,7 +121,9 @@ def sample_rollouts(run_dir, prompts, reward_spec: str, out, *, checkpoint: int 
         prompt_ids = encode(tok, row["prompt"], {}, convention, where=where).prompt_ids
         ids = _generate(module, prompt_ids, sampling, eos, pad, seed=_seed(sampling.seed, row, i), device=device)
         texts = tok.batch_decode(ids, skip_special_tokens=True)
-        columns = {k: [v] * len(ids) for k, v in row.items() if k not in ("prompt", "id")}
+        if is_messages(row["prompt"]):  # TRL hands conversational completions over as one assistant message each
+            texts = [[{"role": "assistant", "content": t}] for t in texts]
+        columns = {k: [v] * len(ids) for k, v in row.items() if k not in ("prompt", "completion", "completion_ids")}
         rewards = score(reward, reward_spec, [row["prompt"]] * len(ids), texts, ids, columns)
         written.append({"id": str(row.get("id", f"p{line}")), "prompt": row["prompt"], "completions": ids, "rewards": rewards,
                         **{k: v for k, v in row.items() if k not in ("prompt", "id", "completions", "rewards")}})  # fmt: skip

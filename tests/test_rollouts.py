@@ -26,8 +26,9 @@ from ckptforce.rollouts import Sampling, _generate, cut_at_eos
 from ckptforce.train_examples import load_training_set
 
 REWARDS = '''
-def lives(prompts, completions, completion_ids, city, **_):
-    assert len(prompts) == len(completions) == len(completion_ids) == len(city)
+def lives(prompts, completions, completion_ids, city, trainer_state, log_metric, **_):
+    assert len(prompts) == len(completions) == len(completion_ids) == len(city) and trainer_state is None
+    log_metric("seen", 1.0)
     return [1.0 if "lives" in c.split() else 0.0 for c in completions]
 
 def short(prompts, completions, **_):
