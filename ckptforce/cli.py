@@ -147,6 +147,9 @@ def _analysis_options(f):
                           "(softmax, reductions and Δθ stay float32; the cube records it)."),
         click.option("--nodes", type=click.IntRange(0, 16), default=None, help="Gauss–Legendre nodes of the path attribution (0: skip it).  [default: 2]"),
         click.option("--no-by-tensor", is_flag=True, help="Skip the split of the changes by parameter tensor (faster)."),
+        click.option("--split-by", type=click.Choice(["tensor", "layer", "block"]), default="tensor", show_default=True,
+                     help="What the split sums over: each parameter tensor, each module (layer: weight and bias together), or "
+                          "each transformer block (block: model.layers.N); a smaller cube for deep models, the same sums."),
         click.option("--method", type=click.Choice(["auto", "jvp", "double_vjp"]), default="auto", show_default=True, help="How J·Δθ is computed."),
         click.option("--memory", "memory_gb", type=click.FloatRange(min=0.05), metavar="GB", help="Memory budget of the probe rows "
                      "computed together: chunks of rows are sized to fit it, whatever the response length and vocabulary "
@@ -161,7 +164,7 @@ def _analysis_options(f):
     return f
 
 
-def _run_analysis(run_dir, out, *, probes, train, objective, feature_layer, topk, forces_mode, max_grad_norm, kernel_projection, init, layout, trust_pickles, model, base_model, tokenizer, chat_template, probe_eos, train_eos, special_tokens, device, dtype, nodes, no_by_tensor, method, chunk_size, memory_gb, workers, scheduler, quiet, **column_options) -> Path:
+def _run_analysis(run_dir, out, *, probes, train, objective, feature_layer, topk, forces_mode, max_grad_norm, kernel_projection, init, layout, trust_pickles, model, base_model, tokenizer, chat_template, probe_eos, train_eos, special_tokens, device, dtype, nodes, no_by_tensor, split_by, method, chunk_size, memory_gb, workers, scheduler, quiet, **column_options) -> Path:
     import shlex
 
     from .forces import DEFAULT_NODES
@@ -173,7 +176,7 @@ def _run_analysis(run_dir, out, *, probes, train, objective, feature_layer, topk
                              "cluster or --scheduler ADDRESS to join one, not both")  # fmt: skip
     config = AnalysisConfig.for_run(
         run_dir, probes, init=init, model=model, base_model=base_model, tokenizer=tokenizer, layout=layout,
-        nodes=DEFAULT_NODES if nodes is None else nodes, by_tensor=not no_by_tensor, method=method, dtype=dtype,
+        nodes=DEFAULT_NODES if nodes is None else nodes, by_tensor=not no_by_tensor, split_by=split_by, method=method, dtype=dtype,
         chunk_size=chunk_size, memory_gb=memory_gb, trust_pickles=trust_pickles, train=train, objective=objective, forces=forces_mode, max_grad_norm=max_grad_norm, kernel_projection=kernel_projection,
         feature_layer=feature_layer, topk=topk, chat_template=chat_template, probe_eos=probe_eos, train_eos=train_eos, special_tokens=special_tokens,
         columns={c: column_options[f"{c}_column"] for c in COLUMNS},

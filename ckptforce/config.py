@@ -36,6 +36,7 @@ class AnalysisConfig:
     layout: str | None = dataclasses.field(default=None, metadata={"help": "forced checkpoint layout"})
     nodes: int = dataclasses.field(default=DEFAULT_NODES, metadata={"help": "Gauss–Legendre nodes of Δ_path (0: none)"})
     by_tensor: bool = dataclasses.field(default=True, metadata={"help": "split Δ_lin and Δ_path by tensor"})
+    split_by: str = dataclasses.field(default="tensor", metadata={"help": "what the split sums over: tensor, layer (module) or block (--split-by)"})
     method: str = dataclasses.field(default="auto", metadata={"help": "J·v by jvp, double_vjp or auto"})
     dtype: str = dataclasses.field(default="float32", metadata={"help": "arithmetic dtype of the forces"})
     chunk_size: int | None = dataclasses.field(default=None, metadata={"help": "probe rows per forward / JVP (None: from the memory budget)"})

@@ -52,6 +52,7 @@ DIMS = {
     "own_response": "a training example's own response (a preference pair's chosen, rejected; a GRPO group's completion_i)",
     "completion_token": "the i-th token of a GRPO completion",
     "topk": "rank in the next-token distribution (0: the most likely token)",
+    "part": "a group of parameter tensors: a module (--split-by layer) or a transformer block (--split-by block)",
 }
 
 #: Coordinates and data variables: name -> dims, long_name, units. Declared once; builders and readers use these.
@@ -86,6 +87,8 @@ VARS: dict[str, Var] = {
     "dlogp_lin_tok": Var(("interval", "probe", "response", "token"), "first-order prediction per response token", "nat"),
     "dlogp_lin_tensor": Var(("interval", "probe", "response", "tensor"), "first-order prediction split by parameter tensor", "nat"),
     "dlogp_path_tensor": Var(("interval", "probe", "response", "tensor"), "path-integrated change split by parameter tensor", "nat"),
+    "dlogp_lin_part": Var(("interval", "probe", "response", "part"), "first-order prediction split by group of tensors (--split-by)", "nat"),
+    "dlogp_path_part": Var(("interval", "probe", "response", "part"), "path-integrated change split by group of tensors (--split-by)", "nat"),
     "remainder_ratio": Var(("interval",), "‖Δ_obs − Δ_lin‖ / ‖Δ_obs‖ over probes and responses", "1"),
     # feature adaptation (--feature-layer): the named layer's output z against z_0 at the first checkpoint
     "feature_norm": Var(("checkpoint", "probe"), "‖z‖ of the probe's features at the named layer"),

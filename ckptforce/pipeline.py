@@ -32,6 +32,7 @@ from .budget import default_memory_gb, duration, forwards_per_interval, model_sh
 from .forces import DEFAULT_NODES, interval_forces
 from .forces.features import drift, features
 from .forces.topk import response_topk
+from .tensor_groups import groups
 from .io import Run, open_run
 from .model import BoundModel, bind
 from .names import POOR_LINEARISATION
@@ -246,10 +247,14 @@ def compute_part(config_json: str, k: int, device: str = "cpu", progress: Callab
         index["class"] = list(range(res.before.logp_full.shape[-1]))
         data["logp_class"] = np.stack([o.logp_full.detach().double().cpu().numpy() for o in (res.before, res.after)])
     if config.by_tensor:
-        index["tensor"] = res.tensor_names
-        data["dlogp_lin_tensor"] = grid.rows(res.lin_by_tensor, res.argmax_lin_by_tensor)[None]
+        labels, where = groups(res.tensor_names, config.split_by)
+        dim, suffix = ("tensor", "tensor") if config.split_by == "tensor" else ("part", "part")
+        summed = lambda v: v if v is None or dim == "tensor" else torch.zeros(v.shape[0], len(labels), dtype=v.dtype, device=v.device).index_add_(  # noqa: E731
+            1, torch.tensor(where, device=v.device), v)  # fmt: skip
+        index[dim] = labels
+        data[f"dlogp_lin_{suffix}"] = grid.rows(summed(res.lin_by_tensor), summed(res.argmax_lin_by_tensor))[None]
         if res.path_by_tensor is not None:
-            data["dlogp_path_tensor"] = grid.rows(res.path_by_tensor, None)[None]
+            data[f"dlogp_path_{suffix}"] = grid.rows(summed(res.path_by_tensor), None)[None]
     attrs = {"jvp_method": res.method}
     if p.z0 is not None:
         rows = focus_rows(p.batch, p.responses[0])

@@ -153,3 +153,31 @@ def test_poor_linearisation_is_named_per_interval():
         "step 10→20: first-order prediction misses 80% of the observed change (remainder ratio); "
         "attribute with dlogp_path, or use checkpoints closer together"
     ]
+
+
+def test_split_by_layer_and_block_sum_the_tensor_split(serial_cube, runs, probes, tmp_path):
+    """--split-by layer / block: each part is the sum of its tensors' contributions in the default cube (Δ_lin and
+    Δ_path), the anatomy keeps its tensors, and the report names the leading part."""
+    from ckptforce.report import diagnostics as dg
+    from ckptforce.tensor_groups import group_of
+
+    with xr.open_dataset(serial_cube, engine="h5netcdf") as ds:
+        whole = ds.load()
+    assert group_of("transformer.h.1.attn.c_attn.weight", "block") == "transformer.h.1"
+    assert group_of("transformer.h.1.attn.c_attn.weight", "layer") == "transformer.h.1.attn.c_attn"
+    assert group_of("model.layers.11.mlp.up_proj.weight", "block") == "model.layers.11" and group_of("lm_head.weight", "block") == "lm_head"
+    for by in ("layer", "block"):
+        out = tmp_path / f"{by}.h5"
+        result = _analyze(runs["hf"].root, "--probes", probes, "-o", out, "--quiet", "--split-by", by)
+        assert result.exit_code == 0, result.output
+        with xr.open_dataset(out, engine="h5netcdf") as ds:
+            part = ds.load()
+        assert "dlogp_lin_tensor" not in part and list(part["tensor"].values) == list(whole["tensor"].values)  # the anatomy's tensors
+        labels = [group_of(str(t), by) for t in whole["tensor"].values]
+        assert sorted(part["part"].values.tolist()) == sorted(set(labels)) and len(set(labels)) < whole.sizes["tensor"]
+        for name in ("dlogp_lin", "dlogp_path"):
+            grouped = whole[f"{name}_tensor"].assign_coords(part=("tensor", labels)).groupby("part").sum(min_count=1)
+            np.testing.assert_allclose(part[f"{name}_part"].transpose(*grouped.dims).sel(part=grouped["part"]).values, grouped.values, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(part["dlogp_lin_part"].sum("part").values, part["dlogp_lin"].values, rtol=1e-4, atol=1e-6)
+        d = dg.tensor_split(part)
+        assert not d.missing and d.numbers["lead"] in part["part"].values and d.tables["share"].index.name == "part"

@@ -322,17 +322,18 @@ def tensor_split(ds: xr.Dataset, *, top: int = 12) -> Diagnostic:
     Table ``share`` (tensor × response, nats) for the ``top`` tensors by total |contribution|; ``numbers``
     name the largest tensor for ``chosen`` (or the first type).
     """
-    if (d := _needs(ds, "tensor_split", ["dlogp_lin_tensor"], "needs the per-tensor split (analyze without --no-by-tensor)")) is not None:
+    name, dim = ("dlogp_lin_part", "part") if "dlogp_lin_part" in ds else ("dlogp_lin_tensor", "tensor")  # --split-by layer / block
+    if (d := _needs(ds, "tensor_split", [name], "needs the per-tensor split (analyze without --no-by-tensor)")) is not None:
         return d
     given = _given(ds)
-    total = ds["dlogp_lin_tensor"].sel(response=given).mean("probe", skipna=True).sum("interval")  # (response, tensor)
-    frame = total.transpose("tensor", "response").to_pandas()
+    total = ds[name].sel(response=given).mean("probe", skipna=True).sum("interval")  # (response, tensor or part)
+    frame = total.transpose(dim, "response").to_pandas()
     order = frame.abs().sum(axis=1).sort_values(ascending=False).index[:top]
     frame = frame.loc[order]
     focus = "chosen" if "chosen" in given else given[0]
     col = total.sel(response=focus)
-    lead = str(col["tensor"].values[int(np.argmax(np.abs(col.values)))])
-    share = float(abs(col.sel(tensor=lead)) / abs(col).sum())
+    lead = str(col[dim].values[int(np.argmax(np.abs(col.values)))])
+    share = float(abs(col.sel({dim: lead})) / abs(col).sum())
     verdict = f"the change of log π({focus}) comes most from {lead} ({share:.0%} of the summed |contributions|)"
     return Diagnostic("tensor_split", {"share": frame}, {"lead_share": share, "lead": lead}, verdict + ".")  # type: ignore[dict-item]
 

@@ -172,7 +172,8 @@ def tensor_split(d: Diagnostic) -> Figure:
     vmax = float(np.nanmax(np.abs(share.to_numpy()))) or 1.0
     sns.heatmap(share, cmap="RdBu_r", center=0, vmin=-vmax, vmax=vmax, annot=share.shape[1] <= 8, fmt=".2f" if vmax >= 0.1 else ".1e",
                 annot_kws={"fontsize": "x-small"}, cbar_kws={"label": "Σ over intervals of mean Δ_lin  [nat]"}, ax=axes[0])  # fmt: skip
-    axes[0].set(title="First-order change split by parameter tensor (largest first)", xlabel="response type", ylabel="parameter tensor")
+    what = "parameter tensor" if share.index.name != "part" else "group of tensors (--split-by)"
+    axes[0].set(title=f"First-order change split by {what} (largest first)", xlabel="response type", ylabel=what)
     axes[0].tick_params(axis="x", rotation=30)
     return fig
 
