@@ -76,7 +76,9 @@ SECTIONS: list[Section] = [
             "G = ∂L/∂z is the 'energy' of each training example. 1 − π(y) and ‖π − e_y‖ fall as the model learns its "
             "trained responses (a fading pull). For preference objectives σ(−βh) is how hard a pair still pushes. The "
             "rank of the tokens pushed down says where the negative gradient lands: at a large rank (a valley of π) "
-            "the mass it removes flows to the argmax — the squeezing effect."),
+            "the mass it removes flows to the argmax — the squeezing effect. ckptforce export dpo-extend CUBE --train FILE -o "
+            "sft_extend.jsonl writes the pairs whose rejected answers sit in such valleys as SFT examples (both answers) "
+            "to train before DPO (Ren & Sutherland's mitigation)."),
     Section("displacement", "Likelihood displacement of preference pairs", dt.displacement, fg.displacement,
             "A DPO (IPO, SimPO) step on a pair pulls its chosen answer up and pushes its rejected answer down; when the "
             "two are alike, the push drags the chosen answer down too (likelihood displacement, Razin et al., arXiv "
