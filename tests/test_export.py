@@ -306,6 +306,7 @@ def test_bench_filter_kd_runs(tmp_path):
         assert z["targets"].shape == (1300, 10) and json.loads(str(z["provenance"]))["settings"]["alpha"] == 0.95
 
 
+@pytest.mark.slow  # an analysis of a TRL run end to end
 def test_analyze_topk_on_a_trl_run_gives_the_filter_kd_export_its_distributions(runs, tmp_path):
     """analyze --topk on TRL's SFT run, with its training examples as probes: the first of the top k is the top-1 mass
     the cube already holds, the response's own token sits among them where it is likely, and the export reads them;

@@ -155,6 +155,7 @@ def test_poor_linearisation_is_named_per_interval():
     ]
 
 
+@pytest.mark.slow  # two more analyses of the Trainer run
 def test_split_by_layer_and_block_sum_the_tensor_split(serial_cube, runs, probes, tmp_path):
     """--split-by layer / block: each part is the sum of its tensors' contributions in the default cube (Δ_lin and
     Δ_path), the anatomy keeps its tensors, and the report names the leading part."""
