@@ -285,7 +285,7 @@ def _probe_groupings(probes: Path, columns: dict) -> list[str]:
 @click.option("--only", multiple=True, type=click.Choice([a.name for a in AUDITS]), help="Audit only these sample runs (repeatable).")
 def demo(out: Path, only: tuple[str, ...]) -> None:
     """Train (first time, cached after) the sample runs of sample_runs/recipes with real trainers — a tiny
-    GPT-2 pretrained on a world of facts, then SFT and DPO with TRL; a Lightning MLP on scikit-learn's digits
+    GPT-2 pretrained on a world of facts, then SFT, DPO and GRPO with TRL; a Lightning MLP on scikit-learn's digits
     with flipped labels, and a head-probing → fine-tuning pair — audit each, and print where the reports
     are. About two minutes on 2 CPU cores; nothing is downloaded.
 
