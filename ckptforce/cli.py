@@ -171,6 +171,8 @@ def _run_analysis(run_dir, out, *, probes, train, objective, feature_layer, topk
     from .pipeline import AnalysisConfig
     from .pipeline import analyze as run_analysis
 
+    if no_by_tensor and split_by != "tensor":
+        raise CkptforceError(f"--split-by {split_by} and --no-by-tensor: the split is what --no-by-tensor skips; drop one of them")
     if workers and scheduler:
         raise CkptforceError(f"--workers {workers} and --scheduler {scheduler}: both given; give --workers N for a local "
                              "cluster or --scheduler ADDRESS to join one, not both")  # fmt: skip
@@ -322,11 +324,14 @@ def demo(out: Path, only: tuple[str, ...]) -> None:
 @click.option("--top-k", type=click.IntRange(0), default=0, show_default=True, help="Top-k cut (0: none, as TRL).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed: the same seed gives the same file.")
 @click.option("--tokenizer", type=click.Path(path_type=Path), help="Tokenizer folder (default: the checkpoint's, then the run root's).")
-@click.option("--no-special-tokens", is_flag=True, help="Tokenize prompts without the tokenizer's special tokens (BOS).")
+@click.option("--chat-template", type=click.Path(path_type=Path), help="Jinja chat template for conversational prompts, or a "
+              "tokenizer_config.json holding one (default: the tokenizer's own).")  # fmt: skip
+@click.option("--no-special-tokens", is_flag=True, help="Tokenize prompts without the tokenizer's special tokens (BOS); TRL's "
+              "GRPOTrainer adds them, as tokenizer(text) does.")  # fmt: skip
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, or cuda:N.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def rollouts(run_dir: Path, init, layout, trust_pickles, prompts: Path, reward: str, out: Path, step, num_generations, max_completion_length,
-             temperature, top_p, top_k, seed, tokenizer, no_special_tokens, device, quiet) -> None:  # fmt: skip
+             temperature, top_p, top_k, seed, tokenizer, chat_template, no_special_tokens, device, quiet) -> None:  # fmt: skip
     """For a GRPO run whose rollouts were not saved: sample a group of completions per prompt from the policy
     at one checkpoint (transformers' generate, as TRL's GRPOTrainer does), score them with your reward
     function, and write a --train file (prompt, completions as token ids, rewards) whose header records the
@@ -344,7 +349,7 @@ def rollouts(run_dir: Path, init, layout, trust_pickles, prompts: Path, reward: 
     bar = None if quiet else _progress_bar("sampling", "prompts")
     try:
         header = sample_rollouts(run_dir, prompts, reward, out, checkpoint=step, init=init, layout=layout, sampling=sampling, tokenizer=tokenizer,
-                                 special_tokens=not no_special_tokens, device=device, trust_pickles=trust_pickles, progress=bar)  # fmt: skip
+                                 chat_template=chat_template, special_tokens=not no_special_tokens, device=device, trust_pickles=trust_pickles, progress=bar)  # fmt: skip
     finally:
         if bar is not None:
             bar.close()

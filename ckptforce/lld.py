@@ -36,6 +36,7 @@ from .errors import ModelBindError
 from .forces.attribution import token_forces
 from .forces.nthr import nthr_scores
 from .forces.objectives import advantages
+from .forces.observe import chunks
 from .names import NTHR_TOPK
 from .ranks import spearman, topk_overlap
 
@@ -43,13 +44,20 @@ from .ranks import spearman, topk_overlap
 def rollout_stats(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per row (B,) float64: ``logp`` Σ_k log π(y_k), ``entropy`` and ``top1`` the mean over the response of the
     policy's entropy and largest probability (exploration collapse: both move to 0 and 1)."""
-    logq = torch.log_softmax(logits.double(), -1)
+    logq = torch.log_softmax(logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits, -1)
     m = mask.double()
     n = m.sum(1).clamp_min(1)
     logp = (logq.gather(-1, targets.unsqueeze(-1)).squeeze(-1) * m).sum(1)
     entropy = (-(logq.exp() * logq).sum(-1) * m).sum(1) / n
     top1 = (logq.max(-1).values.exp() * m).sum(1) / n
     return {"logp": logp.cpu(), "entropy": entropy.cpu(), "top1": top1.cpu()}
+
+
+def chunked_stats(fn, params: dict, batch, chunk_size: int | None) -> dict[str, torch.Tensor]:
+    """``rollout_stats`` of ``fn(params, batch)``, ``chunk_size`` rows at a time without gradients."""
+    with torch.no_grad():
+        parts = [rollout_stats(fn(params, sub), sub.targets, sub.target_mask) for sub in chunks(batch, chunk_size)]
+    return {k: torch.cat([x[k] for x in parts]) for k in parts[0]}
 
 
 def compact(values: torch.Tensor, mask: torch.Tensor, width: int) -> np.ndarray:
@@ -61,15 +69,28 @@ def compact(values: torch.Tensor, mask: torch.Tensor, width: int) -> np.ndarray:
     return out
 
 
+def token_piece(tok, i: int) -> str:
+    """A token's text, never "" (the empty string marks a completion's end in the cube): its decoding; else its
+    vocabulary entry (SentencePiece's lone '▁' decodes to nothing); else '#id'."""
+    if tok is None:
+        return f"#{i}"
+    text = tok.decode([i])
+    if text:
+        return text
+    convert = getattr(tok, "convert_ids_to_tokens", None)
+    raw = convert(i) if callable(convert) else None
+    return raw if isinstance(raw, str) and raw else f"#{i}"
+
+
 def token_texts(pt, width: int) -> np.ndarray:
-    """(U, n, width) text of each completion token ("" after its end): the tokenizer's decoding, else '#id'."""
+    """(U, n, width) text of each completion token ("" after its end, never for a token: ``token_piece``)."""
     n_ex, n = len(pt.tset), pt.n_resp
     out = np.full((n_ex * n, width), "", dtype=object)
     tok = pt.tokenizer
     targets, mask = pt.batch.targets.cpu(), pt.batch.target_mask.cpu().bool()
     for b in range(len(pt.batch)):
         ids = targets[b][mask[b]].tolist()
-        out[b, : len(ids)] = [tok.decode([i]) if tok is not None else f"#{i}" for i in ids]
+        out[b, : len(ids)] = [token_piece(tok, i) for i in ids]
     return out.reshape(n_ex, n, width).astype(str)
 
 
@@ -84,11 +105,9 @@ def lld_part(p, pt, k: int, before: dict, after: dict, logits: torch.Tensor, wei
     n_ex, n = len(pt.tset), pt.n_resp
     width = completion_width(pt)
     batch, config = pt.batch, p.config
-    with torch.no_grad():
-        logits_after = p.model.logits(after, batch)
-    stats = [rollout_stats(lg, batch.targets, batch.target_mask) for lg in (logits, logits_after)]
+    stats = [rollout_stats(logits, batch.targets, batch.target_mask), chunked_stats(p.model.logits, after, batch, p.chunk_size)]
     rewards = torch.tensor([e.rewards for e in pt.tset.examples], dtype=torch.float64)
-    adv = advantages(rewards)
+    adv = pt.advantages if pt.advantages is not None else advantages(rewards)
     correct = adv > 0  # (U, n): the anchors, pulled up by the group's positive advantages
     used = (coeff != 0) & (weights != 0).any(1)
     pos, neg = own_pos.double().clone(), own_neg.double().clone()
@@ -114,8 +133,8 @@ def lld_part(p, pt, k: int, before: dict, after: dict, logits: torch.Tensor, wei
             try:
                 with torch.no_grad():
                     hidden = p.model.last_hidden(before, sub)
-                    probs = torch.softmax(p.model.logits(before, sub).double(), -1)
-                nthr[u] = compact(nthr_scores(hidden, probs, sub.targets, sub.target_mask, anchors).cpu(), sub.target_mask.cpu(), width)
+                    group_logits = p.model.logits(before, sub)
+                nthr[u] = compact(nthr_scores(hidden, group_logits, sub.targets, sub.target_mask, anchors).cpu(), sub.target_mask.cpu(), width)
             except ModelBindError as e:
                 hidden_ok = False
                 notes.append(f"NTHR not computed: {e}")

@@ -33,7 +33,7 @@ from .errors import CkptforceError
 from .io import open_run
 from .model import bind, load_factory
 from .probes import load_tokenizer
-from .sequences import Convention, as_text, encode, is_messages
+from .sequences import Convention, as_text, encode, is_messages, load_chat_template
 from .train_examples import _records
 
 
@@ -69,10 +69,11 @@ def score(reward: Callable, spec: str, prompts: list, completions: list, complet
     extras = {"trainer_state": None, "log_extra": lambda *a, **k: None, "log_metric": lambda *a, **k: None}  # TRL's, with no trainer
     try:
         out = reward(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns, **extras)
+        values = [float("nan") if v is None else v for v in list(out)]
     except Exception as e:  # noqa: BLE001 - the user's function may fail in any way
         raise CkptforceError(f"--reward {spec}: the reward function failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                             "it is called as reward(prompts=..., completions=..., completion_ids=..., **columns)") from e  # fmt: skip
-    values = [float("nan") if v is None else v for v in list(out)]
+                             "it is called as reward(prompts=..., completions=..., completion_ids=..., **columns) and returns one "
+                             "float per completion") from e  # fmt: skip
     if len(values) != len(completions):
         raise CkptforceError(f"--reward {spec}: returned {len(values)} values for {len(completions)} completions; return one per completion")
     try:
@@ -85,7 +86,8 @@ def score(reward: Callable, spec: str, prompts: list, completions: list, complet
 
 
 def sample_rollouts(run_dir, prompts, reward_spec: str, out, *, checkpoint: int | None = None, init=None, layout: str | None = None, sampling: Sampling = Sampling(),
-                    tokenizer: str | None = None, special_tokens: bool = True, device: str = "cpu", trust_pickles: bool = False,
+                    tokenizer: str | None = None, chat_template: str | None = None, special_tokens: bool = True, device: str = "cpu",
+                    trust_pickles: bool = False,
                     progress: Callable[[int, int], None] | None = None) -> dict:  # fmt: skip
     """Sample ``sampling.num_generations`` completions per prompt of ``prompts`` at one checkpoint of ``run_dir``
     (the step ``checkpoint``; default the first, with ``init`` the run's start), score them with ``reward_spec``
@@ -101,7 +103,7 @@ def sample_rollouts(run_dir, prompts, reward_spec: str, out, *, checkpoint: int 
         ckpt = run.checkpoints[steps.index(checkpoint)]
     else:
         raise CkptforceError(f"{run.root}: no checkpoint at step {checkpoint}; the run has steps {', '.join(map(str, steps))}")
-    if run.root in out.resolve().parents:
+    if run.root.resolve() in out.resolve().parents:
         raise CkptforceError(f"{out}: is inside the run directory {run.root}; ckptforce never writes there, choose another path")
     with run.open(ckpt) as c:
         model = bind(c, run_root=run.root)
@@ -114,7 +116,7 @@ def sample_rollouts(run_dir, prompts, reward_spec: str, out, *, checkpoint: int 
     folder = ckpt.path if ckpt.path.is_dir() else ckpt.path.parent
     tok = load_tokenizer(Path(tokenizer) if tokenizer else None, [folder, run.root])
     eos, pad = tok.eos_token_id, tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    convention = Convention(special_tokens, True)
+    convention = Convention(special_tokens, True, load_chat_template(chat_template) if chat_template else None)
     written = []
     for i, (line, row) in enumerate(rows):
         where = f"{prompts_path}:{line}"
@@ -131,7 +133,7 @@ def sample_rollouts(run_dir, prompts, reward_spec: str, out, *, checkpoint: int 
             progress(i + 1, len(rows))
     header = {"objective": "grpo", "max_completion_length": sampling.max_completion_length,
               "sampled": {"run": str(run.root), "checkpoint": str(ckpt.path), "step": ckpt.step, "reward": reward_spec,
-                          "prompts": str(prompts_path), "prompts_sha256": hashlib.sha256(prompts_path.read_bytes()).hexdigest(),
+                          "prompts": str(prompts_path), "prompts_sha256": _sha256(prompts_path),
                           **asdict(sampling)}}  # fmt: skip
     text = "\n".join(json.dumps(r, ensure_ascii=False) for r in [header, *written]) + "\n"
     write_atomic(out, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
@@ -139,6 +141,8 @@ def sample_rollouts(run_dir, prompts, reward_spec: str, out, *, checkpoint: int 
 
 
 def _prompt_rows(path: Path) -> list[tuple[int, dict]]:
+    if not path.exists():
+        raise CkptforceError(f"--prompts {path}: no such file; give the prompts as JSONL (one object with a 'prompt' per line) or a data set")
     rows = [(n, r) for n, r in _records(path) if not (isinstance(r, dict) and "objective" in r and "prompt" not in r)]
     for n, r in rows:
         if not isinstance(r, dict) or "prompt" not in r:
@@ -148,6 +152,14 @@ def _prompt_rows(path: Path) -> list[tuple[int, dict]]:
     if not rows:
         raise CkptforceError(f"{path}: no prompts; write one JSON object with a 'prompt' per line")
     return rows
+
+
+def _sha256(path: Path) -> str:
+    """The prompts' SHA-256: of the file, or of a data-set folder's files (names and bytes, in order)."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]:
+        h.update(str(f.relative_to(path) if path.is_dir() else f.name).encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
 
 
 def _seed(base: int, row: dict, index: int) -> int:

@@ -63,6 +63,7 @@ class TrainingSet:
     batch_size: int | None = None
     loss_type: str | None = None  # GRPO: GRPOConfig.loss_type (None: TRL's default)
     max_completion_length: int | None = None  # GRPO: GRPOConfig.max_completion_length
+    scale_rewards: str | None = None  # GRPO: GRPOConfig.scale_rewards (None: TRL's default, group)
     objective_source: str = "examples"  # command line | header | trainer record | examples
     notes: list[str] = field(default_factory=list)
     columns: set[str] = field(default_factory=set)  # every field name the file holds, before --*-column renaming
@@ -194,8 +195,12 @@ def load_training_set(path, objective: str | None = None, *, record: str | None 
         notes.append(f"the GRPO rollouts were sampled by ckptforce rollouts at step {sampled.get('step', '?')} with --reward "
                      f"{sampled.get('reward', '?')} (seed {sampled.get('seed', '?')}), not drawn by the trainer: the forces describe "
                      "groups like the ones it trained on")  # fmt: skip
+    scale = header.get("scale_rewards")
+    scale = {True: "group", False: "none"}.get(scale, scale) if isinstance(scale, bool) else scale
+    if scale == "batch" and not all(e.steps for e in examples):
+        raise TrainFileError(f"{path}: scale_rewards 'batch' divides by the std of each optimizer step's rewards; give every group its 'steps'")
     return TrainingSet(path, chosen, examples, header.get("beta"), header.get("gamma"), header.get("batch_size"), header.get("loss_type"),
-                       header.get("max_completion_length"), source, notes, names)  # fmt: skip
+                       header.get("max_completion_length"), scale, source, notes, names)  # fmt: skip
 
 
 def _records(path: Path):

@@ -23,7 +23,7 @@ from .forces.approx import approximate_forces, relative_error
 from .forces.linear import delta_lin
 from .forces.attribution import ExampleForces, LoraFactor, direction_force, example_forces, example_gradient, lora_preconditioner, preconditioner
 from .forces.kernels import Projection, class_forces, gradient_kernel
-from .forces.objectives import DEFAULT_BETA, GRPO_DEFAULT_LOSS, NEEDS_REFERENCE, PREFERENCE, g_statistics, kd_loss, margin, response_weights
+from .forces.objectives import DEFAULT_BETA, GRPO_DEFAULT_LOSS, NEEDS_REFERENCE, PREFERENCE, advantages, g_statistics, kd_loss, margin, response_weights
 from .forces.objectives import loss as objective_loss
 from .probes import TokenBatch, boundary_note, load_tokenizer, make_batch, tokenize
 from .sequences import Convention, as_text, is_ids
@@ -55,6 +55,7 @@ class PreparedTraining:
     notes: list[str] = field(default_factory=list)
     tokenizer: object = None  # the tokenizer the texts went through (None for ids / arrays)
     token_norm: torch.Tensor | None = None  # (U,) GRPO dapo / bnpo: each group's share of its step's completion tokens
+    advantages: torch.Tensor | None = None  # (U, n) GRPO: Â of every completion, scaled as the trainer did (scale_rewards)
 
     @property
     def sources(self) -> list[str]:
@@ -93,6 +94,7 @@ def prepare_training(config, run, model, tokenizer, device: str, dtype: torch.dt
         first = run.checkpoints[-1].path
         tokenizer = load_tokenizer(Path(config.tokenizer) if config.tokenizer else None, [first if first.is_dir() else first.parent, run.root])
     tok = tokenize(tset.as_probe_set(), tokenizer, convention=convention, max_length=model.context, vocab_size=model.vocab_size)
+    notes_tok = cap_completions(tset, tok) if tset.objective == "grpo" else []
     pad = getattr(tokenizer, "pad_token_id", None) or 0
     roles = list(tset.examples[0].responses)
     if any(list(e.responses) != roles for e in tset.examples):
@@ -101,7 +103,7 @@ def prepare_training(config, run, model, tokenizer, device: str, dtype: torch.dt
     batch = make_batch(tok, rows, pad_id=pad).to(device)
     lengths = batch.target_mask.sum(1).view(len(tset), len(roles)).double().cpu()
     ref_logp = teacher = None
-    notes = list(tset.notes)
+    notes = list(tset.notes) + notes_tok
     if tset.objective in NEEDS_REFERENCE:
         with run.open(run.checkpoints[0]) as ckpt:
             ref_params = model.params_from(ckpt, device=device, dtype=dtype)
@@ -122,11 +124,33 @@ def prepare_training(config, run, model, tokenizer, device: str, dtype: torch.dt
     if not tset.has_steps:
         notes.append("the training file has no 'steps': each example is counted as used n_steps × batch/U times per interval (uniform sampling)")
     notes += [n for n in [boundary_note(tok, tokenizer, "training examples")] if n]
-    token_norm = None
+    token_norm = adv = None
     if tset.objective == "grpo":
         token_norm, more = grpo_token_norm(tset, lengths, batch_size)
         notes += more
-    return PreparedTraining(tset, batch, [u for u, _ in rows], len(roles), lengths, ref_logp, teacher, batch_size, notes, tokenizer, token_norm)
+        rewards = torch.tensor([e.rewards for e in tset.examples], dtype=torch.float64)
+        adv = advantages(rewards, tset.scale_rewards or "group", [e.steps[0] for e in tset.examples] if tset.scale_rewards == "batch" else None)
+    return PreparedTraining(tset, batch, [u for u, _ in rows], len(roles), lengths, ref_logp, teacher, batch_size, notes, tokenizer, token_norm, adv)
+
+
+def cap_completions(tset: TrainingSet, tok) -> list[str]:
+    """GRPO completions given as text are scored as the trainer scored them: EOS appended (a completion that ended
+    generated it, and TRL scores it), but none beyond ``max_completion_length`` tokens — a completion the trainer
+    cut there has no EOS. Token ids are used as they are. Edits ``tok`` in place; returns a note."""
+    cap = tset.max_completion_length
+    text = [any(isinstance(r, str) for r in e.responses.values()) for e in tset.examples]
+    if not any(text):
+        return []
+    if cap is None:
+        return ["GRPO completions given as text are scored with EOS appended (as the trainer scores a completion that ended); "
+                "give max_completion_length in the header so that the ones it cut there are scored without it"]  # fmt: skip
+    cut = 0
+    for i, has_text in enumerate(text):
+        for name, value in tset.examples[i].responses.items():
+            ids = tok.response_ids[i][name]
+            if has_text and isinstance(value, str) and len(ids) > cap:
+                tok.response_ids[i][name], cut = ids[:cap], cut + 1
+    return [f"{cut} GRPO completion(s) given as text reached max_completion_length {cap}: scored without EOS, as the trainer did"] if cut else []
 
 
 def grpo_token_norm(tset: TrainingSet, lengths: torch.Tensor, batch_size: int | None) -> tuple[torch.Tensor, list[str]]:
@@ -432,7 +456,7 @@ def _objective_kw(pt: PreparedTraining) -> dict:
     kw = {"lengths": pt.lengths, "ref_logp": pt.ref_logp, "beta": pt.tset.beta, "gamma": pt.tset.gamma}
     if pt.tset.objective == "grpo":
         kw["rewards"] = torch.tensor([e.rewards for e in pt.tset.examples], dtype=torch.float64)
-        kw.update(loss_type=pt.tset.loss_type, token_norm=pt.token_norm, max_completion_length=pt.tset.max_completion_length)
+        kw.update(advantage=pt.advantages, loss_type=pt.tset.loss_type, token_norm=pt.token_norm, max_completion_length=pt.tset.max_completion_length)
     return kw
 
 

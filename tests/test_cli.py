@@ -196,3 +196,11 @@ def test_layout_choices_are_the_known_layouts():
     from ckptforce.io import LAYOUTS
 
     assert LAYOUT_NAMES == list(LAYOUTS)
+
+
+def test_split_by_with_no_by_tensor_is_refused(runs, tmp_path):
+    probes = tmp_path / "p.jsonl"
+    probes.write_text(json.dumps({"id": "a", "prompt_ids": [1, 2], "responses": {"chosen": [3]}}) + "\n")
+    result = CliRunner().invoke(main, ["analyze", str(runs["hf"].root), "--probes", str(probes), "--no-by-tensor", "--split-by", "block",
+                                       "-q", "-o", str(tmp_path / "c.h5")])  # fmt: skip
+    assert result.exit_code != 0 and "--split-by block and --no-by-tensor" in result.output and not (tmp_path / "c.h5").exists()

@@ -15,6 +15,7 @@ types and gradient clipping against the trainer's own steps, and the sample run 
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -45,7 +46,10 @@ def _weights(model, params, rows, loss_type="grpo"):
     return response_weights("grpo", logp, lengths=lengths, rewards=REWARDS, loss_type=loss_type).flatten()
 
 
-def test_nthr_is_the_unembedding_gradient_inner_product():
+def test_nthr_is_the_unembedding_gradient_inner_product(monkeypatch):
+    import ckptforce.forces.nthr as nthr
+
+    monkeypatch.setattr(nthr, "VOCAB_CHUNK", 4)  # three vocabulary chunks of 11
     g = torch.Generator().manual_seed(0)
     n, T, H, V = 3, 5, 6, 11
     h = torch.randn(n, T, H, generator=g, dtype=torch.float64)
@@ -54,11 +58,12 @@ def test_nthr_is_the_unembedding_gradient_inner_product():
     mask = torch.ones(n, T, dtype=torch.bool)
     mask[0, :2] = False  # prompt positions
     mask[2, 4] = False
-    logq = torch.log_softmax(h @ U.T, -1)  # (n, T, V)
+    logits = h @ U.T  # (n, T, V)
+    logq = torch.log_softmax(logits, -1)
     tok_logp = logq.gather(-1, y[..., None]).squeeze(-1)
     anchors = [0, 2]
     (g_a,) = torch.autograd.grad((tok_logp * mask)[anchors].sum(), U, retain_graph=True)
-    s = nthr_scores(h, logq.exp().detach(), y, mask, anchors)
+    s = nthr_scores(h, logits.detach(), y, mask, anchors)
     for i in range(n):
         for k in range(T):
             if not mask[i, k]:
@@ -156,3 +161,28 @@ def test_gradient_clipping_scales_each_steps_examples():
     pt = type("PT", (), {"tset": Set(), "batch_size": 2})
     c = _coefficients(pt, 0.1, 0, 3, 3, (factors, mean))
     np.testing.assert_allclose(c.numpy(), [0.1 * 1.0 / 2, 0.1 * (0.25 + 0.625) / 2])
+
+
+def test_advantages_scale_as_trls_scale_rewards():
+    """TRL (GRPOTrainer._generate_and_score_completions, sum_then_normalize): Â = r − mean_group r, divided by
+    std + 1e-4 with std the group's ('group'), the whole step's ('batch'), or not at all ('none'); std Bessel-corrected."""
+    r = torch.tensor([[1.0, 0, 0, 1], [0, 0, 0, 1], [1, 1, 1, 1]], dtype=torch.float64)
+    centred = r - r.mean(1, keepdim=True)
+    torch.testing.assert_close(advantages(r, "none"), centred)
+    torch.testing.assert_close(advantages(r), centred / (r.std(1, keepdim=True) + 1e-4))
+    steps = [1, 1, 2]  # groups 0 and 1 in one optimizer step, group 2 alone
+    want = torch.stack([centred[0] / (r[:2].std() + 1e-4), centred[1] / (r[:2].std() + 1e-4), centred[2] / (r[2].std() + 1e-4)])
+    torch.testing.assert_close(advantages(r, "batch", steps), want)
+
+
+def test_scale_rewards_are_read_from_the_header(tmp_path):
+    from ckptforce.train_examples import TrainFileError, load_training_set
+
+    rows = [{"id": "g", "prompt_ids": [1], "completions": [[2], [3], [4]], "rewards": [1.0, 0.0, 0.0], "steps": [1]}]
+    for scale, want in (("none", "none"), (False, "none"), (True, "group"), ("batch", "batch")):
+        path = tmp_path / "t.jsonl"
+        path.write_text("".join(json.dumps(x) + "\n" for x in [{"objective": "grpo", "scale_rewards": scale}, *rows]))
+        assert load_training_set(path).scale_rewards == want
+    path.write_text("".join(json.dumps(x) + "\n" for x in [{"objective": "grpo", "scale_rewards": "batch"}, {k: v for k, v in rows[0].items() if k != "steps"}]))
+    with pytest.raises(TrainFileError, match="give every group its 'steps'"):
+        load_training_set(path)

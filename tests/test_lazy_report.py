@@ -19,11 +19,11 @@ WORDS = [["bob", " works", " as", " a", " cook"], ["bob", " lives", " in", " rom
 
 
 def _cube() -> xr.Dataset:
-    """4 groups × 4 completions, 2 intervals. completion_0 is each group's one correct completion (g3: all rewards
-    equal, no gradient). Own update in interval 0 for g0, g1, in interval 1 for g2:
+    """4 groups × 4 completions, 2 intervals. completion_0 is each group's correct completion, and g0's completion_1
+    too (g3: all rewards equal, no gradient). Own update in interval 0 for g0, g1, in interval 1 for g2:
     g0 pull +1.0 push −0.2 (not lazy), g1 +1.0 / −0.7 (lazy: 70 % cancelled), g2 +0.5 / −0.9 (displaced)."""
     g, n, t = len(GROUPS), 4, 5
-    rewards = np.array([[1.0, 0, 0, 0]] * 3 + [[1.0, 1, 1, 1]])
+    rewards = np.array([[1.0, 1, 0, 0]] + [[1.0, 0, 0, 0]] * 2 + [[1.0, 1, 1, 1]])  # g0: two correct completions
     adv = np.where(rewards.std(1, keepdims=True) > 0, (rewards - rewards.mean(1, keepdims=True)) / 0.433, 0.0)
     pos = np.full((2, g), np.nan)
     neg = np.full((2, g), np.nan)
@@ -36,6 +36,7 @@ def _cube() -> xr.Dataset:
         token_force[i, u, :, :4] = -rng.uniform(0, 1, (n, 4))
         nthr[i, u, :, :4] = -token_force[i, u, :, :4] + rng.normal(0, 0.3, (n, 4))
     token_force[0, 1, 3, 0] = -9.0  # the most harmful token: the first of g1's completion_3
+    token_force[0, 0, 2, 1] = -1.5  # g0's: 1.5 nats against a pull of 1.0 on each of its two correct completions
     tokens = np.array([[WORDS[j % 4] for j in range(n)] for _ in range(g)], dtype=object).astype(str)
     tokens[1, 3] = WORDS[3]
     entropy = np.linspace(0.8, 0.2, 3)[:, None, None] * np.ones((3, g, n))
@@ -77,7 +78,8 @@ def test_nthr_agreement_counts_only_the_negative_completions_tokens():
     d = drl.lazy_displacement(ds)
     tokens = d.tables["tokens"]
     assert set(tokens["completion"]) == {"completion_1", "completion_2", "completion_3"}  # completion_0 is correct
-    assert len(tokens) == 3 * 3 * 4  # three groups with a gradient, three negative completions, four tokens each
+    assert len(tokens) == (2 + 3 + 3) * 4  # negative completions of the three groups with a gradient, four tokens each
+    assert not ((tokens["group"] == "g0") & (tokens["completion"] == "completion_1")).any()  # g0's second correct one
     negative = ds["rollout_advantage"] < 0
     harm = (-ds["token_force"].sum("interval", min_count=1)).where(negative).values.ravel()
     score = ds["nthr"].mean("interval").where(negative).values.ravel()
@@ -98,7 +100,7 @@ def test_the_most_harmful_token_is_quoted_in_its_completion_and_escaped_in_the_h
     d = drl.lazy_displacement(_cube())
     top = d.highlights[0]
     assert (top.label, top.before, top.mark, top.after) == ("g1 / completion_3", "", "<script>alert(1)</script>", " lives in oslo")
-    assert "lowers the group's correct completions by 9 nats" in top.note and "prompt: Q g1" in top.note
+    assert "lowers the summed log π of the group's correct completions by 9 nats (first order)" in top.note and "prompt: Q g1" in top.note
     assert "most harmful token: «<script>alert(1)</script>» in g1 / completion_3" in d.verdict
     assert drl.completion_text(np.array(["bob", "works", ""])) == ["bob", " works"]  # word-level tokens get spaces
     section = next(s for s in SECTIONS if s.key == "lazy_displacement")
@@ -155,6 +157,8 @@ def test_grpo_weights_mark_exactly_the_tokens_whose_push_cancels_a_share_of_the_
         got = {(h["id"], h["completion"], h["position"]) for h in harmful_tokens(ds, GrpoWeightsConfig(min_share=min_share))}
         assert got == want
     assert ("g1", 3, 0) in got and share[1, 3, 0] == pytest.approx(9.0)  # the planted token: 9 nats against a pull of 1
+    g0 = next(h for h in harmful_tokens(ds, GrpoWeightsConfig(min_share=0.6)) if h["id"] == "g0")
+    assert (g0["completion"], g0["position"], g0["pull"]) == (2, 1, 2.0) and g0["share"] == pytest.approx(0.75)  # 1.5 / (1.0 × 2 correct)
     out, sidecar, records = write_grpo_weights(path, train, tmp_path / "w.jsonl", GrpoWeightsConfig(min_share=0.6, weight=0.25))
     lines = out.read_bytes().split(b"\n")
     raw = ROLLOUTS.encode().split(b"\n")

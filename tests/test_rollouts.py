@@ -102,7 +102,7 @@ def test_rollouts_write_a_grpo_train_file_that_records_how_it_was_made(runs, pro
     assert all(1 <= len(c) <= 8 for r in rows for c in r["completions"])
     tset = load_training_set(tmp_path / "a.jsonl")
     assert tset.objective == "grpo" and len(tset) == 2 and any("sampled by ckptforce rollouts at step 2" in n for n in tset.notes)
-    assert not any(p.is_relative_to(root) and p.name.endswith(".jsonl") for p in root.rglob("*.jsonl"))  # nothing written into the run
+    assert not list(root.rglob("*.jsonl"))  # nothing written into the run
 
 
 @pytest.mark.parametrize(
@@ -128,3 +128,13 @@ def test_a_prompt_file_without_prompts_is_refused(runs, tmp_path, prompts):
     bad.write_text('{"question": "where?"}\n')
     result = CliRunner().invoke(main, ["rollouts", str(runs["trl"].root), "--prompts", str(bad), "--reward", "my_rewards:lives", "-q", "-o", str(tmp_path / "r.jsonl")])
     assert result.exit_code != 0 and f"{bad}:1: each line needs a 'prompt'" in result.output
+
+
+def test_an_output_inside_the_run_is_refused_when_given_relative(runs, prompts, tmp_path, monkeypatch):
+    root = runs["trl"].root
+    monkeypatch.chdir(root.parent)
+    result = CliRunner().invoke(main, ["rollouts", root.name, "--prompts", str(prompts), "--reward", "my_rewards:lives", "-G", "2",
+                                       "--max-completion-length", "2", "-q", "-o", f"{root.name}/rollouts.jsonl"])  # fmt: skip
+    assert result.exit_code != 0 and "is inside the run directory" in result.output and not (root / "rollouts.jsonl").exists()
+    missing = CliRunner().invoke(main, ["rollouts", root.name, "--prompts", "nope.jsonl", "--reward", "my_rewards:lives", "-q", "-o", str(tmp_path / "r.jsonl")])
+    assert missing.exit_code != 0 and "--prompts nope.jsonl: no such file" in missing.output and "Traceback" not in missing.output

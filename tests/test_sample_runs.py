@@ -250,3 +250,6 @@ def test_grpo_run_with_a_checkpoint_per_step_is_explained_by_its_rollouts(lm_run
     d = lazy_displacement(ds)
     assert not d.missing and d.numbers["groups"] == int(ds["lld"].sel(source=d.tables["groups"]["group"].tolist()).notnull().any("interval").sum())
     assert len(d.tables["tokens"]) and np.isfinite(d.numbers["spearman"])
+    assert d.verdict.startswith(f"{int(d.numbers['lazy'])} of {int(d.numbers['groups'])} groups have lazy correct completions")
+    worst = d.tables["tokens"].iloc[0]
+    assert worst["harm"] > 0 and d.highlights and d.highlights[0].label == f"{worst['group']} / {worst['completion']}"

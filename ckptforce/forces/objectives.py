@@ -91,16 +91,24 @@ def loss(objective: str, logp: torch.Tensor, *, ref_logp=None, lengths=None, rew
     raise ValueError(f"objective {objective!r}: no closed-form weights; known: {', '.join(OBJECTIVES)}")
 
 
-def advantages(rewards: torch.Tensor) -> torch.Tensor:
-    """Group-normalised advantages Â = (r − mean r)/(std r + 1e-4) per example (U, n), as TRL's GRPO computes
-    them (Bessel-corrected std); 0 for a group of one. With binary rewards and success rate p this is close to
-    Â⁺ = (1−p)/√(p(1−p)), Â⁻ = −p/√(p(1−p)) of DESIGN §1 (which uses the population std).
+def advantages(rewards: torch.Tensor, scale: str = "group", batches: list[int] | None = None) -> torch.Tensor:
+    """Advantages Â = (r − mean_group r)/(std + 1e-4) per example (U, n), as TRL's GRPO computes them
+    (Bessel-corrected std): ``scale`` "group" the std within each group (0 for a group of one), "batch" the std of
+    every reward of the optimizer step (``batches``: each group's step), "none" no division (Dr. GRPO). With
+    binary rewards and success rate p, "group" is close to Â⁺ = (1−p)/√(p(1−p)), Â⁻ = −p/√(p(1−p)) of DESIGN §1
+    (which uses the population std).
     """
-    mean = rewards.mean(1, keepdim=True)
     if rewards.shape[1] < 2:
         return torch.zeros_like(rewards)
-    std = rewards.std(1, unbiased=True, keepdim=True)
-    return (rewards - mean) / (std + GRPO_STD_EPS)
+    centred = rewards - rewards.mean(1, keepdim=True)
+    if scale == "none":
+        return centred
+    if scale == "batch":
+        if batches is None:
+            raise ValueError("scale_rewards 'batch' needs each group's optimizer step")
+        std = torch.stack([rewards[[i for i, b in enumerate(batches) if b == step]].flatten().std(unbiased=True) for step in batches])
+        return centred / (std[:, None].nan_to_num(0.0) + GRPO_STD_EPS)
+    return centred / (rewards.std(1, unbiased=True, keepdim=True) + GRPO_STD_EPS)
 
 
 def response_weights(objective: str, logp: torch.Tensor, **kw) -> torch.Tensor:

@@ -99,7 +99,8 @@ def dpo_extend(ds: xr.Dataset, lines: list[Line], config: DpoExtendConfig = DpoE
         v = ev.get(ln.pair_id, {})
         records.append({"id": ln.pair_id, "line": ln.number, "action": "extend" if reasons else "keep", "reasons": reasons,
                         **{k: (v[k] if k in v and math.isfinite(v[k]) else None) for k in ("rank", "pull", "push")}})  # fmt: skip
-    missing = [p for p in ev if p not in {r["id"] for r in records}]
+    in_file = {r["id"] for r in records}
+    missing = [p for p in ev if p not in in_file]
     if missing:
         raise ExportError(f"{train}: pair {missing[0]!r} of the cube is not in the file ({len(missing)} of {len(ev)} missing); "
                           "give the --train file the cube was analysed with")  # fmt: skip

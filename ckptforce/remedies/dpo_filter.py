@@ -68,7 +68,7 @@ def read_lines(path: Path) -> list[Line]:
     """The JSONL training file line by line, raw bytes kept; a pair's id is its ``id`` field, else ``u<line>`` as
     ``ckptforce analyze`` names it."""
     if not path.is_file():
-        what = "is a directory (a data set?): dpo-filter copies the lines of a JSONL file" if path.is_dir() else "no such file"
+        what = "is a directory (a data set?): the export copies the lines of a JSONL file" if path.is_dir() else "no such file"
         raise ExportError(f"{path}: {what}; give the JSONL training file the run used (--train)")
     data = path.read_bytes()
     parts = data.split(b"\n")

@@ -130,7 +130,7 @@ def _harmful(ds: xr.Dataset, tokens: pd.DataFrame) -> list[Highlight]:
         at = int(row["position"])
         nthr = f", NTHR rank {int(row['nthr_rank'])}" if np.isfinite(row["nthr"]) else ""
         label = f"{row['group']} / {row['completion']}"
-        note = f"lowers the group's correct completions by {row['harm']:.3g} nats{nthr}"
+        note = f"lowers the summed log π of the group's correct completions by {row['harm']:.3g} nats (first order){nthr}"
         if prompts.get(row["group"]):
             note += f"; prompt: {prompts[row['group']]}"
         mark = pieces[at] if at < len(pieces) else str(row["token"])

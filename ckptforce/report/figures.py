@@ -362,6 +362,11 @@ def feature_adaptation(d: Diagnostic) -> Figure:
     return fig
 
 
+def _text(value) -> str:
+    """Run text (ids, tokens, prompts) as matplotlib draws it literally: a '$' would start mathtext."""
+    return str(value).replace("$", r"\$")
+
+
 def lazy_displacement(d: Diagnostic, *, top: int = 15) -> Figure:
     groups, tokens, exploration = d.tables["groups"], d.tables["tokens"], d.tables["exploration"]
     fig, axes = _figure(15.5, max(4.4, 0.28 * min(top, len(groups)) + 2.2), ncols=3, width_ratios=[1.15, 1, 0.9])
@@ -372,16 +377,16 @@ def lazy_displacement(d: Diagnostic, *, top: int = 15) -> Figure:
     ax.barh(y + 0.2, shown["lld_neg"], height=0.4, color=colour("rejected"), label="push (Â < 0 completions)")
     ax.scatter(shown["lld"], y, marker="D", color="black", zorder=3, label="LLD (total)")
     ax.axvline(0, color="black", lw=0.8)
-    ax.set_yticks(y, [f"{g}{' (lazy)' if lazy else ''}" for g, lazy in zip(shown["group"], shown["lazy"])], fontsize="x-small")
+    ax.set_yticks(y, [_text(f"{g}{' (lazy)' if lazy else ''}") for g, lazy in zip(shown["group"], shown["lazy"])], fontsize="x-small")
     ax.invert_yaxis()
-    ax.set(title="Each group's own force on its correct completions", xlabel="first-order Δ log π, mean over correct  [nat]")
+    ax.set(title="Each group's own force on its correct completions", xlabel="first-order Δ log π, mean over correct, Σ intervals  [nat]")
     ax.legend(fontsize="x-small", loc="best")
     ax = axes[1]
     scored = tokens.dropna(subset=["nthr"])
     if len(scored):
         ax.scatter(scored["nthr"], scored["harm"], s=14, color=colour("rejected"), alpha=0.6, zorder=3)
         for _, row in scored.head(3).iterrows():
-            ax.annotate(str(row["token"]).strip(), (row["nthr"], row["harm"]), fontsize="x-small", xytext=(4, 2), textcoords="offset points")
+            ax.annotate(_text(str(row["token"]).strip()), (row["nthr"], row["harm"]), fontsize="x-small", xytext=(4, 2), textcoords="offset points")
         ax.set_yscale("symlog", linthresh=max(float(scored["harm"].abs().quantile(0.9)), 1e-6))  # a few tokens dominate
     ax.axhline(0, color="black", lw=0.8)
     spearman = d.numbers.get("spearman", float("nan"))

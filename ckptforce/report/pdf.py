@@ -21,14 +21,14 @@ _WRAP = 150
 
 def _page(title: str) -> Figure:
     page = Figure(figsize=A4_LANDSCAPE)
-    page.text(0.04, 0.955, title, fontsize=16, weight="bold", va="top")
+    page.text(0.04, 0.955, title, fontsize=16, weight="bold", va="top", parse_math=False)
     return page
 
 
 def _paragraph(page: Figure, y: float, text: str, *, size: float = 9.5, width: int = _WRAP, **kw) -> float:
     """Write wrapped text from height y (figure fraction) down; return the y below it."""
     lines = textwrap.wrap(text, width) or [""]
-    page.text(0.04, y, "\n".join(lines), fontsize=size, va="top", family="DejaVu Sans", **kw)
+    page.text(0.04, y, "\n".join(lines), fontsize=size, va="top", family="DejaVu Sans", parse_math=False, **kw)  # run text may hold $
     return y - (len(lines) * size * 1.45 / 72) / A4_LANDSCAPE[1] - 0.012
 
 
