@@ -195,3 +195,23 @@ def test_grpo_weights_cli_and_errors(tmp_path):
     bad = CliRunner().invoke(main, ["export", "grpo-weights", str(tmp_path / "dpo.h5"), "--train", str(train), "-o", str(tmp_path / "x.jsonl")])
     assert bad.exit_code != 0 and "no GRPO token forces" in bad.output and "Traceback" not in bad.output
     assert "grpo-weights" in CliRunner().invoke(main, ["export", "--help"]).output
+
+
+def test_run_text_with_dollar_signs_renders_in_the_figure_and_the_pdf(tmp_path):
+    """Completions of maths runs hold '$': matplotlib would read '$…$' as mathtext (or fail on an odd count)."""
+    import io
+
+    from ckptforce.report import figures, pdf
+    from ckptforce.report.context import ReportContext
+    from ckptforce.report.sections import SECTIONS, Evaluated
+
+    ds = _cube()
+    ds["rollout_token"].loc[{"source": "g1", "own_response": "completion_3", "completion_token": 0}] = "costs $5 and $\\frac{1}{2"
+    d = drl.lazy_displacement(ds)
+    assert d.highlights[0].mark == "costs $5 and $\\frac{1}{2"
+    fig = figures.lazy_displacement(d)
+    fig.savefig(io.BytesIO(), format="png")
+    section = next(s for s in SECTIONS if s.key == "lazy_displacement")
+    ctx = ReportContext("run $1", "/run", [0, 1, 2], 0, "0", "now", ["a $ warning"], [Evaluated(section, d, fig)], [], [], 0, [], "", "")
+    pdf.write(ctx, tmp_path / "r.pdf")
+    assert (tmp_path / "r.pdf").stat().st_size > 10_000
