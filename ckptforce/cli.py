@@ -14,6 +14,7 @@ import click
 
 from . import __version__
 from .datafiles import COLUMNS
+from .demo import AUDIT_NAMES
 from .errors import CkptforceError
 
 #: The names of ckptforce.io.LAYOUTS (spelt out so that --help does not import torch; a test keeps them equal).
@@ -275,12 +276,13 @@ def _probe_groupings(probes: Path, columns: dict) -> list[str]:
 @main.command()
 @click.option("-o", "--output", "out", type=click.Path(path_type=Path), default=Path("ckptforce-demo"), show_default=True,
               help="Folder for the audits (one sub-folder per sample run).")
-@click.option("--only", multiple=True, type=click.Choice(["sft", "dpo", "digits-noisy", "digits-finetune"]), help="Audit only these sample runs (repeatable).")
+@click.option("--only", multiple=True, type=click.Choice(AUDIT_NAMES), help="Audit only these sample runs (repeatable).")
 def demo(out: Path, only: tuple[str, ...]) -> None:
     """Train (first time, cached after) the sample runs of sample_runs/recipes with real trainers — a tiny
     GPT-2 pretrained on a world of facts, then SFT and DPO with TRL; a Lightning MLP on scikit-learn's digits
-    with flipped labels, and a head-probing → fine-tuning pair — audit each, and print where the reports
-    are. About two minutes on 2 CPU cores; nothing is downloaded.
+    with flipped labels, and a head-probing → fine-tuning pair; the same tiny GPT-2 on a compositional and on a
+    permuted mapping — audit each, compare the last two, and print where the reports are. About ten minutes on 2
+    CPU cores; nothing is downloaded.
 
     \b
     Examples:
@@ -294,9 +296,11 @@ def demo(out: Path, only: tuple[str, ...]) -> None:
         click.echo(f"\n{s['name']}: {s['what']}  ({s['seconds']} s)")
         click.echo(f"  report: {s['html']}")
         click.echo(f"          {s['pdf']}")
-        for key in ("trajectories", "squeezing", "hallucination", "learning_paths"):
+        for key in ("trajectories", "squeezing", "hallucination", "learning_paths", "mutual_support"):
             if key in s["verdicts"]:
                 click.echo(f"  {key}: {s['verdicts'][key]}")
+        if "comparison" in s:
+            click.echo(f"  comparison: {s['comparison']}")
 
 
 @main.group(cls=_Group, short_help="Write a remedy as a file a trainer reads (filter-kd, dpo-filter).")
