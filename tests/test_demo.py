@@ -21,7 +21,7 @@ def test_demo_builds_audits_and_reports(tmp_path):
     done = subprocess.run([exe, "demo", "-o", str(out)], capture_output=True, text=True, timeout=900, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     summaries = json.loads((out / "demo.json").read_text())
-    assert [s["name"] for s in summaries] == ["sft", "dpo", "digits-noisy", "digits-finetune"]
+    assert [s["name"] for s in summaries] == ["sft", "dpo", "digits-noisy", "digits-finetune", "compose-compositional", "compose-permuted"]
     for s in summaries:
         for key in ("cube", "html", "pdf"):
             assert Path(s[key]).is_file() and Path(s[key]).stat().st_size > 10_000, s[key]
@@ -32,5 +32,11 @@ def test_demo_builds_audits_and_reports(tmp_path):
     assert by["dpo"]["squeezing"].startswith("squeezing: log π(y*) rose")
     assert "flipped-label probes take longer, more winding paths" in by["digits-noisy"]["learning_paths"]
     assert "force_attribution" in by["sft"] and "force_attribution" in by["dpo"]
+    assert "support each other more than across groups" in by["compose-compositional"]["mutual_support"]  # grouped by colour
+    assert "support each other less than across groups" in by["compose-permuted"]["mutual_support"]
+    comparison = summaries[-1]["comparison"]
+    assert comparison == summaries[-2]["comparison"] and comparison in done.stdout
+    assert comparison.startswith("compositional supports itself more within a meta.colour group than permuted"), comparison
+    assert "compositional learned faster" in comparison, comparison
     rerun = subprocess.run([exe, "demo", "-o", str(tmp_path / "again"), "--only", "digits-noisy"], capture_output=True, text=True, timeout=600, env=env)
     assert rerun.returncode == 0 and "cached at" in rerun.stderr, rerun.stderr[-2000:]
