@@ -41,6 +41,8 @@ def test_the_two_mappings_share_inputs_and_outputs_but_not_structure(compose, tm
     assert all(len(w) > 1 for w in words_of(perm, "shape", 1).values())
     with pytest.raises(ValueError, match="known: compositional, permuted"):
         compose.examples("holistic")
+    with pytest.raises(ValueError, match="each factor has 2 to 6 values"):
+        compose.examples("compositional", values=7)
 
 
 def test_the_training_files_are_probe_files_grouped_by_factor(compose, tmp_path):

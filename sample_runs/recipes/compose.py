@@ -58,14 +58,13 @@ class ComposeConfig:
     n_head: int = dataclasses.field(default=2, metadata={"help": "attention heads"})
     steps: int = dataclasses.field(default=100, metadata={"help": "SFT steps of each run"})
     lr: float = dataclasses.field(default=5e-3, metadata={"help": "AdamW lr (constant)"})
-    batch: int = dataclasses.field(default=36, metadata={"help": "examples per step (36: every example at every step)"})
+    batch: int = dataclasses.field(default=36, metadata={"help": "examples per step (36 = values²: every example at every step)"})
     save: int = dataclasses.field(default=10, metadata={"help": "save_steps"})
     optim: str = dataclasses.field(default="adamw_torch", metadata={"help": "optimizer (TrainingArguments.optim)"})
     optim_args: str | None = dataclasses.field(default=None, metadata={"help": "TrainingArguments.optim_args"})
 
 
 CONFIG = ComposeConfig()
-CONFIG_VALUES = CONFIG.values
 N_POSITIONS = 8  # <bos> colour shape : word word <eos>
 
 
@@ -74,12 +73,14 @@ def vocabulary() -> list[str]:
     return SPECIALS + [":"] + COLOURS + SHAPES + COLOUR_WORDS + SHAPE_WORDS
 
 
-def examples(mapping: str, values: int = CONFIG_VALUES) -> list[dict]:
-    """The 36 TRL prompt/completion rows of ``mapping`` (``compositional`` or ``permuted``), factors as ``meta``.
+def examples(mapping: str, values: int = CONFIG.values) -> list[dict]:
+    """The values² (36) TRL prompt/completion rows of ``mapping`` (``compositional`` or ``permuted``), factors as ``meta``.
 
     Permuted: the compositional outputs, dealt to the inputs by a seeded random permutation (the same set)."""
     if mapping not in MAPPINGS:
         raise ValueError(f"unknown mapping {mapping!r}; known: {', '.join(MAPPINGS)}")
+    if not 2 <= values <= len(COLOURS):
+        raise ValueError(f"values={values}: each factor has 2 to {len(COLOURS)} values; add words to COLOURS, SHAPES and their output words for more")
     pairs = [(c, s) for c in range(values) for s in range(values)]
     outputs = list(pairs)
     if mapping == "permuted":
