@@ -33,7 +33,12 @@ class DemoAudit:
     feature_layer: str | None = None
     group_by: str | None = None  # the report's --group-by
     compare: str | None = None  # audits with the same key are compared side by side (mutual support, learning speed)
+    settings: tuple[tuple[str, object], ...] = ()  # further AnalysisConfig settings, e.g. (("nodes", 0),)
 
+
+#: The comparison of mutual support reads forces and log-likelihoods only: no path quadrature, no per-tensor split
+#: (they would double the time of an analysis with every training example as a probe).
+FORCES_ONLY = (("nodes", 0), ("by_tensor", False))
 
 #: What the demo audits, in order (paths relative to the recipe's build folder).
 AUDITS = (
@@ -46,9 +51,10 @@ AUDITS = (
               init="hp/epoch=9-step=410.ckpt", model="sample_runs.recipes.digits:model", feature_layer="backbone"),
     DemoAudit("compose-compositional", "compose", "tiny GPT-2 on a compositional mapping (colour, shape → one word each): "
               "examples of one colour support each other", "compositional", "train_compositional.jsonl", "train_compositional.jsonl",
-              init="init", group_by="meta.colour", compare="compose"),
+              init="init", group_by="meta.colour", compare="compose", settings=FORCES_ONLY),
     DemoAudit("compose-permuted", "compose", "the same GPT-2 on the same inputs and outputs, permuted (no shared structure)",
-              "permuted", "train_permuted.jsonl", "train_permuted.jsonl", init="init", group_by="meta.colour", compare="compose"),
+              "permuted", "train_permuted.jsonl", "train_permuted.jsonl", init="init", group_by="meta.colour", compare="compose",
+              settings=FORCES_ONLY),
 )  # fmt: skip
 #: The names ``ckptforce demo --only`` accepts.
 AUDIT_NAMES = tuple(a.name for a in AUDITS)
@@ -88,7 +94,7 @@ def run_demo(out: Path, *, only: list[str] | None = None, echo: Callable[[str], 
         echo(f"auditing {a.name}: {a.what}")
         config = AnalysisConfig.for_run(
             base / a.run, base / a.probes, train=str(base / a.train) if a.train else None,
-            init=str(base / a.init) if a.init else None, model=a.model, feature_layer=a.feature_layer,
+            init=str(base / a.init) if a.init else None, model=a.model, feature_layer=a.feature_layer, **dict(a.settings),
         )  # fmt: skip
         cube_path = analyze(config, folder / "cube.h5", command=f"ckptforce demo ({a.name})")
         paths = write_report(cube_path, folder, group_by=a.group_by)
