@@ -14,7 +14,7 @@ import click
 
 from . import __version__
 from .datafiles import COLUMNS
-from .demo import AUDIT_NAMES
+from .demo import AUDITS
 from .errors import CkptforceError
 
 #: The names of ckptforce.io.LAYOUTS (spelt out so that --help does not import torch; a test keeps them equal).
@@ -126,6 +126,9 @@ def _analysis_options(f):
         click.option("--kernel-projection", type=click.IntRange(1), metavar="DIM",
                      help="Approximate the probe × training-example kernels by a seeded random sketch of DIM coordinates per "
                           "tensor (for very large training sets); the cube labels them approximate. Default: exact."),
+        click.option("--topk", type=click.IntRange(0), default=0, show_default=True, metavar="K", help="Keep the top K of the "
+                     "next-token distribution at every response token and checkpoint (for export filter-kd on language models; "
+                     "one forward per checkpoint more; 0: off)."),
         _run_options,
         click.option("--model", "model", help="package.module:factory returning the nn.Module (default: the run's config.json)."),
         click.option("--base-model", type=click.Path(path_type=Path), help="Base model folder under a LoRA adapter (default: the local folder adapter_config.json names)."),
@@ -158,7 +161,7 @@ def _analysis_options(f):
     return f
 
 
-def _run_analysis(run_dir, out, *, probes, train, objective, feature_layer, forces_mode, max_grad_norm, kernel_projection, init, layout, trust_pickles, model, base_model, tokenizer, chat_template, probe_eos, train_eos, special_tokens, device, dtype, nodes, no_by_tensor, method, chunk_size, memory_gb, workers, scheduler, quiet, **column_options) -> Path:
+def _run_analysis(run_dir, out, *, probes, train, objective, feature_layer, topk, forces_mode, max_grad_norm, kernel_projection, init, layout, trust_pickles, model, base_model, tokenizer, chat_template, probe_eos, train_eos, special_tokens, device, dtype, nodes, no_by_tensor, method, chunk_size, memory_gb, workers, scheduler, quiet, **column_options) -> Path:
     import shlex
 
     from .forces import DEFAULT_NODES
@@ -172,7 +175,7 @@ def _run_analysis(run_dir, out, *, probes, train, objective, feature_layer, forc
         run_dir, probes, init=init, model=model, base_model=base_model, tokenizer=tokenizer, layout=layout,
         nodes=DEFAULT_NODES if nodes is None else nodes, by_tensor=not no_by_tensor, method=method, dtype=dtype,
         chunk_size=chunk_size, memory_gb=memory_gb, trust_pickles=trust_pickles, train=train, objective=objective, forces=forces_mode, max_grad_norm=max_grad_norm, kernel_projection=kernel_projection,
-        feature_layer=feature_layer, chat_template=chat_template, probe_eos=probe_eos, train_eos=train_eos, special_tokens=special_tokens,
+        feature_layer=feature_layer, topk=topk, chat_template=chat_template, probe_eos=probe_eos, train_eos=train_eos, special_tokens=special_tokens,
         columns={c: column_options[f"{c}_column"] for c in COLUMNS},
     )  # fmt: skip
     bar = None if (quiet or not sys.stderr.isatty()) else _progress_bar("analysing", "intervals")
@@ -276,11 +279,11 @@ def _probe_groupings(probes: Path, columns: dict) -> list[str]:
 @main.command()
 @click.option("-o", "--output", "out", type=click.Path(path_type=Path), default=Path("ckptforce-demo"), show_default=True,
               help="Folder for the audits (one sub-folder per sample run).")
-@click.option("--only", multiple=True, type=click.Choice(AUDIT_NAMES), help="Audit only these sample runs (repeatable).")
+@click.option("--only", multiple=True, type=click.Choice([a.name for a in AUDITS]), help="Audit only these sample runs (repeatable).")
 def demo(out: Path, only: tuple[str, ...]) -> None:
     """Train (first time, cached after) the sample runs of sample_runs/recipes with real trainers — a tiny
-    GPT-2 pretrained on a world of facts, then SFT and DPO with TRL; a Lightning MLP on scikit-learn's digits
-    with flipped labels, and a head-probing → fine-tuning pair; the same tiny GPT-2 on a compositional and on a
+    GPT-2 pretrained on a world of facts, then SFT, DPO and GRPO with TRL; a Lightning MLP on scikit-learn's
+    digits with flipped labels, and a head-probing → fine-tuning pair; the same tiny GPT-2 on a compositional and on a
     permuted mapping — audit each, compare the last two, and print where the reports are. About ten minutes on 2
     CPU cores; nothing is downloaded.
 
@@ -296,17 +299,64 @@ def demo(out: Path, only: tuple[str, ...]) -> None:
         click.echo(f"\n{s['name']}: {s['what']}  ({s['seconds']} s)")
         click.echo(f"  report: {s['html']}")
         click.echo(f"          {s['pdf']}")
-        for key in ("trajectories", "squeezing", "hallucination", "learning_paths", "mutual_support"):
+        for key in dict.fromkeys(("trajectories", s["shows"])):
             if key in s["verdicts"]:
                 click.echo(f"  {key}: {s['verdicts'][key]}")
         if "comparison" in s:
             click.echo(f"  comparison: {s['comparison']}")
 
 
-@main.group(cls=_Group, short_help="Write a remedy as a file a trainer reads (filter-kd, dpo-filter).")
+@main.command(short_help="Sample GRPO rollouts at a checkpoint with your reward function: a --train file.")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@_run_options
+@click.option("--prompts", required=True, type=click.Path(path_type=Path), help="The prompts (JSONL or a data set: 'prompt' as text or "
+              "chat messages; other columns are passed to the reward function).")  # fmt: skip
+@click.option("--reward", "reward", required=True, metavar="package.module:function", help="The reward function, TRL's signature: "
+              "f(prompts=, completions=, completion_ids=, **columns) -> one float per completion.")  # fmt: skip
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="The --train file to write (JSONL).")
+@click.option("--step", "step", type=int, help="Sample at the checkpoint of this step (default: the first, the run's start with --init).")
+@click.option("--num-generations", "-G", type=click.IntRange(2), default=8, show_default=True, help="Completions per prompt (a group).")
+@click.option("--max-completion-length", type=click.IntRange(1), default=256, show_default=True, help="Tokens per completion at most.")
+@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True, help="Sampling temperature.")
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True, help="Nucleus sampling cut (1: none).")
+@click.option("--top-k", type=click.IntRange(0), default=0, show_default=True, help="Top-k cut (0: none, as TRL).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed: the same seed gives the same file.")
+@click.option("--tokenizer", type=click.Path(path_type=Path), help="Tokenizer folder (default: the checkpoint's, then the run root's).")
+@click.option("--no-special-tokens", is_flag=True, help="Tokenize prompts without the tokenizer's special tokens (BOS).")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, or cuda:N.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def rollouts(run_dir: Path, init, layout, trust_pickles, prompts: Path, reward: str, out: Path, step, num_generations, max_completion_length,
+             temperature, top_p, top_k, seed, tokenizer, no_special_tokens, device, quiet) -> None:  # fmt: skip
+    """For a GRPO run whose rollouts were not saved: sample a group of completions per prompt from the policy
+    at one checkpoint (transformers' generate, as TRL's GRPOTrainer does), score them with your reward
+    function, and write a --train file (prompt, completions as token ids, rewards) whose header records the
+    checkpoint, the reward function, the prompts' SHA-256 and every sampling setting. Nothing is written
+    into RUN_DIR. These are fresh rollouts, not the trainer's: analyze says so in its notes.
+
+    \b
+    Examples:
+      ckptforce rollouts grpo/ --init sft/final --prompts prompts.jsonl --reward my_rewards:correct -o rollouts.jsonl
+      ckptforce analyze grpo/ --init sft/final --probes probes.jsonl --train rollouts.jsonl -o grpo.h5
+    """
+    from .rollouts import Sampling, sample_rollouts
+
+    sampling = Sampling(num_generations, temperature, top_p, top_k, max_completion_length, seed)
+    bar = None if quiet else _progress_bar("sampling", "prompts")
+    try:
+        header = sample_rollouts(run_dir, prompts, reward, out, checkpoint=step, init=init, layout=layout, sampling=sampling, tokenizer=tokenizer,
+                                 special_tokens=not no_special_tokens, device=device, trust_pickles=trust_pickles, progress=bar)  # fmt: skip
+    finally:
+        if bar is not None:
+            bar.close()
+    click.echo(f"wrote {out}: {num_generations} completions per prompt sampled at step {header['sampled']['step']}, scored by {reward}")
+
+
+@main.group(cls=_Group, short_help="Write a remedy as a file a trainer reads (filter-kd, dpo-filter, dpo-extend, grpo-weights).")
 def export() -> None:
     """Write a remedy the cube's numbers justify, as a file a trainer reads: soft targets for distillation
-    (filter-kd), or a preference data set without the pairs that hurt (dpo-filter). Every file records the
+    (filter-kd), a preference data set without the pairs that hurt (dpo-filter), an SFT file of the pairs DPO
+    would squeeze, to train first (dpo-extend), or GRPO rollouts with their harmful tokens down-weighted
+    (grpo-weights). Every file records the
     cube (path, SHA-256, run, command) and the settings it came from.
     """
 
@@ -323,21 +373,30 @@ def export_filter_kd(cube_path: Path, out: Path, alpha: float) -> None:
     q̄ keeps that, and a fresh student distilled on it (cross-entropy against q̄) generalises better than
     one trained on the labels.
 
-    The cube must hold the training examples' per-class predictions: analyze a classifier run with the
-    training arrays as probes (--probes train.npz with x, y, ids). The .npz holds ids (N,), targets (N, V)
-    float32, labels (N,) as in the probe file, steps (C,) and provenance (a JSON string). Language-model
-    cubes do not hold the next-token distributions per-token targets need; that is refused with a reason.
+    Classifiers: analyze the run with the training arrays as probes (--probes train.npz with x, y, ids); the
+    .npz holds ids (N,), targets (N, V) float32, labels (N,) as in the probe file, steps (C,) and provenance
+    (a JSON string). Language models: analyze with the training file as probes and --topk K; the filter runs
+    per token of each example's completion on the top-K next-token distributions, and the .npz holds ids,
+    token_ids (N, W, K), token_probs (N, W, K), rest (N, W: the mass of every other id), lengths (N,), steps
+    and provenance.
 
     \b
     Examples:
       ckptforce analyze run/ --probes train.npz --model pkg.mod:factory -o train.h5
       ckptforce export filter-kd train.h5 -o targets.npz --alpha 0.9
+      ckptforce analyze sft/ --probes train_sft.jsonl --topk 20 -o sft.h5
+      ckptforce export filter-kd sft.h5 -o token_targets.npz
     """
     from .remedies import write_filter_kd
 
     path, arrays = write_filter_kd(cube_path, out, alpha)
-    n, v = arrays["targets"].shape
-    click.echo(f"wrote {path}: soft targets of {n} examples over {v} classes, EMA α = {alpha} over {len(arrays['steps'])} checkpoints")
+    if "targets" in arrays:
+        n, v = arrays["targets"].shape
+        what = f"{n} examples over {v} classes"
+    else:
+        n, w, k = arrays["token_ids"].shape
+        what = f"{n} examples, the top {k} ids at each of up to {w} response tokens"
+    click.echo(f"wrote {path}: soft targets of {what}, EMA α = {alpha} over {len(arrays['steps'])} checkpoints")
 
 
 @export.command("dpo-filter", short_help="The preference file without the pairs that displace or squeeze their answers.")
@@ -368,10 +427,79 @@ def export_dpo_filter(cube_path: Path, train: Path, out: Path, ches_top: int) ->
     path, sidecar, records = write_dpo_filter(cube_path, train, out, DpoFilterConfig(ches_top=ches_top))
     dropped = [r for r in records if r["action"] == "drop"]
     click.echo(f"wrote {path}: kept {len(records) - len(dropped)} of {len(records)} pairs; reasons in {sidecar}")
-    for r in dropped[:10]:
-        click.echo(f"  drop {r['id']} (line {r['line']}): " + "; ".join(x["why"] for x in r["reasons"]))
-    if len(dropped) > 10:
-        click.echo(f"  … and {len(dropped) - 10} more (see {sidecar})")
+    _echo_some([f"drop {r['id']} (line {r['line']}): " + "; ".join(x["why"] for x in r["reasons"]) for r in dropped], sidecar)
+
+
+@export.command("dpo-extend", short_help="An SFT file of the pairs whose rejected answers DPO would squeeze: train it before DPO.")
+@click.argument("cube_path", metavar="CUBE.h5", type=click.Path(path_type=Path))
+@click.option("--train", required=True, type=click.Path(path_type=Path), help="The JSONL preference file the cube was analysed with (--train of analyze).")
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="The SFT file to write (JSONL, prompt + completion); the reasons go to OUT.reasons.jsonl.")
+@click.option("--valley-rank", type=click.FloatRange(min=1), default=10.0, show_default=True, help="Extend the pairs whose rejected "
+              "tokens have at least this mean rank under π as DPO starts (1 = the argmax).")  # fmt: skip
+def export_dpo_extend(cube_path: Path, train: Path, out: Path, valley_rank: float) -> None:
+    """The squeezing mitigation of Ren & Sutherland (ICLR 2025): before DPO, train SFT on both answers of
+    the pairs whose rejected answer sits in a valley of π — DPO's push on such an answer moves probability
+    mass onto the argmax instead of lowering it, and the chosen answer falls with the rest. A pair is
+    extended when the mean rank of its rejected tokens under π at the run's first checkpoint (the cube's
+    g_neg_rank) is at least --valley-rank, or when its push on the rejected answer outweighed the pull on
+    the chosen one over the run (self_force).
+
+    OUT has two lines per extended pair, x → chosen and x → rejected, in TRL's prompt + completion columns
+    (values copied from the preference file, no header: TRL's SFTTrainer reads it as it is).
+    OUT.reasons.jsonl starts with the provenance, then one line per pair with its action and numbers.
+
+    \b
+    Examples:
+      ckptforce analyze dpo/ --init sft/checkpoint-40 --probes probes.jsonl --train train_dpo.jsonl -o dpo.h5
+      ckptforce export dpo-extend dpo.h5 --train train_dpo.jsonl -o sft_extend.jsonl
+    """
+    from .remedies import DpoExtendConfig, write_dpo_extend
+
+    path, sidecar, records = write_dpo_extend(cube_path, train, out, DpoExtendConfig(valley_rank=valley_rank))
+    extended = [r for r in records if r["action"] == "extend"]
+    click.echo(f"wrote {path}: both answers of {len(extended)} of {len(records)} pairs as SFT examples; reasons in {sidecar}")
+    _echo_some([f"extend {r['id']} (line {r['line']}): " + "; ".join(x["why"] for x in r["reasons"]) for r in extended], sidecar)
+
+
+@export.command("grpo-weights", short_help="The GRPO rollouts with down-weighted harmful negative tokens (token_weights).")
+@click.argument("cube_path", metavar="CUBE.h5", type=click.Path(path_type=Path))
+@click.option("--train", required=True, type=click.Path(path_type=Path), help="The JSONL rollouts file the cube was analysed with (--train of analyze).")
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="The weighted copy to write (JSONL); the evidence goes to OUT.reasons.jsonl.")
+@click.option("--min-share", type=click.FloatRange(min=0, min_open=True), default=0.1, show_default=True, help="A negative token is harmful "
+              "when it alone cancels this share of its group's pull on its correct completions.")  # fmt: skip
+@click.option("--weight", type=click.FloatRange(0, 1, max_open=True), default=0.5, show_default=True, help="The weight of a harmful token's "
+              "gradient (0: dropped).")  # fmt: skip
+def export_grpo_weights(cube_path: Path, train: Path, out: Path, min_share: float, weight: float) -> None:
+    """Token weights for a GRPO run's harmful negative tokens, from the cube of its run (analyze --train
+    FILE): a token of a negative-advantage completion is harmful when its push — its exact first-order force
+    on its group's correct completions, the cube's token_force — cancels at least --min-share of the pull
+    the group's positive completions give them (lazy likelihood displacement, Deng et al. arXiv 2505.18830,
+    whose NTHR score chooses such tokens from the last layer; the sidecar gives it beside the exact harm).
+
+    OUT is the rollouts file with "token_weights" added to the groups that have a harmful token: per
+    completion, one weight per token the trainer scored (EOS included), --weight on the harmful ones and 1
+    elsewhere, for a GRPO loss that scales each token's term; every other line is copied byte for byte.
+    OUT.reasons.jsonl starts with the provenance, then one line per harmful token with its numbers.
+
+    \b
+    Examples:
+      ckptforce analyze grpo/ --init sft/checkpoint-40 --probes probes.jsonl --train train_grpo.jsonl -o grpo.h5
+      ckptforce export grpo-weights grpo.h5 --train train_grpo.jsonl -o train_grpo.weighted.jsonl
+    """
+    from .remedies import GrpoWeightsConfig, write_grpo_weights
+
+    path, sidecar, records = write_grpo_weights(cube_path, train, out, GrpoWeightsConfig(min_share=min_share, weight=weight))
+    click.echo(f"wrote {path}: {len(records)} harmful tokens in {len({r['id'] for r in records})} groups weighted {weight}; evidence in {sidecar}")
+    _echo_some([f"{r['id']} completion {r['completion']} token {r['position']} {r['token']!r}: cancels {r['share']:.0%} of the pull "
+                f"({r['harm']:.3g} nats)" for r in records], sidecar)  # fmt: skip
+
+
+def _echo_some(lines: list[str], sidecar: Path, shown: int = 10) -> None:
+    """The first ``shown`` lines of an export's evidence, indented, and where the rest are."""
+    for line in lines[:shown]:
+        click.echo(f"  {line}")
+    if len(lines) > shown:
+        click.echo(f"  … and {len(lines) - shown} more (see {sidecar})")
 
 
 class _progress_bar:

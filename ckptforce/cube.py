@@ -51,6 +51,7 @@ DIMS = {
     "class_to": "a class, as the second index of a V×V matrix",
     "own_response": "a training example's own response (a preference pair's chosen, rejected; a GRPO group's completion_i)",
     "completion_token": "the i-th token of a GRPO completion",
+    "topk": "rank in the next-token distribution (0: the most likely token)",
 }
 
 #: Coordinates and data variables: name -> dims, long_name, units. Declared once; builders and readers use these.
@@ -75,6 +76,8 @@ VARS: dict[str, Var] = {
     "entropy": Var(("checkpoint", "probe", "response", "token"), "entropy of the next-token distribution", "nat"),
     "top1": Var(("checkpoint", "probe", "response", "token"), "probability of the most likely next token", "1"),
     "peakiness": Var(("checkpoint", "probe", "response", "token"), "‖A‖_F² = V‖π‖² + V − 2 of the next-token distribution", "1"),
+    "topk_token": Var(("checkpoint", "probe", "response", "token", "topk"), "token id of the k-th most likely next token (--topk; float, NaN where absent)"),
+    "topk_logp": Var(("checkpoint", "probe", "response", "token", "topk"), "log-probability of the k-th most likely next token (--topk)", "nat"),
     "logp_class": Var(("checkpoint", "probe", "class"), "log-probability of each class (classifiers)", "nat"),
     # changes over each interval
     "dlogp_obs": Var(("interval", "probe", "response"), "observed change of log π(y|x)", "nat"),

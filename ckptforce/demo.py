@@ -1,11 +1,11 @@
 """``ckptforce demo``: build (or reuse) the bundled sample runs, audit each, and say where the reports are.
 
 The runs are trained on demand by the recipes in ``sample_runs/recipes`` (a tiny GPT-2 pretrained on a world
-of facts, then SFT with TRL, then DPO; a Lightning MLP on scikit-learn's digits with 20 % flipped labels and
+of facts, then SFT with TRL, then DPO and GRPO from the SFT model; a Lightning MLP on scikit-learn's digits with 20 % flipped labels and
 a head-probing → fine-tuning pair; the same tiny GPT-2 trained on a compositional mapping and on a permuted one)
-and cached (``~/.cache/ckptforce/sample_runs``). Each audit is exactly
-``ckptforce audit`` with the probe and training-example files the recipes write; audits that share a
-``compare`` key are also compared from their cubes (``compare_support``: mutual support and learning speed).
+and cached (``~/.cache/ckptforce/sample_runs``). Each audit is exactly ``ckptforce audit`` with the probe and
+training-example files the recipes write; audits that share a ``compare`` key are also compared from their cubes
+(``compare_support``: mutual support and learning speed).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ class DemoAudit:
     init: str | None = None
     model: str | None = None
     feature_layer: str | None = None
+    shows: str = "trajectories"  # the report section whose verdict the demo prints for this run
     group_by: str | None = None  # the report's --group-by
     compare: str | None = None  # audits with the same key are compared side by side (mutual support, learning speed)
     settings: tuple[tuple[str, object], ...] = ()  # further AnalysisConfig settings, e.g. (("nodes", 0),)
@@ -42,22 +43,24 @@ FORCES_ONLY = (("nodes", 0), ("by_tensor", False))
 
 #: What the demo audits, in order (paths relative to the recipe's build folder).
 AUDITS = (
-    DemoAudit("sft", "lm", "SFT with TRL on a world of facts (hallucination: other_trained rises)", "sft", "probes.jsonl", "train_sft.jsonl"),
+    DemoAudit("sft", "lm", "SFT with TRL on a world of facts (hallucination: other_trained rises)", "sft", "probes.jsonl", "train_sft.jsonl",
+              shows="hallucination"),
     DemoAudit("dpo", "lm", "DPO with TRL from the SFT model (squeezing: rejected falls, y* rises)", "dpo", "probes.jsonl", "train_dpo.jsonl",
-              init="sft/checkpoint-40"),
+              init="sft/checkpoint-40", shows="squeezing"),
+    DemoAudit("grpo", "lm", "GRPO with TRL from the SFT model (lazy likelihood displacement, harmful tokens)", "grpo", "probes.jsonl",
+              "train_grpo.jsonl", init="sft/checkpoint-40", shows="lazy_displacement"),
     DemoAudit("digits-noisy", "digits", "Lightning MLP on digits with 20% flipped labels (zig-zag learning paths)", "noisy",
-              "probes_noisy.npz", model="sample_runs.recipes.digits:model"),
+              "probes_noisy.npz", model="sample_runs.recipes.digits:model", shows="learning_paths"),
     DemoAudit("digits-finetune", "digits", "Lightning: fine-tuning after head probing (feature adaptation)", "ft", "probes_test.npz",
-              init="hp/epoch=9-step=410.ckpt", model="sample_runs.recipes.digits:model", feature_layer="backbone"),
+              init="hp/epoch=9-step=410.ckpt", model="sample_runs.recipes.digits:model", feature_layer="backbone",
+              shows="feature_adaptation"),
     DemoAudit("compose-compositional", "compose", "tiny GPT-2 on a compositional mapping (colour, shape → one word each): "
               "examples of one colour support each other", "compositional", "train_compositional.jsonl", "train_compositional.jsonl",
-              init="init", group_by="meta.colour", compare="compose", settings=FORCES_ONLY),
+              init="init", shows="mutual_support", group_by="meta.colour", compare="compose", settings=FORCES_ONLY),
     DemoAudit("compose-permuted", "compose", "the same GPT-2 on the same inputs and outputs, permuted (no shared structure)",
-              "permuted", "train_permuted.jsonl", "train_permuted.jsonl", init="init", group_by="meta.colour", compare="compose",
-              settings=FORCES_ONLY),
+              "permuted", "train_permuted.jsonl", "train_permuted.jsonl", init="init", shows="mutual_support", group_by="meta.colour",
+              compare="compose", settings=FORCES_ONLY),
 )  # fmt: skip
-#: The names ``ckptforce demo --only`` accepts.
-AUDIT_NAMES = tuple(a.name for a in AUDITS)
 
 
 def recipes_module():
@@ -98,7 +101,7 @@ def run_demo(out: Path, *, only: list[str] | None = None, echo: Callable[[str], 
         )  # fmt: skip
         cube_path = analyze(config, folder / "cube.h5", command=f"ckptforce demo ({a.name})")
         paths = write_report(cube_path, folder, group_by=a.group_by)
-        summaries.append({"name": a.name, "what": a.what, "cube": str(cube_path), "html": str(paths[0]), "pdf": str(paths[1]),
+        summaries.append({"name": a.name, "what": a.what, "shows": a.shows, "cube": str(cube_path), "html": str(paths[0]), "pdf": str(paths[1]),
                           "seconds": round(time.perf_counter() - start, 1), "verdicts": _verdicts(cube_path, a.group_by)})  # fmt: skip
     _compare(chosen, summaries, echo)
     (out / "demo.json").write_text(json.dumps(summaries, indent=1))

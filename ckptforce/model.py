@@ -208,20 +208,20 @@ def _read_base(path: Path) -> dict[str, torch.Tensor]:
         return {n: base.tensor(n) for n in base.names()}
 
 
-def load_factory(spec: str) -> Callable[..., nn.Module]:
+def load_factory(spec: str, *, flag: str = "--model", what: str = "a function that returns the nn.Module") -> Callable:
     """``package.module:function`` -> the function; the current directory is importable, as for python -m."""
     if ":" not in spec:
-        raise ModelBindError(f"--model {spec!r}: write it as package.module:function (a function that returns the nn.Module)")
+        raise ModelBindError(f"{flag} {spec!r}: write it as package.module:function ({what})")
     mod_name, fn_name = spec.split(":", 1)
     if "" not in sys.path and str(Path.cwd()) not in sys.path:
         sys.path.insert(0, str(Path.cwd()))
     try:
         module = importlib.import_module(mod_name)
     except Exception as e:  # noqa: BLE001 - the user's module may fail in any way on import
-        raise ModelBindError(f"--model {spec}: cannot import {mod_name} ({type(e).__name__}: {_first_line(e)}); check the name and that it is on PYTHONPATH") from e
+        raise ModelBindError(f"{flag} {spec}: cannot import {mod_name} ({type(e).__name__}: {_first_line(e)}); check the name and that it is on PYTHONPATH") from e
     fn = getattr(module, fn_name, None)
     if not callable(fn):
-        raise ModelBindError(f"--model {spec}: {mod_name} has no function {fn_name!r}")
+        raise ModelBindError(f"{flag} {spec}: {mod_name} has no function {fn_name!r}")
     return fn
 
 

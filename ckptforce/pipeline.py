@@ -31,6 +31,7 @@ from .errors import CkptforceError
 from .budget import default_memory_gb, duration, forwards_per_interval, model_shape, rows_per_chunk
 from .forces import DEFAULT_NODES, interval_forces
 from .forces.features import drift, features
+from .forces.topk import response_topk
 from .io import Run, open_run
 from .model import BoundModel, bind
 from .names import POOR_LINEARISATION
@@ -94,6 +95,9 @@ def prepare(config: AnalysisConfig, device: str = "cpu") -> Prepared:
                      base_model=Path(config.base_model) if config.base_model else None, run_root=run.root)  # fmt: skip
     dtype = getattr(torch, config.dtype)
     model.to(device, dtype=dtype)
+    if classifier and config.topk:
+        raise CkptforceError(f"--topk {config.topk}: for language models; a classifier's cube holds its whole distribution (logp_class), "
+                             "which export filter-kd reads: drop --topk")  # fmt: skip
     if classifier:
         prepared = _prepare_classifier(config, run, model, device, dtype)
         _PREPARED[key] = prepared
@@ -228,9 +232,16 @@ def compute_part(config_json: str, k: int, device: str = "cpu", progress: Callab
             [grid.tokens(getattr(o, name), o.argmax_logp_tok if name == "logp_tok" else getattr(o, name)) for o in (res.before, res.after)]
         )
     data["dlogp_lin_tok"] = grid.tokens(res.dlogp_lin_tok, None)[None]
+    if config.topk:  # y* is teacher-forced along chosen: the same next-token distributions
+        tops = [response_topk(p.model.logits, theta, p.batch, config.topk, chunk_size=p.chunk_size) for theta in (before, after)]
+        as_float = lambda ids: torch.where(ids >= 0, ids.double(), torch.tensor(float("nan"), dtype=torch.float64))  # noqa: E731
+        data["topk_token"] = np.stack([grid.tokens(as_float(ids), as_float(ids)) for ids, _ in tops])
+        data["topk_logp"] = np.stack([grid.tokens(logp, logp) for _, logp in tops])
     if res.dlogp_path is not None:
         data["dlogp_path"] = grid.rows(res.dlogp_path, res.argmax_path)[None]
     index = {"checkpoint": [k, k + 1], "interval": [k], "probe": p.probe_ids, "response": p.responses, "token": list(range(grid.width))}
+    if config.topk:
+        index["topk"] = list(range(data["topk_logp"].shape[-1]))
     if res.before.logp_full is not None:  # classifiers: the whole distribution, probe rows in probe order
         index["class"] = list(range(res.before.logp_full.shape[-1]))
         data["logp_class"] = np.stack([o.logp_full.detach().double().cpu().numpy() for o in (res.before, res.after)])
@@ -300,7 +311,8 @@ class _Grid:
         return out
 
     def tokens(self, values: torch.Tensor, argmax: torch.Tensor | None) -> np.ndarray:
-        out = self._empty(self.width)
+        """(B, T[, K]) per response position -> (P, R, W[, K]); y* is read from the chosen row."""
+        out = self._empty(self.width, *values.shape[2:])
         v = values.detach().double().cpu()
         for b, (i, j) in enumerate(self.where):
             pos = self.positions[b]

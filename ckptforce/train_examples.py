@@ -190,6 +190,10 @@ def load_training_set(path, objective: str | None = None, *, record: str | None 
     notes = [] if chosen not in PREFERENCE or "beta" in header else [f"β not given for {chosen}: TRL's default is used"]
     if chosen == "grpo" and "loss_type" not in header:
         notes.append(f"GRPO loss_type not given (header): TRL's default, {GRPO_DEFAULT_LOSS}, is used")
+    if sampled := header.get("sampled"):
+        notes.append(f"the GRPO rollouts were sampled by ckptforce rollouts at step {sampled.get('step', '?')} with --reward "
+                     f"{sampled.get('reward', '?')} (seed {sampled.get('seed', '?')}), not drawn by the trainer: the forces describe "
+                     "groups like the ones it trained on")  # fmt: skip
     return TrainingSet(path, chosen, examples, header.get("beta"), header.get("gamma"), header.get("batch_size"), header.get("loss_type"),
                        header.get("max_completion_length"), source, notes, names)  # fmt: skip
 

@@ -16,7 +16,8 @@ from click.testing import CliRunner
 from ckptforce import cube
 from ckptforce.cli import main
 from ckptforce.errors import ExportError
-from ckptforce.remedies import DpoFilterConfig, filter_kd_targets, write_dpo_filter, write_filter_kd
+from ckptforce.remedies import ema_targets
+from ckptforce.remedies import DpoExtendConfig, DpoFilterConfig, filter_kd_targets, write_dpo_extend, write_dpo_filter, write_filter_kd
 from ckptforce.remedies.common import file_sha256
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,12 +90,42 @@ def test_filter_kd_refuses_cubes_without_class_predictions(tmp_path):
     lm_path = cube.save(lm, tmp_path / "lm.h5")
     result = CliRunner().invoke(main, ["export", "filter-kd", str(lm_path), "-o", str(tmp_path / "t.npz")])
     assert result.exit_code == 2
-    assert "language-model cube: per-token top-k Filter-KD targets need each checkpoint's next-token distribution" in result.output
+    assert "a language-model cube without the next-token distributions: analyze the run with --topk K" in result.output
     assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
     bare = cube.save(cube.build(index={"checkpoint": [0]}, coords={"step": [0]}, data={}), tmp_path / "bare.h5")
     with pytest.raises(ExportError, match="no per-class predictions \\(logp_class\\); analyze the run with --probes set to the training"):
         write_filter_kd(bare, tmp_path / "t.npz")
     assert not (tmp_path / "t.npz").exists()
+
+
+def test_token_filter_kd_equals_a_dense_ema_of_the_top_k_distributions(tmp_path):
+    """A language-model cube (--topk 3, vocabulary of 7): the export's per-token targets are the top 3 of the dense
+    EMA of each checkpoint's distribution, zero outside that checkpoint's top 3; positions past a response are -1."""
+    rng = np.random.default_rng(3)
+    c, n, w, k, v = 4, 2, 3, 3, 7
+    full = rng.normal(size=(c, n, w, v)) * 2
+    logp_full = full - np.log(np.exp(full).sum(-1, keepdims=True))
+    order = np.argsort(-logp_full, -1)[..., :k]
+    ids, logp = order.astype(float), np.take_along_axis(logp_full, order, -1)
+    ids[:, 1, 2], logp[:, 1, 2] = np.nan, np.nan  # probe 1's response has two tokens
+    with_y = lambda a: np.stack([a, a], axis=2)  # noqa: E731 - (C, N, response, W, K): chosen and y* share them
+    ds = cube.build(index={"checkpoint": list(range(c)), "probe": ["a", "b"], "response": ["chosen", "argmax"], "token": list(range(w)),
+                           "topk": list(range(k))}, coords={"step": [0, 5, 10, 15]},
+                    data={"topk_token": with_y(ids), "topk_logp": with_y(logp)})  # fmt: skip
+    path = cube.save(ds, tmp_path / "lm.h5")
+    out = CliRunner().invoke(main, ["export", "filter-kd", str(path), "-o", str(tmp_path / "t.npz"), "--alpha", "0.7"])
+    assert out.exit_code == 0 and "soft targets of 2 examples, the top 3 ids at each of up to 3 response tokens, EMA α = 0.7" in out.output
+    sparse = np.zeros_like(logp_full)
+    np.put_along_axis(sparse, order, np.exp(np.take_along_axis(logp_full, order, -1)), -1)
+    dense = np.stack([ema_targets(sparse[:, i], 0.7) for i in range(n)])  # (N, W, V) by the classifier path's recursion
+    with np.load(tmp_path / "t.npz") as z:
+        assert z["lengths"].tolist() == [3, 2] and z["token_ids"][1, 2].tolist() == [-1, -1, -1] and np.isnan(z["rest"][1, 2])
+        for i, j in [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1)]:
+            want = np.argsort(-dense[i, j], kind="stable")[:k]
+            assert z["token_ids"][i, j].tolist() == want.tolist()
+            np.testing.assert_allclose(z["token_probs"][i, j], dense[i, j, want], rtol=1e-6)
+            assert z["rest"][i, j] == pytest.approx(1 - dense[i, j, want].sum(), abs=1e-6)
+        assert json.loads(str(z["provenance"]))["settings"]["top_k"] == 3
 
 
 def test_filter_kd_cli(tmp_path):
@@ -127,6 +158,8 @@ PAIRS = {
     "p_rise": ([(+0.3, +0.1), (+0.1, +0.05)], 0.5),  # Σ rejected = +0.15: dropped (rejected_rises)
     "p_unused": ([(np.nan, np.nan), (np.nan, np.nan)], 9.0),  # no interval used it: kept, highest CHES
 }
+#: per pair: the mean rank under π of its rejected tokens (g_neg_rank) as DPO starts
+RANKS = {"p_good": 3.0, "p_displace": 2.0, "p_rise": 25.0, "p_unused": 40.0}
 TRAIN = (
     '{"objective": "dpo", "beta": 0.1}\n'
     '{"id": "p_good", "prompt": "Q: a?", "chosen": " yes", "rejected": " no", "note": "kept as is",   "x": [1, 2]}\n'
@@ -149,6 +182,7 @@ def _dpo_cube(tmp_path, *, ches=True, self_force=True) -> Path:
     if self_force:
         data.update(self_force=sf, self_force_pos=pos, self_force_neg=sf - pos)
         data["displaces_chosen"] = np.where(np.isnan(sf[:, :, 0]), np.nan, (sf[:, :, 0] < 0).astype(float))
+    data["g_neg_rank"] = np.array([[RANKS.get(n, np.nan) for n in sources]] * 2)
     if ches:
         c = np.full((3, len(sources)), np.nan)
         c[:, : len(names)] = [v for _, v in PAIRS.values()]
@@ -225,6 +259,29 @@ def test_dpo_filter_uses_displaces_chosen_alone(tmp_path):
     assert {r["id"]: r["evidence"] for r in records}["p_displace"] == "cube"
 
 
+def test_dpo_extend_writes_both_answers_of_the_pairs_in_valleys_or_squeezing(tmp_path):
+    train = tmp_path / "train.jsonl"
+    train.write_bytes(TRAIN.encode())
+    out, sidecar, records = write_dpo_extend(_dpo_cube(tmp_path), train, tmp_path / "extend.jsonl")
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["p_displace:chosen", "p_displace:rejected", "p_rise:chosen", "p_rise:rejected",
+                                       "p_unused:chosen", "p_unused:rejected"]  # fmt: skip
+    assert rows[2] == {"id": "p_rise:chosen", "prompt": "Q: c?", "completion": " é"} and rows[3]["completion"] == " no"
+    assert "objective" not in out.read_text()  # no header: TRL's SFTTrainer reads the file as it is
+    by_id = {r["id"]: r for r in records}
+    assert {i: [x["rule"] for x in r["reasons"]] for i, r in by_id.items()} == {
+        "p_good": [], "p_displace": ["squeezes"], "p_rise": ["valley"], "p_unused": ["valley"], "p_extra": []}  # fmt: skip
+    assert by_id["p_rise"]["rank"] == 25.0 and by_id["p_displace"]["push"] == pytest.approx(-1.6) and by_id["p_extra"]["rank"] is None
+    head = json.loads(sidecar.read_text().splitlines()[0])["provenance"]
+    assert head["export"] == "dpo-extend" and head["settings"]["extended"] == 3 and head["settings"]["valley_rank"] == 10.0
+    _, _, strict = write_dpo_extend(_dpo_cube(tmp_path), train, tmp_path / "e2.jsonl", DpoExtendConfig(valley_rank=30))
+    assert [r["id"] for r in strict if r["action"] == "extend"] == ["p_displace", "p_unused"]
+    ok = CliRunner().invoke(main, ["export", "dpo-extend", str(tmp_path / "dpo.h5"), "--train", str(train), "-o", str(tmp_path / "e3.jsonl")])
+    assert ok.exit_code == 0 and "both answers of 3 of 5 pairs" in ok.output and "extend p_rise (line 5): its rejected answer's tokens sit at mean rank 25" in ok.output
+    same = CliRunner().invoke(main, ["export", "dpo-extend", str(tmp_path / "dpo.h5"), "--train", str(train), "-o", str(train)])
+    assert same.exit_code != 0 and "the same file as --train" in same.output and train.read_bytes() == TRAIN.encode()
+
+
 def test_help_explains():
     top = CliRunner().invoke(main, ["export", "--help"]).output
     assert "filter-kd" in top and "dpo-filter" in top
@@ -247,3 +304,36 @@ def test_bench_filter_kd_runs(tmp_path):
         assert line in out, out
     with np.load(tmp_path / "targets-0.95.npz") as z:
         assert z["targets"].shape == (1300, 10) and json.loads(str(z["provenance"]))["settings"]["alpha"] == 0.95
+
+
+def test_analyze_topk_on_a_trl_run_gives_the_filter_kd_export_its_distributions(runs, tmp_path):
+    """analyze --topk on TRL's SFT run, with its training examples as probes: the first of the top k is the top-1 mass
+    the cube already holds, the response's own token sits among them where it is likely, and the export reads them;
+    a classifier run refuses --topk in one line."""
+    import xarray as xr
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from fixtures.trainers import _sft_examples
+
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps({"id": f"u{i}", **r}) + "\n" for i, r in enumerate(_sft_examples())))
+    out = tmp_path / "sft.h5"
+    args = ["analyze", str(runs["trl"].root), "--probes", str(train), "--topk", "3", "--nodes", "0", "--no-by-tensor", "--dtype", "float64", "-q", "-o", str(out)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    with xr.open_dataset(out, engine="h5netcdf") as ds:
+        ds = ds.load()
+    first, top1 = ds["topk_logp"].isel(topk=0), ds["top1"]
+    scored = top1.notnull() & (top1 > 0)
+    np.testing.assert_allclose(np.exp(first.where(scored)).values, top1.where(scored).values, rtol=1e-9, equal_nan=True)
+    assert bool((ds["topk_logp"].diff("topk").fillna(0) <= 1e-12).all())  # largest first
+    likely = ds["logp_tok"] > np.log(0.5)  # a token above ½ is the argmax, so the first of the top k
+    np.testing.assert_allclose(ds["logp_tok"].where(likely).values, first.where(likely).values, rtol=1e-9, equal_nan=True)
+    done = CliRunner().invoke(main, ["export", "filter-kd", str(out), "-o", str(tmp_path / "t.npz")])
+    assert done.exit_code == 0 and "soft targets of 16 examples, the top 3 ids" in done.output
+    with np.load(tmp_path / "t.npz") as z:
+        assert z["token_ids"].shape[0] == 16 and np.nanmax(z["rest"]) < 1 and (z["token_probs"].sum(-1) + np.nan_to_num(z["rest"]) <= 1 + 1e-5).all()
+    np.savez(tmp_path / "probes.npz", x=np.zeros((2, 8), dtype=np.float32), y=np.array([0, 1]))
+    refuse = CliRunner().invoke(main, ["analyze", str(runs["lightning"].root), "--probes", str(tmp_path / "probes.npz"), "--topk", "3",
+                                       "--model", "fixtures.models:tiny_classifier", "-q", "-o", str(tmp_path / "c.h5")])  # fmt: skip
+    assert refuse.exit_code != 0 and "--topk 3: for language models" in refuse.output and len(refuse.output.strip().splitlines()) == 1

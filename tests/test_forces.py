@@ -286,3 +286,20 @@ def test_classifier_interval_forces_in_probe_batches_equal_one_batch():
     for name in ("dlogp_obs", "dlogp_lin", "dlogp_path"):
         torch.testing.assert_close(getattr(parts, name), getattr(whole, name), rtol=1e-9, atol=1e-12, msg=name)
     torch.testing.assert_close(parts.after.logp_tok, whole.after.logp_tok, rtol=1e-9, atol=1e-12)
+
+
+def test_response_topk_is_the_top_of_the_full_log_softmax_in_chunks(batch):  # noqa: F811
+    """forces/topk.py: the k largest of log_softmax at response positions, largest first, −1 / NaN elsewhere; chunks
+    of rows give the same numbers as the whole batch."""
+    from ckptforce.forces.topk import response_topk
+
+    model = _gpt2()
+    fn, params = model.logits, _params(model)
+    ids, logp = response_topk(fn, params, batch, 4)
+    full = torch.log_softmax(fn(params, batch).double(), -1)
+    want, want_ids = full.topk(4, -1)
+    mask = batch.target_mask.bool()
+    assert torch.equal(ids[mask], want_ids[mask]) and torch.allclose(logp[mask].double(), want[mask], rtol=1e-6, atol=1e-7)
+    assert bool((ids[~mask] == -1).all()) and bool(torch.isnan(logp[~mask]).all())
+    chunked = response_topk(fn, params, batch, 4, chunk_size=2)
+    assert torch.equal(chunked[0], ids) and torch.allclose(chunked[1], logp, rtol=1e-12, atol=1e-12, equal_nan=True)

@@ -215,3 +215,38 @@ def test_sign_table_of_the_llm_paper(lm_run, tmp_path):
     falling = [t for t in others if dpo[t] < 0]
     assert len(falling) >= 2 * len(others) / 3, table
     assert np.isfinite(list(sft.values()) + list(dpo.values())).all()
+
+
+@pytest.mark.slow
+def test_grpo_run_with_a_checkpoint_per_step_is_explained_by_its_rollouts(lm_run, tmp_path):
+    """TRL's GRPOTrainer, 3 steps from the SFT model with a checkpoint after each: the rollouts it recorded, read
+    with its loss type, groups per step and the clipping it logged, explain the first-order change of every probe
+    (unexplained ≤ 5 % of Δ_lin per interval, float64); the report's GRPO section reads its numbers from the cube."""
+    import dataclasses
+
+    import xarray as xr
+    from click.testing import CliRunner
+
+    from ckptforce.cli import main
+    from ckptforce.report.diagnostics_rl import lazy_displacement
+    from sample_runs.recipes import lm
+    from sample_runs.recipes._common import one_thread, quiet
+
+    with quiet(), one_thread():
+        lm.grpo(tmp_path / "grpo", lm.last_checkpoint(lm_run / "sft"), dataclasses.replace(lm.CONFIG, grpo_steps=3, grpo_save=1))
+    header = json.loads((tmp_path / "train_grpo.jsonl").read_text().splitlines()[0])
+    assert header == {"objective": "grpo", "batch_size": 2, "loss_type": "dapo", "max_completion_length": 12}
+    out = tmp_path / "grpo.h5"
+    args = ["analyze", str(tmp_path / "grpo"), "--init", str(lm.last_checkpoint(lm_run / "sft")), "--probes", str(lm_run / "probes.jsonl"),
+            "--train", str(tmp_path / "train_grpo.jsonl"), "-o", str(out), "--no-by-tensor", "--nodes", "0", "--dtype", "float64", "-q"]  # fmt: skip
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    with xr.open_dataset(out, engine="h5netcdf") as ds:
+        ds = ds.load()
+    assert ds.sizes["interval"] == 3
+    lin = abs(ds["dlogp_lin"]).max(["probe", "response"])
+    rest = abs(ds["dlogp_unexplained"]).max(["probe", "response"])
+    assert float((rest / lin).max()) < 0.05, (rest / lin).values
+    d = lazy_displacement(ds)
+    assert not d.missing and d.numbers["groups"] == int(ds["lld"].sel(source=d.tables["groups"]["group"].tolist()).notnull().any("interval").sum())
+    assert len(d.tables["tokens"]) and np.isfinite(d.numbers["spearman"])

@@ -38,10 +38,8 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from ..atomic import write_atomic
-from ..cube import open_cube
 from ..errors import ExportError
-from .common import cube_provenance, file_sha256
+from .common import write_training_export
 
 RULES = {
     "displaces_chosen": "Σ_t self_force(chosen) < 0: the pair's own updates lower its chosen answer",
@@ -183,22 +181,10 @@ def dpo_filter(ds: xr.Dataset, lines: list[Line], config: DpoFilterConfig = DpoF
 def write_dpo_filter(cube_path: str | Path, train: str | Path, out: str | Path, config: DpoFilterConfig = DpoFilterConfig(),
                      sidecar: str | Path | None = None) -> tuple[Path, Path, list[dict]]:  # fmt: skip
     """Write the filtered copy to ``out`` and the reasons to ``sidecar`` (default ``OUT.reasons.jsonl``), atomically."""
-    cube_path, train, out = Path(cube_path), Path(train), Path(out)
-    sidecar = Path(sidecar) if sidecar else out.with_name(out.name + ".reasons.jsonl")
-    if not out.parent.is_dir():
-        raise ExportError(f"{out.parent}: no such directory for the output; create it or choose another -o path")
-    if out.resolve() == train.resolve():
-        raise ExportError(f"{out}: the same file as --train; write the filtered copy elsewhere (the original is kept as it is)")
-    ds = open_cube(cube_path)
-    lines = read_lines(train)
-    body, records = dpo_filter(ds, lines, config, where=str(cube_path), train=str(train))
-    train_sha = file_sha256(train)
-    analysed = json.loads(ds.attrs.get("config", "{}") or "{}").get("train_sha256")
-    settings = {**dataclasses.asdict(config), "rules_text": {r: RULES[r] for r in config.rules}, "train": str(train.resolve()),
-                "train_sha256": train_sha, "train_matches_cube": None if analysed is None else analysed == train_sha,
-                "dropped": sum(r["action"] == "drop" for r in records), "pairs": len(records)}  # fmt: skip
-    head = {"provenance": cube_provenance(cube_path, ds, "dpo-filter", settings)}
-    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in [head, *records]).encode()
-    write_atomic(out, lambda tmp: Path(tmp).write_bytes(body), error=ExportError)
-    write_atomic(sidecar, lambda tmp: Path(tmp).write_bytes(text), error=ExportError)
-    return out, sidecar, records
+
+    def make(ds: xr.Dataset, path: Path) -> tuple[bytes, list[dict], dict]:
+        body, records = dpo_filter(ds, read_lines(path), config, where=str(cube_path), train=str(path))
+        own = {"rules_text": {r: RULES[r] for r in config.rules}, "dropped": sum(r["action"] == "drop" for r in records), "pairs": len(records)}
+        return body, records, own
+
+    return write_training_export(cube_path, train, out, sidecar, "dpo-filter", config, make)

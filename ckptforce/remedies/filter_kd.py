@@ -19,8 +19,17 @@ Out (``write_filter_kd``, atomic)::
     steps        (C,)    int64     the steps of the checkpoints the EMA ran over
     provenance   ()      str       JSON: the cube (path, SHA-256, run, command) and the settings (alpha, rule)
 
-Language models: per-token top-k targets need each checkpoint's next-token distribution along the response, which
-the cube does not hold (``logp_tok`` is the log-probability of the response's own tokens only); the export says so.
+Language models (a cube analysed with ``--topk K`` and the training examples as probes): the same filter per response
+token of the chosen answer (the trained completion), on the sparse top-K next-token distributions q_t of each
+checkpoint — an id outside a checkpoint's top K counts as 0 there, so q̄ is exact on the ids every checkpoint kept
+and a lower bound elsewhere. q̄_T = α^T q_0 + Σ_{t≥1} (1 − α) α^{T−t} q_t (the recursion above, summed). Out::
+
+    ids           (N,)        str       the probe ids
+    token_ids     (N, W, K)   int64     the K most likely ids of q̄ at each response token, largest first; −1 past the end
+    token_probs   (N, W, K)   float32   their probabilities under q̄
+    rest          (N, W)      float32   1 − Σ token_probs: the mass of every other id; NaN past the end
+    lengths       (N,)        int64     response tokens of each example (position i: its i-th completion token as tokenized)
+    steps, provenance                    as above
 """
 
 from __future__ import annotations
@@ -40,6 +49,8 @@ from .common import cube_provenance
 #: α of DESIGN §4 item 10 (and of the report's learning-paths section)
 DEFAULT_ALPHA = 0.95
 RULE = "q̄_0 = q_0; q̄_t = α·q̄_{t−1} + (1 − α)·q_t over the checkpoints in step order; q_t = softmax(logp_class_t)"
+RULE_TOKENS = ("per response token of the chosen answer, q_t = the top-K next-token distribution of checkpoint t (topk_logp; 0 "
+               "outside its top K); the K largest of q̄_T are kept")  # fmt: skip
 
 
 def ema_targets(q: np.ndarray, alpha: float) -> np.ndarray:
@@ -61,19 +72,72 @@ def softmax(logp: np.ndarray) -> np.ndarray:
 
 
 def _check(ds: xr.Dataset, where: str) -> None:
-    if "logp_class" in ds:
+    if "logp_class" in ds or "topk_logp" in ds:
         return
     if "logp_tok" in ds:
-        raise ExportError(f"{where}: a language-model cube: per-token top-k Filter-KD targets need each checkpoint's next-token "
-                          "distribution, which ckptforce analyze does not record (logp_tok holds only the response's own tokens); "
-                          "export filter-kd works on classifier cubes (logp_class) for now")  # fmt: skip
+        raise ExportError(f"{where}: a language-model cube without the next-token distributions: analyze the run with --topk K "
+                          "(e.g. 20) and the training examples as --probes to export their per-token Filter-KD targets")  # fmt: skip
     raise ExportError(f"{where}: no per-class predictions (logp_class); analyze the run with --probes set to the training "
                       "examples' arrays (.npz with x, y, ids) to export their Filter-KD targets")  # fmt: skip
+
+
+def ema_weights(n_checkpoints: int, alpha: float) -> np.ndarray:
+    """(C,) the weight of each checkpoint in q̄_T: α^{C−1} for the first, (1 − α) α^{C−1−t} for t ≥ 1 (they sum to 1)."""
+    t = np.arange(n_checkpoints)
+    w = (1.0 - alpha) * alpha ** (n_checkpoints - 1 - t)
+    w[0] = alpha ** (n_checkpoints - 1)
+    return w
+
+
+def sparse_ema(ids: np.ndarray, probs: np.ndarray, weights: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of sparse distributions over checkpoints -> the top k of their weighted sum.
+
+    ids (C, P, K) int (−1: none), probs (C, P, K), weights (C,) -> ids (P, k) int64 (−1 where fewer), probs (P, k):
+    per row p, q̄(v) = Σ_t weights_t Σ_j [ids_{t,p,j} = v] probs_{t,p,j}, its k largest values, largest first."""
+    c, p, kk = ids.shape
+    flat_ids = np.moveaxis(ids, 0, 1).reshape(p, c * kk).astype(np.int64)
+    flat_w = np.moveaxis(np.nan_to_num(probs) * weights[:, None, None], 0, 1).reshape(p, c * kk)
+    flat_w[flat_ids < 0] = 0.0
+    flat_ids[flat_ids < 0] = np.iinfo(np.int64).max  # sorts last, weight 0
+    order = np.argsort(flat_ids, axis=1, kind="stable")
+    sid, sw = np.take_along_axis(flat_ids, order, 1), np.take_along_axis(flat_w, order, 1)
+    first = np.ones_like(sid, dtype=bool)
+    first[:, 1:] = sid[:, 1:] != sid[:, :-1]
+    group = np.cumsum(first, axis=1) - 1  # (P, M): each sorted entry's id group within its row
+    sums = np.zeros_like(sw)
+    np.add.at(sums, (np.arange(p)[:, None].repeat(sid.shape[1], 1), group), sw)
+    gid = np.full_like(sid, -1)
+    gid[np.arange(p)[:, None].repeat(sid.shape[1], 1)[first], group[first]] = sid[first]
+    gid[gid == np.iinfo(np.int64).max] = -1
+    top = np.argsort(-sums, axis=1, kind="stable")[:, :k]
+    out_ids, out_p = np.take_along_axis(gid, top, 1), np.take_along_axis(sums, top, 1)
+    out_ids[out_p <= 0] = -1
+    return out_ids, np.where(out_ids >= 0, out_p, 0.0)
+
+
+def token_targets(ds: xr.Dataset, alpha: float, *, where: str = "cube") -> dict[str, np.ndarray]:
+    """The language-model arrays of the export (module docstring): per-token top-K q̄ along the chosen answer."""
+    if not 0.0 <= alpha < 1.0:
+        ema_targets(np.zeros((1, 1, 1)), alpha)  # the one message for a bad α
+    if "chosen" not in ds["response"].values:
+        raise ExportError(f"{where}: the probes have no chosen answer; give the training examples (prompt + completion) as --probes")
+    logp = ds["topk_logp"].sel(response="chosen").transpose("checkpoint", "probe", "token", "topk").values  # (C, N, W, K)
+    ids = ds["topk_token"].sel(response="chosen").transpose("checkpoint", "probe", "token", "topk").values
+    c, n, w, k = logp.shape
+    scored = np.isfinite(logp[..., 0]).all(0)  # (N, W) positions with a distribution at every checkpoint
+    out_ids, out_p = sparse_ema(np.nan_to_num(ids, nan=-1).reshape(c, n * w, k), np.exp(logp).reshape(c, n * w, k), ema_weights(c, alpha), k)
+    out_ids, out_p = out_ids.reshape(n, w, k), out_p.reshape(n, w, k)
+    out_ids[~scored], out_p[~scored] = -1, 0.0
+    rest = np.where(scored, 1.0 - out_p.sum(-1), np.nan)
+    return {"ids": ds["probe"].values.astype(str), "token_ids": out_ids, "token_probs": out_p.astype(np.float32), "rest": rest.astype(np.float32),
+            "lengths": scored.sum(1).astype(np.int64), "steps": ds["step"].values.astype(np.int64)}  # fmt: skip
 
 
 def filter_kd_targets(ds: xr.Dataset, alpha: float = DEFAULT_ALPHA, *, where: str = "cube") -> dict[str, np.ndarray]:
     """The arrays of the export (module docstring), without provenance."""
     _check(ds, where)
+    if "logp_class" not in ds:
+        return token_targets(ds, alpha, where=where)
     logp = ds["logp_class"].transpose("checkpoint", "probe", "class").values  # (C, N, V)
     if np.isnan(logp).any():
         c, n, _ = np.argwhere(np.isnan(logp))[0]
@@ -92,8 +156,11 @@ def write_filter_kd(cube_path: str | Path, out: str | Path, alpha: float = DEFAU
         raise ExportError(f"{out.parent}: no such directory for the output; create it or choose another -o path")
     ds = open_cube(cube_path)
     arrays = filter_kd_targets(ds, alpha, where=str(cube_path))
-    settings = {"alpha": alpha, "rule": RULE, "checkpoints": int(len(arrays["steps"])), "examples": int(len(arrays["ids"])),
-                "classes": int(arrays["targets"].shape[1])}  # fmt: skip
+    settings = {"alpha": alpha, "rule": RULE, "checkpoints": int(len(arrays["steps"])), "examples": int(len(arrays["ids"]))}
+    if "targets" in arrays:
+        settings["classes"] = int(arrays["targets"].shape[1])
+    else:
+        settings.update(top_k=int(arrays["token_ids"].shape[-1]), response="chosen", rule_tokens=RULE_TOKENS)
     provenance = json.dumps(cube_provenance(cube_path, ds, "filter-kd", settings), ensure_ascii=False, sort_keys=True)
 
     def write(tmp: str) -> None:

@@ -27,9 +27,25 @@ FORGET_TAU = 0.5
 COLLAPSE_TOP1 = 0.9
 
 
+@dataclass(frozen=True)
+class Highlight:
+    """A piece of run text with one part marked (a harmful token in its completion): shown as text, never markup."""
+
+    label: str
+    before: str
+    mark: str
+    after: str
+    note: str = ""
+
+    def plain(self) -> str:
+        """The text with the mark in guillemets, for the PDF and the terminal."""
+        return f"{self.label}: {self.before}«{self.mark}»{self.after}" + (f" — {self.note}" if self.note else "")
+
+
 @dataclass
 class Diagnostic:
-    """One diagnostic's result: tables for figures, headline numbers, a verdict; or why it is absent."""
+    """One diagnostic's result: tables for figures, headline numbers, a verdict, run text worth reading with a
+    part marked (``highlights``); or why it is absent."""
 
     key: str
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
@@ -37,6 +53,7 @@ class Diagnostic:
     verdict: str = ""
     missing: str = ""  # non-empty: the cube cannot support this diagnostic, and why
     grouping: str = ""  # what the probes are grouped by, when the caller chose it (--group-by)
+    highlights: list[Highlight] = field(default_factory=list)
 
     @classmethod
     def absent(cls, key: str, why: str) -> "Diagnostic":

@@ -359,3 +359,44 @@ def feature_adaptation(d: Diagnostic) -> Figure:
     ax.legend(fontsize="x-small")
     fig.suptitle("Feature adaptation of the named layer")
     return fig
+
+
+def lazy_displacement(d: Diagnostic, *, top: int = 15) -> Figure:
+    groups, tokens, exploration = d.tables["groups"], d.tables["tokens"], d.tables["exploration"]
+    fig, axes = _figure(15.5, max(4.4, 0.28 * min(top, len(groups)) + 2.2), ncols=3, width_ratios=[1.15, 1, 0.9])
+    ax = axes[0]
+    shown = groups.sort_values("lazy_share", ascending=False, na_position="first").head(top)
+    y = np.arange(len(shown))
+    ax.barh(y - 0.2, shown["lld_pos"], height=0.4, color=colour("chosen"), label="pull (Â > 0 completions)")
+    ax.barh(y + 0.2, shown["lld_neg"], height=0.4, color=colour("rejected"), label="push (Â < 0 completions)")
+    ax.scatter(shown["lld"], y, marker="D", color="black", zorder=3, label="LLD (total)")
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set_yticks(y, [f"{g}{' (lazy)' if lazy else ''}" for g, lazy in zip(shown["group"], shown["lazy"])], fontsize="x-small")
+    ax.invert_yaxis()
+    ax.set(title="Each group's own force on its correct completions", xlabel="first-order Δ log π, mean over correct  [nat]")
+    ax.legend(fontsize="x-small", loc="best")
+    ax = axes[1]
+    scored = tokens.dropna(subset=["nthr"])
+    if len(scored):
+        ax.scatter(scored["nthr"], scored["harm"], s=14, color=colour("rejected"), alpha=0.6, zorder=3)
+        for _, row in scored.head(3).iterrows():
+            ax.annotate(str(row["token"]).strip(), (row["nthr"], row["harm"]), fontsize="x-small", xytext=(4, 2), textcoords="offset points")
+        ax.set_yscale("symlog", linthresh=max(float(scored["harm"].abs().quantile(0.9)), 1e-6))  # a few tokens dominate
+    ax.axhline(0, color="black", lw=0.8)
+    spearman = d.numbers.get("spearman", float("nan"))
+    ax.set(title=f"Negative tokens: NTHR against the exact harm (Spearman {spearman:.2f})", xlabel="NTHR score s⁻ (last layer)",
+           ylabel="harm: −force on the correct completions  [nat]")  # fmt: skip
+    ax = axes[2]
+    if len(exploration):
+        ax.plot(exploration["step"], exploration["entropy"], marker="o", color="#3b6fb6", label="entropy, all rollouts")
+        ax.plot(exploration["step"], exploration["entropy_correct"], marker="o", ls="--", color="#3b6fb6", label="entropy, correct")
+        twin = ax.twinx()
+        twin.plot(exploration["step"], exploration["top1"], marker="s", color=colour(ARGMAX), label="top-1 mass, all")
+        twin.set_ylabel("top-1 mass")
+        twin.grid(False)
+        lines = ax.get_legend_handles_labels(), twin.get_legend_handles_labels()
+        ax.legend(lines[0][0] + lines[1][0], lines[0][1] + lines[1][1], fontsize="x-small", loc="best")
+    ax.set(title="Exploration on the rollouts", xlabel="training step", ylabel="mean entropy  [nat]")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.suptitle("Lazy likelihood displacement in GRPO: negative completions that hold the correct ones back")
+    return fig

@@ -57,7 +57,8 @@ def _section(e) -> Figure:
         return page
     _paragraph(page, 0.895, e.result.verdict, size=11, weight="bold", width=130)
     how = textwrap.wrap("How to read this. " + e.section.how_to_read, _WRAP)
-    bottom = 0.04 + len(how) * 9.5 * 1.45 / 72 / A4_LANDSCAPE[1]
+    quoted = [textwrap.shorten(h.plain(), _WRAP + 20) for h in e.result.highlights[:4]]
+    bottom = 0.04 + (len(how) * 9.5 + len(quoted) * 8.5) * 1.45 / 72 / A4_LANDSCAPE[1] + 0.012 * len(quoted)
     if e.figure is not None:
         buf = io.BytesIO()
         e.figure.savefig(buf, format="png", dpi=170)
@@ -65,7 +66,9 @@ def _section(e) -> Figure:
         ax = page.add_axes((0.04, bottom + 0.02, 0.92, 0.80 - bottom))
         ax.imshow(mpimg.imread(buf, format="png"))
         ax.set_axis_off()
-    _paragraph(page, bottom, "How to read this. " + e.section.how_to_read)
+    y = _paragraph(page, bottom, "How to read this. " + e.section.how_to_read)
+    for text in quoted:
+        y = _paragraph(page, y, text, size=8.5, width=_WRAP + 20, color="#8a1c1c")
     return page
 
 

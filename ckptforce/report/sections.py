@@ -12,7 +12,10 @@ from typing import Callable
 import xarray as xr
 from matplotlib.figure import Figure
 
+from ..names import LAZY_SHARE
+
 from . import diagnostics as dg
+from . import diagnostics_rl as drl
 from . import diagnostics_support as dsup
 from . import diagnostics_train as dt
 from . import figures as fg
@@ -87,6 +90,22 @@ SECTIONS: list[Section] = [
             "trust the exact forces. Pairs that displace chosen are candidates to drop or to rewrite: "
             "ckptforce export dpo-filter CUBE --train FILE -o filtered.jsonl writes the training file without them, with a reason "
             "per pair."),
+    Section("lazy_displacement", "Lazy likelihood displacement in GRPO", drl.lazy_displacement, fg.lazy_displacement,
+            "A GRPO step on a group of completions of one prompt pulls up those with a positive advantage Â (the correct "
+            "ones) and pushes down the others. When a negative completion shares tokens and context with the correct "
+            "ones, its push drags them down too, and the correct answers rise little or fall: lazy likelihood "
+            "displacement (Deng et al., arXiv 2505.18830). For every group the cube holds the exact first-order change "
+            "of its correct completions under its own update (through the whole model, with the optimizer's "
+            "preconditioner, the loss type's normaliser and the logged gradient clipping), split into the pull of its "
+            f"positive completions and the push of its negative ones; a group is lazy when the push cancels more than "
+            f"{LAZY_SHARE:.0%} of the pull, displaced when it cancels all of it. Left: that split for the laziest groups. "
+            "Middle: every token of the negative completions, its exact harm (−its force on the group's correct "
+            "completions) against the paper's NTHR score, a last-layer similarity s⁻ = Σ α⟨h⁺, h⁻⟩ that needs no "
+            "gradient; a high Spearman correlation means NTHR is a fair screen for the tokens to down-weight, where it is "
+            "low trust the exact forces. Right: the policy's mean entropy and top-1 mass along the rollouts at each "
+            "checkpoint; entropy falling toward 0 is exploration collapsing. The marked tokens below are the most "
+            "harmful ones, shown in their completions; ckptforce export grpo-weights CUBE --train FILE -o weighted.jsonl writes "
+            "the rollouts with those tokens down-weighted (token_weights), with the evidence per token."),
     Section("similarity", "8. Similarity maps", dt.similarity, fg.similarity,
             "K[o, u] = ⟨∇θ log π(y_o|x_o), ∇θ L_u⟩ is the empirical NTK between a probe and a training example: one SGD "
             "step on u changes the probe by about −η·K. The figures show the alignment −cos of the two gradients: red "
