@@ -287,9 +287,10 @@ def _probe_groupings(probes: Path, columns: dict) -> list[str]:
 @click.option("--only", multiple=True, type=click.Choice([a.name for a in AUDITS]), help="Audit only these sample runs (repeatable).")
 def demo(out: Path, only: tuple[str, ...]) -> None:
     """Train (first time, cached after) the sample runs of sample_runs/recipes with real trainers — a tiny
-    GPT-2 pretrained on a world of facts, then SFT, DPO and GRPO with TRL; a Lightning MLP on scikit-learn's digits
-    with flipped labels, and a head-probing → fine-tuning pair — audit each, and print where the reports
-    are. About two minutes on 2 CPU cores; nothing is downloaded.
+    GPT-2 pretrained on a world of facts, then SFT, DPO and GRPO with TRL; a Lightning MLP on scikit-learn's
+    digits with flipped labels, and a head-probing → fine-tuning pair; the same tiny GPT-2 on a compositional and on a
+    permuted mapping — audit each, compare the last two, and print where the reports are. About 15 minutes on 2
+    CPU cores; nothing is downloaded.
 
     \b
     Examples:
@@ -306,6 +307,8 @@ def demo(out: Path, only: tuple[str, ...]) -> None:
         for key in dict.fromkeys(("trajectories", s["shows"])):
             if key in s["verdicts"]:
                 click.echo(f"  {key}: {s['verdicts'][key]}")
+        if "comparison" in s:
+            click.echo(f"  comparison: {s['comparison']}")
 
 
 @main.command(short_help="Sample GRPO rollouts at a checkpoint with your reward function: a --train file.")

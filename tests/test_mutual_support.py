@@ -86,3 +86,27 @@ def test_on_a_real_analysis_of_training_examples_as_probes(tmp_path):
     assert set(d.tables["groups"]["group"]) == {"a", "b"}
     html = (out / "report.html").read_text()
     assert "Mutual support between training examples" in html and d.verdict.split(";")[0].split(" (")[0] in html
+
+
+def test_compare_support_ranks_runs_by_within_group_support_and_learning_speed():
+    """Two hand-made runs of the same four examples: one whose groups support themselves and which is fitted by step 10,
+    one with no shared structure that is never fitted; the comparison's numbers are each run's mutual_support."""
+    from ckptforce.report.diagnostics_support import compare_support
+
+    groups = ["a", "a", "b", "b"]
+    same = np.equal.outer(groups, groups)
+    fast = np.array([[-3.0] * 4, [-0.5, -0.4, -0.6, -0.3], [-0.1] * 4]) * 4  # (C, N): fitted at step 10
+    slow = np.array([[-3.0] * 4, [-2.5] * 4, [-2.0] * 4]) * 4  # never reaches log ½ per token
+    runs = {"compositional": _cube(np.where(same, 1.0, 0.1), fast, groups), "permuted": _cube(np.where(same, 0.0, 0.2), slow, groups)}
+    d = compare_support(dict(reversed(runs.items())))  # the table is ranked by within-group support, not by order given
+    t = d.tables["runs"].set_index("run")
+    assert list(d.tables["runs"]["run"]) == ["compositional", "permuted"]
+    for name, ds in runs.items():
+        one = mutual_support(ds)
+        assert t.loc[name, "within"] == pytest.approx(one.numbers["within"]) and t.loc[name, "across"] == pytest.approx(one.numbers["across"])
+        assert t.loc[name, "area"] == pytest.approx(one.tables["examples"]["area"].mean())
+    assert t.loc["compositional", "fitted"] == 4 and t.loc["compositional", "fitted_step"] == 10.0
+    assert t.loc["permuted", "fitted"] == 0 and np.isinf(t.loc["permuted", "fitted_step"])
+    assert d.verdict.startswith("compositional supports itself more within a group than permuted (+1.00 vs +0.00 nats per pair")
+    assert "compositional learned faster" in d.verdict and "the median example never" in d.verdict
+    assert compare_support({"one": runs["permuted"]}).missing.startswith("needs two runs")

@@ -104,7 +104,7 @@ def test_cache_key_follows_the_sources(recipes, tmp_path, monkeypatch):
     path = recipes.cached_path("lm")
     assert path.parent == tmp_path and path.name == f"lm-{recipes.source_hash('lm')}"
     assert recipes.source_hash("lm") != recipes.source_hash("digits")
-    with pytest.raises(ValueError, match="known: lm, digits"):
+    with pytest.raises(ValueError, match="known: lm, digits, compose"):
         recipes.recipe("nope")
 
 

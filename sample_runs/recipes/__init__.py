@@ -26,7 +26,7 @@ from importlib import metadata
 from pathlib import Path
 
 #: recipe name -> module (imported lazily: a recipe imports torch and its trainers)
-RECIPES = {"lm": "sample_runs.recipes.lm", "digits": "sample_runs.recipes.digits"}
+RECIPES = {"lm": "sample_runs.recipes.lm", "digits": "sample_runs.recipes.digits", "compose": "sample_runs.recipes.compose"}
 #: libraries whose version is part of the cache key
 VERSIONED = ("torch", "transformers", "trl", "lightning", "scikit-learn", "numpy")
 HERE = Path(__file__).resolve().parent
