@@ -171,7 +171,7 @@ class BoundModel:
 def _find_head(model: BoundModel) -> tuple[str, str, str | None] | None:
     """(base model prefix, W's name, b's name) of a Hugging Face causal LM whose logits are lm_head(base(x)), or
     None: not such a model, or its forward does more (logit soft-capping, scaling), found by comparing the two on
-    a short input with the skeleton's own weights."""
+    a short input with the skeleton's own weights (the head's scaled up: large logits)."""
     module = model.module
     get_out = getattr(module, "get_output_embeddings", None)
     head = get_out() if model.kind == "lm" and model._takes_mask and callable(get_out) else None
@@ -183,7 +183,8 @@ def _find_head(model: BoundModel) -> tuple[str, str, str | None] | None:
     bias = names.get(id(head.bias)) if head.bias is not None else None
     if weight is None or (head.bias is not None and bias is None):
         return None
-    params = {n: p for n, p in module.named_parameters()}
+    # the head's weight scaled up, so that logits are large (a soft cap, x ↦ c·tanh(x/c), is the identity near 0)
+    params = {n: 100 * p if n == weight else p for n, p in module.named_parameters()}
     vocab = head.weight.shape[0]
     device = head.weight.device
     ids = torch.tensor([[1 % vocab, 2 % vocab, 3 % vocab]], device=device)
@@ -195,7 +196,7 @@ def _find_head(model: BoundModel) -> tuple[str, str, str | None] | None:
             split = nn.functional.linear(h, params[weight], params[bias] if bias else None)
     except Exception:  # noqa: BLE001 - a base model that cannot be called alone: no split
         return None
-    if full.shape != split.shape or not torch.allclose(full, split, rtol=1e-4, atol=1e-5 * float(full.abs().max())):
+    if full.shape != split.shape or not torch.allclose(full, split, rtol=1e-4, atol=1e-4 * float(full.abs().max())):
         return None
     return prefix, weight, bias
 

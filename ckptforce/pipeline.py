@@ -28,9 +28,11 @@ import xarray as xr
 
 from . import __version__, cube
 from .errors import CkptforceError
-from .budget import default_memory_gb, duration, forwards_per_interval, model_shape, rows_per_chunk
+from .budget import (HEAD_SHARE, attention_heads, default_memory_gb, duration, forwards_per_interval, head_chunks, model_shape,
+                     rows_budget, rows_per_chunk)  # fmt: skip
 from .forces import DEFAULT_NODES, interval_forces
 from .forces.features import drift, features
+from .forces.head import SplitLM
 from .io import Run, open_run
 from .model import BoundModel, bind
 from .names import POOR_LINEARISATION
@@ -156,15 +158,37 @@ def read_pair(model: BoundModel, a, b, device: str, dtype: torch.dtype) -> tuple
     return narrow(before), narrow(after), step
 
 
+def _rows_budget(config: AnalysisConfig, model: BoundModel, dtype, device: str) -> float:
+    """GiB of the memory budget (--memory, else from the machine) left for the probe rows once θ is held."""
+    budget = config.memory_gb if config.memory_gb else default_memory_gb(device)
+    parameters = sum(p.numel() for p in model.module.parameters())
+    return rows_budget(budget, parameters=parameters, dtype_bytes=torch.finfo(dtype).bits // 8)
+
+
 def _chunk_rows(config: AnalysisConfig, model: BoundModel, batch, dtype, device: str) -> int:
-    """--chunk-size, else the most rows whose forward / JVP / backward fits the memory budget (budget.py)."""
+    """--chunk-size, else the most rows whose forward / JVP / backward fits the memory budget (budget.py); with a
+    streamed head (``model.head()``) the rows hold no vocabulary-sized tensor and the head has its own share."""
     if config.chunk_size:
         return config.chunk_size
     hidden, layers = model_shape(model.module)
     width = batch.input_ids.shape[1] if hasattr(batch, "input_ids") else 1
-    budget = config.memory_gb if config.memory_gb else default_memory_gb(device)
-    return rows_per_chunk(budget, width=width, vocab=model.vocab_size or 1, hidden=hidden, layers=layers,
-                          dtype_bytes=torch.finfo(dtype).bits // 8)  # fmt: skip
+    budget = _rows_budget(config, model, dtype, device)
+    streamed = model.kind == "lm" and model.head() is not None
+    return rows_per_chunk(budget * (1 - HEAD_SHARE) if streamed else budget, width=width, vocab=None if streamed else model.vocab_size or 1,
+                          hidden=hidden, layers=layers, heads=attention_heads(model.module), dtype_bytes=torch.finfo(dtype).bits // 8)  # fmt: skip
+
+
+def forces_fn(p: Prepared) -> Callable:
+    """The model function the forces take: a ``SplitLM`` that applies the head at the response positions only, in
+    chunks of positions × vocabulary from the memory budget, when the model allows it; else ``model.logits``."""
+    head = p.model.head() if p.model.kind == "lm" else None
+    if head is None:
+        return p.model.logits
+    dtype = getattr(torch, p.config.dtype)
+    budget = _rows_budget(p.config, p.model, dtype, p.device)
+    vocab = p.model.module.get_output_embeddings().weight.shape[0]
+    positions, vocab_chunk = head_chunks(budget, vocab=vocab, dtype_bytes=torch.finfo(dtype).bits // 8)
+    return SplitLM(p.model.logits, p.model.body, *head, positions=positions, vocab=vocab_chunk)
 
 
 def _prepare_classifier(config: AnalysisConfig, run: Run, model: BoundModel, device: str, dtype) -> Prepared:
@@ -212,7 +236,7 @@ def compute_part(config_json: str, k: int, device: str = "cpu", progress: Callab
     dtype = getattr(torch, config.dtype)
     with p.run.open(refs[0]) as a, p.run.open(refs[1]) as b:
         before, after, step = read_pair(p.model, a, b, device, dtype)
-    res = interval_forces(p.model.logits, before, after, p.batch, nodes=config.nodes, by_tensor=config.by_tensor, method=config.method,
+    res = interval_forces(forces_fn(p), before, after, p.batch, nodes=config.nodes, by_tensor=config.by_tensor, method=config.method,
                           chunk_size=p.chunk_size, batch_rows=PROBE_BATCH, progress=progress, full=p.model.kind == "classifier",
                           module=p.model.module, step=step)  # fmt: skip
     grid = _Grid(p)

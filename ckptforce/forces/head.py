@@ -16,7 +16,7 @@ accumulator rescaled by e^{μ_old − μ_new} when μ grows):
     δ log π(y)   = δz_y − πᵀ δz,  likewise for y*     A = I − 1πᵀ applied analytically (DESIGN §1)
     ∂ log π(y)/∂h = W_y − πᵀ W,  likewise for y*      (the backward of the scores, for the factored split)
 
-Memory: ``HEAD_COPIES`` tensors of (positions per chunk, vocabulary per chunk) at once, whatever T and V.
+Memory: ``budget.HEAD_COPIES`` tensors of (positions per chunk, vocabulary per chunk) at once, whatever T and V.
 """
 
 from __future__ import annotations
@@ -27,10 +27,6 @@ from typing import Callable
 import torch
 
 from ..numerics import wide as _wide
-
-#: (P, V_c)-sized tensors alive at once inside one chunk: z, e^{z−μ}, its square, e·(z−μ), δz, e·δz.
-HEAD_COPIES = 6
-
 
 @dataclass(frozen=True)
 class SplitLM:
