@@ -2,7 +2,7 @@
 memory budget, not a guess.
 
 The budget (``--memory GB``) covers the analysis: first the parameters it holds — ``RESIDENT_COPIES`` copies of θ
-(the model, θ_t, θ_{t+1}, Δθ) — then the work on the probe rows. A chunk of R rows of width T (prompt + response
+(the model, θ_t, θ_{t+1}, Δθ) and ``RUNTIME_GB`` for the interpreter and libraries — then the work on the probe rows. A chunk of R rows of width T (prompt + response
 tokens) costs, at the peak of a JVP or a factored split,
 
     R · T · (c_V · V + c_A · d · L + c_S · n_heads · T · L) · bytes
@@ -26,8 +26,10 @@ import os
 VOCAB_COPIES = 8
 ACTIVATION_COPIES = 24
 ATTENTION_COPIES = 3
-#: Parameter-sized tensors held during an interval: the model's own, θ_t, θ_{t+1}, Δθ.
+#: Parameter-sized tensors held during an interval: the model's own, θ_t, θ_{t+1}, Δθ; and the GiB the
+#: interpreter, torch and the libraries take before any of them (measured: ~0.5 with transformers).
 RESIDENT_COPIES = 4
+RUNTIME_GB = 0.5
 #: Share of the rows' budget given to the streamed LM head, and the (positions, vocabulary) tensors alive in it:
 #: z, e^{z−μ}, its square, e·(z−μ), δz, e·δz (forces/head.py).
 HEAD_SHARE = 0.25
@@ -64,9 +66,9 @@ def rows_per_chunk(budget_gb: float, *, width: int, vocab: int | None, hidden: i
 
 
 def rows_budget(budget_gb: float, *, parameters: int, dtype_bytes: int = 4) -> float:
-    """GiB left for the probe rows once ``RESIDENT_COPIES`` copies of ``parameters`` numbers are held; at least a
-    quarter of the budget (a model bigger than the budget still runs, in small chunks)."""
-    resident = RESIDENT_COPIES * parameters * dtype_bytes / 2**30
+    """GiB left for the probe rows once ``RESIDENT_COPIES`` copies of ``parameters`` numbers and the runtime are
+    held; at least a quarter of the budget (a model bigger than the budget still runs, in small chunks)."""
+    resident = RUNTIME_GB + RESIDENT_COPIES * parameters * dtype_bytes / 2**30
     return max(budget_gb - resident, budget_gb / 4)
 
 

@@ -144,8 +144,9 @@ def _analysis_options(f):
         click.option("--nodes", type=click.IntRange(0, 16), default=None, help="Gauss–Legendre nodes of the path attribution (0: skip it).  [default: 2]"),
         click.option("--no-by-tensor", is_flag=True, help="Skip the split of the changes by parameter tensor (faster)."),
         click.option("--method", type=click.Choice(["auto", "jvp", "double_vjp"]), default="auto", show_default=True, help="How J·Δθ is computed."),
-        click.option("--memory", "memory_gb", type=click.FloatRange(min=0.05), metavar="GB", help="Memory budget of the probe rows "
-                     "computed together: chunks of rows are sized to fit it, whatever the response length and vocabulary "
+        click.option("--memory", "memory_gb", type=click.FloatRange(min=0.05), metavar="GB", help="Memory budget of the analysis "
+                     "in GiB: the parameters it holds (θ_t, θ_t+1, Δθ, the model), then chunks of probe rows, and of response "
+                     "positions × vocabulary in the LM head, sized to fit it whatever the response length and vocabulary "
                      "(default: a quarter of RAM, at most 8; half the GPU's free memory on cuda)."),
         click.option("--chunk-size", type=click.IntRange(1), default=None, help="Probe rows per forward / JVP, instead of sizing chunks from --memory."),
         click.option("--workers", type=click.IntRange(1), help="Run checkpoint pairs on a local Dask cluster of N worker processes."),

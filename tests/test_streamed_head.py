@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ckptforce.budget import HEAD_COPIES, HEAD_SHARE, MIN_HEAD_POSITIONS, RESIDENT_COPIES, head_chunks, rows_budget, rows_per_chunk
+from ckptforce.budget import HEAD_COPIES, HEAD_SHARE, MIN_HEAD_POSITIONS, RESIDENT_COPIES, RUNTIME_GB, head_chunks, rows_budget, rows_per_chunk
 from ckptforce.forces import contributions_by_tensor, delta_lin, delta_path, interval_forces, observe
 from ckptforce.forces.head import SplitLM, head_stats
 from ckptforce.model import bind_hf
@@ -225,9 +225,47 @@ def test_head_chunks_fit_their_share_of_the_budget():
     assert vocab < 150_000 and positions * vocab <= cells(0.05) and positions >= MIN_HEAD_POSITIONS  # slices of it
     assert head_chunks(1e-9, vocab=150_000) == (1, 1)
     # the parameters held come off the budget first, never more than three quarters of it
-    assert rows_budget(6.0, parameters=124_000_000) == pytest.approx(6.0 - RESIDENT_COPIES * 124e6 * 4 / 2**30)
+    assert rows_budget(6.0, parameters=124_000_000) == pytest.approx(6.0 - RUNTIME_GB - RESIDENT_COPIES * 124e6 * 4 / 2**30)
     assert rows_budget(6.0, parameters=10**10) == 1.5
     # a streamed head: no vocabulary term per row, so long rows of a big vocabulary take more rows per chunk
     long = dict(width=496, hidden=768, layers=12, heads=12)
     assert rows_per_chunk(3.0, vocab=None, **long) > 2 * rows_per_chunk(3.0, vocab=50257, **long)
     assert rows_per_chunk(3.0, vocab=None, **long) < rows_per_chunk(3.0, vocab=None, **{**long, "heads": None})  # attention maps count
+
+
+def test_analyze_with_the_head_in_chunks_writes_the_unsplit_cube(runs, tmp_path, monkeypatch):
+    """The whole pipeline (float64) on a Trainer run: the head streamed in chunks of 3 positions × 5 vocabulary
+    entries gives the cube of the model's own logits, per token and per tensor included."""
+    import json
+
+    import xarray as xr
+    from click.testing import CliRunner
+
+    from ckptforce import pipeline
+    from ckptforce.cli import main
+
+    probes = tmp_path / "p.jsonl"
+    probes.write_text("".join(json.dumps({"id": f"p{i}", "prompt_ids": [1, 2, 3 + i], "responses": {"chosen": [4, 5, 6, 9], "rejected": [7, 8]}}) + "\n"
+                              for i in range(3)))  # fmt: skip
+    real, used = pipeline.forces_fn, []
+
+    def unsplit(p):
+        return p.model.logits
+
+    def recorded(p):
+        used.append(real(p))
+        return used[-1]
+
+    cubes = []
+    for fn, chunks in ((unsplit, None), (recorded, (3, 5))):
+        monkeypatch.setattr(pipeline, "forces_fn", fn)
+        if chunks:
+            monkeypatch.setattr(pipeline, "head_chunks", lambda budget, **kw: chunks)
+        out = tmp_path / f"cube{len(cubes)}.h5"
+        r = CliRunner().invoke(main, ["analyze", str(runs["hf"].root), "--probes", str(probes), "-o", str(out), "-q", "--nodes", "1", "--dtype", "float64"])
+        assert r.exit_code == 0, r.output
+        with xr.open_dataset(out, engine="h5netcdf") as ds:
+            cubes.append(ds.load())
+    assert used and all(isinstance(f, SplitLM) and (f.positions, f.vocab) == (3, 5) for f in used)
+    for name in ("logp", "logp_tok", "entropy", "top1", "peakiness", "dlogp_obs", "dlogp_lin", "dlogp_lin_tok", "dlogp_path", "dlogp_lin_tensor"):
+        _close(torch.from_numpy(cubes[1][name].fillna(0).values), torch.from_numpy(cubes[0][name].fillna(0).values), 1e-9, name)
