@@ -9,12 +9,13 @@ writes a probe file of token ids (48 probes × 6 responses of 10–18 tokens = 2
 * the split by tensor alone on those rows, from backprop factors and (``--per-row``: slow) from per-row gradients;
 * ``ckptforce analyze`` as a user runs it (the installed CLI): default (split by tensor, 2 nodes) and
   ``--no-by-tensor``; wall time per interval in forwards, and peak RSS of the process;
-* long responses (``--long-rows`` 48 rows × ``--long`` 480-token responses after a 16-token prompt): ``analyze
-  --no-by-tensor`` on the first interval only (a run folder of links to checkpoints 1 and 2), in forwards over
-  those rows (one forward of them timed in the same run) and peak RSS.
+* first, long responses (``--long-rows`` 48 rows × ``--long`` 480-token responses after a 16-token prompt):
+  ``analyze --no-by-tensor --nodes N`` on the first interval only (a run folder of links to checkpoints 1 and 2),
+  in forwards over those rows (one forward of them timed in the same run) and peak RSS.
 
     python bench/scale.py                  # ~30 min on 2 cores (the run is built once: ~3 min, 4.5 GB on disk)
     python bench/scale.py --long 0         # without the long-response case (~20 min)
+    python bench/scale.py --intervals 1 --long-nodes 0 --no-split   # the shortest run that gives every peak RSS
     python bench/scale.py --per-row        # also time the per-row split on 16 rows (what 'today' means)
     python bench/scale.py --device cuda    # on a GPU
 """
@@ -123,6 +124,10 @@ def main() -> None:
     ap.add_argument("--skip-analyze", action="store_true", help="time the split only")
     ap.add_argument("--long", type=int, default=480, metavar="TOKENS", help="response length of the long case (0: skip it)")
     ap.add_argument("--long-rows", type=int, default=48, metavar="ROWS", help="rows of the long case")
+    ap.add_argument("--long-nodes", type=int, default=2, metavar="N", help="--nodes of the long case (0: observe and the JVP only; "
+                    "the path's nodes are JVPs again, so the peak memory is the same)")
+    ap.add_argument("--intervals", type=int, choices=(1, 2), default=2, help="intervals analyzed in the 288-row cases")
+    ap.add_argument("--no-split", action="store_true", help="do not time the split by tensor alone")
     args = ap.parse_args()
     exe = shutil.which("ckptforce") or sys.exit("install ckptforce first: pip install -e .")
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -132,11 +137,26 @@ def main() -> None:
     write_probes(probes)
     print(f"[run] {run}: GPT-2 small (124M), 3 checkpoints with optimizer.pt; 48 probes × 6 responses; {os.cpu_count()} cores, {args.device}")
 
+    first = args.workdir / "run_first_interval"  # checkpoints 1 and 2 only: one interval
+    shutil.rmtree(first, ignore_errors=True)
+    first.mkdir()
+    for name in ("checkpoint-1", "checkpoint-2"):
+        (first / name).symlink_to(run / name, target_is_directory=True)
+    if args.long:
+        long_probes = args.workdir / f"probes_long{args.long}.jsonl"
+        write_probes(long_probes, probes=args.long_rows, long=args.long)
+        lf = inner("forward", run, long_probes, args.device)
+        print(f"[long forward]  {lf['forward']:.1f} s for {lf['rows']} rows × {args.long}-token responses (16-token prompts)")
+        if not args.skip_analyze:
+            wall, peak = analyze(exe, first, long_probes, args, ["--no-by-tensor", "--nodes", str(args.long_nodes)])
+            print(f"[analyze long, --no-by-tensor --nodes {args.long_nodes}]  {wall:.0f} s for 1 interval = {wall / lf['forward']:.1f} "
+                  f"forwards (with start-up), peak RSS {peak / 1024:.2f} GiB")  # fmt: skip
     base = inner("forward", run, probes, args.device)
     fwd = base["forward"]
     print(f"[forward]  {fwd:.2f} s for {base['rows']} rows: the unit below")
-    f = inner("factored", run, probes, args.device)
-    print(f"[split, factored]  {f['seconds']:.1f} s = {f['seconds'] / f['forward']:.1f} forwards ({f['rows']} rows)")
+    if not args.no_split:
+        f = inner("factored", run, probes, args.device)
+        print(f"[split, factored]  {f['seconds']:.1f} s = {f['seconds'] / f['forward']:.1f} forwards ({f['rows']} rows)")
     if args.per_row:
         p16 = inner("per-row", run, probes, args.device, rows=16)
         f16 = inner("factored", run, probes, args.device, rows=16)
@@ -145,22 +165,9 @@ def main() -> None:
     if args.skip_analyze:
         return
     for label, extra in (("default (split by tensor, 2 nodes)", []), ("--no-by-tensor", ["--no-by-tensor"])):
-        wall, peak = analyze(exe, run, probes, args, extra)
-        per = wall / 2
-        print(f"[analyze {label}]  {wall:.0f} s for 2 intervals = {per / fwd:.1f} forwards per interval (with start-up), "
-              f"peak RSS {peak / 1024:.2f} GiB")  # fmt: skip
-    if args.long:
-        long_probes = args.workdir / f"probes_long{args.long}.jsonl"
-        write_probes(long_probes, probes=args.long_rows, long=args.long)
-        first = args.workdir / "run_first_interval"  # checkpoints 1 and 2 only: one interval
-        shutil.rmtree(first, ignore_errors=True)
-        first.mkdir()
-        for name in ("checkpoint-1", "checkpoint-2"):
-            (first / name).symlink_to(run / name, target_is_directory=True)
-        lf = inner("forward", run, long_probes, args.device)
-        print(f"[long forward]  {lf['forward']:.1f} s for {lf['rows']} rows × {args.long}-token responses")
-        wall, peak = analyze(exe, first, long_probes, args, ["--no-by-tensor"])
-        print(f"[analyze long, --no-by-tensor]  {wall:.0f} s for 1 interval = {wall / lf['forward']:.1f} forwards (with start-up), "
+        wall, peak = analyze(exe, run if args.intervals == 2 else first, probes, args, extra)
+        per = wall / args.intervals
+        print(f"[analyze {label}]  {wall:.0f} s for {args.intervals} interval(s) = {per / fwd:.1f} forwards per interval (with start-up), "
               f"peak RSS {peak / 1024:.2f} GiB")  # fmt: skip
 
 
