@@ -15,7 +15,9 @@ forward-mode AD (``torch.func.jvp``) composes with it. Two sources:
 A PEFT adapter is bound over a local base model (``--base-model``): W = W_base + scale·BA.
 
 ``BoundModel.logits`` returns (B, T, V) for language models and (B, 1, V) for classifiers (one "position"),
-so the force code treats both alike.
+so the force code treats both alike. For a Hugging Face causal LM whose logits are exactly lm_head(base(x))
+(checked once), ``head()`` names W (and b) and ``body`` gives the hidden states (B, T, H) the head reads, so the
+forces can apply the head at the response positions only (``forces.head.SplitLM``).
 """
 
 from __future__ import annotations
