@@ -8,9 +8,14 @@ writes a probe file of token ids (48 probes × 6 responses of 10–18 tokens = 2
 * forward: one plain forward of the 288 rows at a checkpoint (in a fresh process, best of 2): the unit;
 * the split by tensor alone on those rows, from backprop factors and (``--per-row``: slow) from per-row gradients;
 * ``ckptforce analyze`` as a user runs it (the installed CLI): default (split by tensor, 2 nodes) and
-  ``--no-by-tensor``; wall time per interval in forwards, and peak RSS of the process.
+  ``--no-by-tensor``; wall time per interval in forwards, and peak RSS of the process;
+* first, long responses (``--long-rows`` 48 rows × ``--long`` 480-token responses after a 16-token prompt):
+  ``analyze --no-by-tensor --nodes N`` on the first interval only (a run folder of links to checkpoints 1 and 2),
+  in forwards over those rows (one forward of them timed in the same run) and peak RSS.
 
-    python bench/scale.py                  # ~15 min on 2 cores (the run is built once: ~3 min, 4.5 GB on disk)
+    python bench/scale.py                  # ~30 min on 2 cores (the run is built once: ~3 min, 4.5 GB on disk)
+    python bench/scale.py --long 0         # without the long-response case (~20 min)
+    python bench/scale.py --intervals 1 --long-nodes 0 --no-split   # the shortest run that gives every peak RSS
     python bench/scale.py --per-row        # also time the per-row split on 16 rows (what 'today' means)
     python bench/scale.py --device cuda    # on a GPU
 """
@@ -73,6 +78,8 @@ from pathlib import Path
 from ckptforce.io import open_run
 from ckptforce.model import bind
 from ckptforce.probes import load_probe_set, make_batch, tokenize
+from ckptforce.budget import default_memory_gb, head_chunks, rows_budget
+from ckptforce.forces.head import SplitLM
 from ckptforce.forces.linear import contributions_by_tensor
 what, run_dir, probes, device, rows = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
 run = open_run(run_dir)
@@ -93,8 +100,11 @@ with torch.no_grad():
     fwd = timed(lambda: model.logits(theta, batch), 2)
 if what == "forward":
     out = fwd
-elif what == "factored":
-    out = timed(lambda: contributions_by_tensor(model.logits, theta, batch, step, module=model.module, factored_chunk=64), 1)
+elif what == "factored":  # the head streamed as analyze streams it (chunks of the default budget)
+    budget = rows_budget(default_memory_gb(device), parameters=sum(p.numel() for p in model.module.parameters()))
+    positions, vocab = head_chunks(budget, vocab=model.vocab_size)
+    fn = SplitLM(model.logits, model.body, *model.head(), positions=positions, vocab=vocab)
+    out = timed(lambda: contributions_by_tensor(fn, theta, batch, step, module=model.module, factored_chunk=64), 1)
 else:
     out = timed(lambda: contributions_by_tensor(model.logits, theta, batch, step, chunk_size=8), 1)
 print(json.dumps({"seconds": out, "forward": fwd, "rows": len(batch)}))
@@ -112,6 +122,12 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--per-row", action="store_true", help="also time the per-row split (16 rows; slow, ~10 GB)")
     ap.add_argument("--skip-analyze", action="store_true", help="time the split only")
+    ap.add_argument("--long", type=int, default=480, metavar="TOKENS", help="response length of the long case (0: skip it)")
+    ap.add_argument("--long-rows", type=int, default=48, metavar="ROWS", help="rows of the long case")
+    ap.add_argument("--long-nodes", type=int, default=2, metavar="N", help="--nodes of the long case (0: observe and the JVP only; "
+                    "the path's nodes are JVPs again, so the peak memory is the same)")
+    ap.add_argument("--intervals", type=int, choices=(1, 2), default=2, help="intervals analyzed in the 288-row cases")
+    ap.add_argument("--no-split", action="store_true", help="do not time the split by tensor alone")
     args = ap.parse_args()
     exe = shutil.which("ckptforce") or sys.exit("install ckptforce first: pip install -e .")
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -121,11 +137,26 @@ def main() -> None:
     write_probes(probes)
     print(f"[run] {run}: GPT-2 small (124M), 3 checkpoints with optimizer.pt; 48 probes × 6 responses; {os.cpu_count()} cores, {args.device}")
 
+    first = args.workdir / "run_first_interval"  # checkpoints 1 and 2 only: one interval
+    shutil.rmtree(first, ignore_errors=True)
+    first.mkdir()
+    for name in ("checkpoint-1", "checkpoint-2"):
+        (first / name).symlink_to(run / name, target_is_directory=True)
+    if args.long:
+        long_probes = args.workdir / f"probes_long{args.long}.jsonl"
+        write_probes(long_probes, probes=args.long_rows, long=args.long)
+        lf = inner("forward", run, long_probes, args.device)
+        print(f"[long forward]  {lf['forward']:.1f} s for {lf['rows']} rows × {args.long}-token responses (16-token prompts)")
+        if not args.skip_analyze:
+            wall, peak = analyze(exe, first, long_probes, args, ["--no-by-tensor", "--nodes", str(args.long_nodes)])
+            print(f"[analyze long, --no-by-tensor --nodes {args.long_nodes}]  {wall:.0f} s for 1 interval = {wall / lf['forward']:.1f} "
+                  f"forwards (with start-up), peak RSS {peak / 1024:.2f} GiB")  # fmt: skip
     base = inner("forward", run, probes, args.device)
     fwd = base["forward"]
     print(f"[forward]  {fwd:.2f} s for {base['rows']} rows: the unit below")
-    f = inner("factored", run, probes, args.device)
-    print(f"[split, factored]  {f['seconds']:.1f} s = {f['seconds'] / f['forward']:.1f} forwards ({f['rows']} rows)")
+    if not args.no_split:
+        f = inner("factored", run, probes, args.device)
+        print(f"[split, factored]  {f['seconds']:.1f} s = {f['seconds'] / f['forward']:.1f} forwards ({f['rows']} rows)")
     if args.per_row:
         p16 = inner("per-row", run, probes, args.device, rows=16)
         f16 = inner("factored", run, probes, args.device, rows=16)
@@ -134,13 +165,18 @@ def main() -> None:
     if args.skip_analyze:
         return
     for label, extra in (("default (split by tensor, 2 nodes)", []), ("--no-by-tensor", ["--no-by-tensor"])):
-        out = args.workdir / "cube.h5"
-        out.unlink(missing_ok=True)
-        shutil.rmtree(str(out) + ".parts", ignore_errors=True)
-        wall, peak = measure([exe, "analyze", str(run), "--probes", str(probes), "-o", str(out), "-q", "--device", args.device, *extra])
-        per = wall / 2
-        print(f"[analyze {label}]  {wall:.0f} s for 2 intervals = {per / fwd:.1f} forwards per interval (with start-up), "
+        wall, peak = analyze(exe, run if args.intervals == 2 else first, probes, args, extra)
+        per = wall / args.intervals
+        print(f"[analyze {label}]  {wall:.0f} s for {args.intervals} interval(s) = {per / fwd:.1f} forwards per interval (with start-up), "
               f"peak RSS {peak / 1024:.2f} GiB")  # fmt: skip
+
+
+def analyze(exe: str, run: Path, probes: Path, args, extra: list[str]) -> tuple[float, float]:
+    """(wall seconds, peak RSS in MiB) of ``ckptforce analyze`` into a fresh cube."""
+    out = args.workdir / "cube.h5"
+    out.unlink(missing_ok=True)
+    shutil.rmtree(str(out) + ".parts", ignore_errors=True)
+    return measure([exe, "analyze", str(run), "--probes", str(probes), "-o", str(out), "-q", "--device", args.device, *extra])
 
 
 if __name__ == "__main__":

@@ -1,14 +1,22 @@
-"""How many probe rows go through one forward / JVP / backward: from a memory budget, not a guess.
+"""How much of the probe rows goes through one forward / JVP / backward, and through the LM head at once: from a
+memory budget, not a guess.
 
-A chunk of R rows of width T (prompt + response tokens) costs, at the peak of a JVP or a factored split,
+The budget (``--memory GB``) covers the analysis: first the parameters it holds — ``RESIDENT_COPIES`` copies of θ
+(the model, θ_t, θ_{t+1}, Δθ) and ``RUNTIME_GB`` for the interpreter and libraries — then the work on the probe rows. A chunk of R rows of width T (prompt + response
+tokens) costs, at the peak of a JVP or a factored split,
 
-    R · T · (c_V · V + c_A · d · L) · bytes                  (the vocabulary-sized tensors and the activations)
+    R · T · (c_V · V + c_A · d · L + c_S · n_heads · T · L) · bytes
 
-with V the vocabulary, d the hidden size, L the layers; c_V = ``VOCAB_COPIES`` tensors of (T, V) per row are
-alive at once (logits, their tangent or output gradient, softmax and log-softmax, the head's own tangent) and
-c_A = ``ACTIVATION_COPIES`` hidden-sized tensors per layer and position (what autograd keeps for attention and
-the MLP). ``rows_per_chunk`` takes the largest R that fits ``budget`` (at least 1: one row always runs), so
-memory stays bounded whatever the response length and the vocabulary.
+with V the vocabulary, d the hidden size, L the layers, n_heads the attention heads; c_V = ``VOCAB_COPIES``
+tensors of (T, V) per row are alive at once (logits, their tangent or output gradient, softmax and log-softmax,
+the head's own tangent), c_A = ``ACTIVATION_COPIES`` hidden-sized tensors per layer and position (what autograd
+keeps for attention and the MLP, and the captured factors), c_S = ``ATTENTION_COPIES`` (T, T) score maps per head
+and layer (eager attention). ``rows_per_chunk`` takes the largest R that fits (at least 1: one row always runs),
+so memory stays bounded whatever the response length and the vocabulary.
+
+A model whose head ckptforce applies itself (``forces.head.SplitLM``) has no vocabulary term per row: the head
+runs on ``HEAD_SHARE`` of the budget, ``head_chunks`` positions × vocabulary entries at a time, ``HEAD_COPIES``
+tensors of that size at once.
 """
 
 from __future__ import annotations
@@ -17,6 +25,17 @@ import os
 
 VOCAB_COPIES = 8
 ACTIVATION_COPIES = 24
+ATTENTION_COPIES = 3
+#: Parameter-sized tensors held during an interval: the model's own, θ_t, θ_{t+1}, Δθ; and the GiB the
+#: interpreter, torch and the libraries take before any of them (measured: ~0.5 with transformers).
+RESIDENT_COPIES = 4
+RUNTIME_GB = 0.5
+#: Share of the rows' budget given to the streamed LM head, and the (positions, vocabulary) tensors alive in it:
+#: z, e^{z−μ}, its square, e·(z−μ), δz, e·δz (forces/head.py).
+HEAD_SHARE = 0.25
+HEAD_COPIES = 6
+#: The head takes the whole vocabulary at once unless that leaves fewer positions than this per chunk.
+MIN_HEAD_POSITIONS = 64
 #: The budget when none is given: this share of the machine's memory (of the GPU's free memory on cuda) …
 DEFAULT_SHARE = 0.25
 #: … and never more than this many GiB on a CPU (the rest is for the checkpoints and the OS).
@@ -38,11 +57,27 @@ def default_memory_gb(device: str = "cpu") -> float:
 
 
 def rows_per_chunk(budget_gb: float, *, width: int, vocab: int | None, hidden: int | None = None, layers: int | None = None,
-                   dtype_bytes: int = 4) -> int:  # fmt: skip
-    """The largest number of rows whose peak fits ``budget_gb`` (≥ 1)."""
-    per_position = VOCAB_COPIES * (vocab or 0) + ACTIVATION_COPIES * (hidden or 0) * (layers or 0)
-    per_row = max(1, width) * max(1, per_position) * dtype_bytes
+                   heads: int | None = None, dtype_bytes: int = 4) -> int:  # fmt: skip
+    """The largest number of rows whose peak fits ``budget_gb`` (≥ 1); ``vocab=None`` for a streamed head."""
+    width = max(1, width)
+    per_position = VOCAB_COPIES * (vocab or 0) + ACTIVATION_COPIES * (hidden or 0) * (layers or 0) + ATTENTION_COPIES * (heads or 0) * width * (layers or 0)
+    per_row = width * max(1, per_position) * dtype_bytes
     return max(1, int(budget_gb * 2**30 // per_row))
+
+
+def rows_budget(budget_gb: float, *, parameters: int, dtype_bytes: int = 4) -> float:
+    """GiB left for the probe rows once ``RESIDENT_COPIES`` copies of ``parameters`` numbers and the runtime are
+    held; at least a quarter of the budget (a model bigger than the budget still runs, in small chunks)."""
+    resident = RUNTIME_GB + RESIDENT_COPIES * parameters * dtype_bytes / 2**30
+    return max(budget_gb - resident, budget_gb / 4)
+
+
+def head_chunks(budget_gb: float, *, vocab: int, dtype_bytes: int = 4) -> tuple[int, int]:
+    """(positions, vocabulary entries) per chunk of a streamed LM head within ``HEAD_SHARE`` of ``budget_gb``:
+    the whole vocabulary while that leaves ``MIN_HEAD_POSITIONS`` positions, else slices of it."""
+    cells = max(1, int(HEAD_SHARE * budget_gb * 2**30 // (HEAD_COPIES * max(4, dtype_bytes))))  # reductions: float32 at least
+    vocab_chunk = max(1, min(vocab, cells // MIN_HEAD_POSITIONS))
+    return max(1, cells // vocab_chunk), vocab_chunk
 
 
 def model_shape(module) -> tuple[int | None, int | None]:
@@ -50,8 +85,17 @@ def model_shape(module) -> tuple[int | None, int | None]:
     cfg = getattr(module, "config", None)
     if cfg is None:
         return None, None
-    get = lambda *names: next((getattr(cfg, n) for n in names if isinstance(getattr(cfg, n, None), int)), None)  # noqa: E731
-    return get("hidden_size", "n_embd", "d_model"), get("num_hidden_layers", "n_layer", "num_layers")
+    return _config_int(cfg, "hidden_size", "n_embd", "d_model"), _config_int(cfg, "num_hidden_layers", "n_layer", "num_layers")
+
+
+def attention_heads(module) -> int | None:
+    """Attention heads of a Hugging Face model's config, None for anything else."""
+    cfg = getattr(module, "config", None)
+    return None if cfg is None else _config_int(cfg, "num_attention_heads", "n_head", "num_heads")
+
+
+def _config_int(cfg, *names: str) -> int | None:
+    return next((getattr(cfg, n) for n in names if isinstance(getattr(cfg, n, None), int)), None)
 
 
 #: Cost of each piece of an interval in plain forwards over the same rows (bench/scale.py, GPT-2 small, CPU):

@@ -151,8 +151,9 @@ def _analysis_options(f):
                      help="What the split sums over: each parameter tensor, each module (layer: weight and bias together), or "
                           "each transformer block (block: model.layers.N); a smaller cube for deep models, the same sums."),
         click.option("--method", type=click.Choice(["auto", "jvp", "double_vjp"]), default="auto", show_default=True, help="How J·Δθ is computed."),
-        click.option("--memory", "memory_gb", type=click.FloatRange(min=0.05), metavar="GB", help="Memory budget of the probe rows "
-                     "computed together: chunks of rows are sized to fit it, whatever the response length and vocabulary "
+        click.option("--memory", "memory_gb", type=click.FloatRange(min=0.05), metavar="GB", help="Memory budget of the analysis "
+                     "in GiB: the parameters it holds (θ_t, θ_t+1, Δθ, the model), then chunks of probe rows, and of response "
+                     "positions × vocabulary in the LM head, sized to fit it whatever the response length and vocabulary "
                      "(default: a quarter of RAM, at most 8; half the GPU's free memory on cuda)."),
         click.option("--chunk-size", type=click.IntRange(1), default=None, help="Probe rows per forward / JVP, instead of sizing chunks from --memory."),
         click.option("--workers", type=click.IntRange(1), help="Run checkpoint pairs on a local Dask cluster of N worker processes."),

@@ -40,7 +40,7 @@ class AnalysisConfig:
     method: str = dataclasses.field(default="auto", metadata={"help": "J·v by jvp, double_vjp or auto"})
     dtype: str = dataclasses.field(default="float32", metadata={"help": "arithmetic dtype of the forces"})
     chunk_size: int | None = dataclasses.field(default=None, metadata={"help": "probe rows per forward / JVP (None: from the memory budget)"})
-    memory_gb: float | None = dataclasses.field(default=None, metadata={"help": "memory budget of one chunk in GiB (--memory; None: from the machine)"})
+    memory_gb: float | None = dataclasses.field(default=None, metadata={"help": "memory budget of the analysis in GiB: parameters held, then chunks (--memory; None: from the machine)"})
     trust_pickles: bool = dataclasses.field(default=False, metadata={"help": "allow full unpickling"})
     train: str | None = dataclasses.field(default=None, metadata={"help": "training-examples file (--train)"})
     train_sha256: str | None = dataclasses.field(default=None, metadata={"help": "hash of the training-examples file"})

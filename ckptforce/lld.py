@@ -105,7 +105,7 @@ def lld_part(p, pt, k: int, before: dict, after: dict, logits: torch.Tensor, wei
     n_ex, n = len(pt.tset), pt.n_resp
     width = completion_width(pt)
     batch, config = pt.batch, p.config
-    stats = [rollout_stats(logits, batch.targets, batch.target_mask), chunked_stats(p.model.logits, after, batch, p.chunk_size)]
+    stats = [rollout_stats(logits, batch.targets, batch.target_mask), chunked_stats(p.model.logits, after, batch, p.logits_chunk_size)]
     rewards = torch.tensor([e.rewards for e in pt.tset.examples], dtype=torch.float64)
     adv = pt.advantages if pt.advantages is not None else advantages(rewards)
     correct = adv > 0  # (U, n): the anchors, pulled up by the group's positive advantages
@@ -127,7 +127,7 @@ def lld_part(p, pt, k: int, before: dict, after: dict, logits: torch.Tensor, wei
             continue
         rows = list(range(u * n, (u + 1) * n))
         sub = batch.select(rows)
-        f = token_forces(p.model.logits, before, sub, weights[u], anchors, float(coeff[u]), pre, method=config.method, chunk_size=p.chunk_size)
+        f = token_forces(p.model.logits, before, sub, weights[u], anchors, float(coeff[u]), pre, method=config.method, chunk_size=p.logits_chunk_size)
         tok_force[u] = compact(f, sub.target_mask.cpu(), width)
         if hidden_ok:
             try:

@@ -15,7 +15,9 @@ forward-mode AD (``torch.func.jvp``) composes with it. Two sources:
 A PEFT adapter is bound over a local base model (``--base-model``): W = W_base + scale·BA.
 
 ``BoundModel.logits`` returns (B, T, V) for language models and (B, 1, V) for classifiers (one "position"),
-so the force code treats both alike.
+so the force code treats both alike. For a Hugging Face causal LM whose logits are exactly lm_head(base(x))
+(checked once), ``head()`` names W (and b) and ``body`` gives the hidden states (B, T, H) the head reads, so the
+forces can apply the head at the response positions only (``forces.head.SplitLM``).
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ class BoundModel:
     context: int | None = None  # longest sequence the model takes (n_positions), when known
     base: dict[str, torch.Tensor] = field(default_factory=dict)  # PEFT: the base weights under the adapter
     _takes_mask: bool = True
+    _head: tuple | None = None  # (base prefix, head weight name, bias name) once found; () when the head does not split
 
     @property
     def vocab_size(self) -> int | None:
@@ -83,6 +86,29 @@ class BoundModel:
             kwargs = {"attention_mask": batch.attention_mask} if self._takes_mask else {}
             out = functional_call(self.module, params, (batch.input_ids,), kwargs)
             return _as_logits(out)  # (B, T, V)
+
+    def head(self) -> tuple[str, str | None] | None:
+        """(W's name, b's name) when this is a Hugging Face causal LM whose logits are exactly z = h Wᵀ + b of
+        ``body``'s hidden states (checked once, on a short input): the forces then apply the head themselves at
+        the response positions only (``forces.head.SplitLM``). None for every other model."""
+        if self._head is None:
+            self._head = _find_head(self) or ()
+        return self._head[1:] if self._head else None
+
+    def body(self, params: dict[str, torch.Tensor], batch) -> torch.Tensor:
+        """The hidden states (B, T, H) the head reads (after the final norm), called as ``logits`` is; needs ``head()``."""
+        if not self.head():
+            raise ModelBindError(f"{self.source}: the model's logits are not one linear head over its hidden states")
+        return self._body(self._head[0], params, batch)
+
+    def _body(self, prefix: str, params: dict[str, torch.Tensor], batch) -> torch.Tensor:
+        """The base model's last hidden state (B, T, H): what the head reads, after the final norm."""
+        base = self.module.get_submodule(prefix)
+        own = {n[len(prefix) + 1 :]: p for n, p in params.items() if n.startswith(prefix + ".")}
+        wide = any(p.dtype == torch.float64 for p in params.values())
+        with _math_attention(), keep_float64() if wide else contextlib.nullcontext():
+            out = functional_call(base, own, (batch.input_ids,), {"attention_mask": batch.attention_mask, "use_cache": False})
+        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
     def last_hidden(self, params: dict[str, torch.Tensor], batch) -> torch.Tensor:
         """The last layer's hidden states (B, T, H) of ``batch`` under ``params``: ``hidden_states[-1]`` of a
@@ -142,6 +168,39 @@ class BoundModel:
             else:  # a fully trained tensor (modules_to_save): the adapter keeps the whole copy
                 out[n] = _finite(ckpt, n, ckpt.tensor(n)).to(device=device, dtype=dtype)
         return out
+
+
+def _find_head(model: BoundModel) -> tuple[str, str, str | None] | None:
+    """(base model prefix, W's name, b's name) of a Hugging Face causal LM whose logits are lm_head(base(x)), or
+    None: not such a model, or its forward does more (logit soft-capping, scaling), found by comparing the two on
+    a short input with the skeleton's own weights (the head's scaled up: large logits)."""
+    module = model.module
+    get_out = getattr(module, "get_output_embeddings", None)
+    head = get_out() if model.kind == "lm" and model._takes_mask and callable(get_out) else None
+    prefix = getattr(module, "base_model_prefix", "")
+    if not isinstance(head, nn.Linear) or not prefix or not isinstance(getattr(module, prefix, None), nn.Module):
+        return None
+    names = {id(p): n for n, p in module.named_parameters()}  # the first name of a tied tensor
+    weight = names.get(id(head.weight))
+    bias = names.get(id(head.bias)) if head.bias is not None else None
+    if weight is None or (head.bias is not None and bias is None):
+        return None
+    # the head's weight scaled up, so that logits are large (a soft cap, x ↦ c·tanh(x/c), is the identity near 0)
+    params = {n: 100 * p if n == weight else p for n, p in module.named_parameters()}
+    vocab = head.weight.shape[0]
+    device = head.weight.device
+    ids = torch.tensor([[1 % vocab, 2 % vocab, 3 % vocab]], device=device)
+    probe = type("Probe", (), {"input_ids": ids, "attention_mask": torch.ones_like(ids)})()
+    try:
+        with torch.no_grad():
+            full = model.logits(params, probe)
+            h = model._body(prefix, params, probe)
+            split = nn.functional.linear(h, params[weight], params[bias] if bias else None)
+    except Exception:  # noqa: BLE001 - a base model that cannot be called alone: no split
+        return None
+    if full.shape != split.shape or not torch.allclose(full, split, rtol=1e-4, atol=1e-4 * float(full.abs().max())):
+        return None
+    return prefix, weight, bias
 
 
 def _finite(ckpt: Checkpoint, name: str, t: torch.Tensor) -> torch.Tensor:

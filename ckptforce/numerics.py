@@ -6,6 +6,11 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 
+def wide(x: torch.Tensor) -> torch.Tensor:
+    """float32 for half types, unchanged otherwise (float64 stays float64): the dtype of every reduction."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 class _KeepFloat64(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}

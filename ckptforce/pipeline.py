@@ -28,9 +28,11 @@ import xarray as xr
 
 from . import __version__, cube
 from .errors import CkptforceError
-from .budget import default_memory_gb, duration, forwards_per_interval, model_shape, rows_per_chunk
+from .budget import (HEAD_SHARE, attention_heads, default_memory_gb, duration, forwards_per_interval, head_chunks, model_shape,
+                     rows_budget, rows_per_chunk)  # fmt: skip
 from .forces import DEFAULT_NODES, interval_forces
 from .forces.features import drift, features
+from .forces.head import SplitLM
 from .forces.topk import response_topk
 from .tensor_groups import groups
 from .io import Run, open_run
@@ -74,6 +76,7 @@ class Prepared:
     notes: list[str] = field(default_factory=list)  # warnings about how probes / training texts were tokenized
     z0: torch.Tensor | None = None  # (P, D) features of each probe's first response at the first checkpoint (--feature-layer)
     chunk_size: int | None = None  # rows per forward / JVP: --chunk-size, else from the memory budget (budget.py)
+    logits_chunk_size: int | None = None  # the same where the full (rows, T, V) logits are formed (no streamed head)
     labels: dict[str, list[str]] = field(default_factory=dict)  # the probes' own labels (meta.*, extra columns)
 
 
@@ -123,6 +126,7 @@ def prepare(config: AnalysisConfig, device: str = "cpu") -> Prepared:
     )  # fmt: skip
     prepared.notes = [n for n in [boundary_note(tok, tokenizer)] if n]
     prepared.chunk_size = _chunk_rows(config, model, batch, dtype, device)
+    prepared.logits_chunk_size = _chunk_rows(config, model, batch, dtype, device, full_logits=True)
     prepared.labels = probe_set.labels
     train_convention = train_kinds = None
     if config.train:
@@ -161,15 +165,39 @@ def read_pair(model: BoundModel, a, b, device: str, dtype: torch.dtype) -> tuple
     return narrow(before), narrow(after), step
 
 
-def _chunk_rows(config: AnalysisConfig, model: BoundModel, batch, dtype, device: str) -> int:
-    """--chunk-size, else the most rows whose forward / JVP / backward fits the memory budget (budget.py)."""
+def _rows_budget(config: AnalysisConfig, model: BoundModel, dtype, device: str) -> float:
+    """GiB of the memory budget (--memory, else from the machine) left for the probe rows once θ is held."""
+    budget = config.memory_gb if config.memory_gb else default_memory_gb(device)
+    parameters = sum(p.numel() for p in model.module.parameters())
+    return rows_budget(budget, parameters=parameters, dtype_bytes=torch.finfo(dtype).bits // 8)
+
+
+def _chunk_rows(config: AnalysisConfig, model: BoundModel, batch, dtype, device: str, *, full_logits: bool = False) -> int:
+    """--chunk-size, else the most rows whose forward / JVP / backward fits the memory budget (budget.py); with a
+    streamed head (``model.head()``) the rows hold no vocabulary-sized tensor and the head has its own share.
+    ``full_logits``: rows for the paths that still form the model's (rows, T, V) logits (training-example forces,
+    GRPO statistics, --topk), sized with the vocabulary term whatever the head."""
     if config.chunk_size:
         return config.chunk_size
     hidden, layers = model_shape(model.module)
     width = batch.input_ids.shape[1] if hasattr(batch, "input_ids") else 1
-    budget = config.memory_gb if config.memory_gb else default_memory_gb(device)
-    return rows_per_chunk(budget, width=width, vocab=model.vocab_size or 1, hidden=hidden, layers=layers,
-                          dtype_bytes=torch.finfo(dtype).bits // 8)  # fmt: skip
+    budget = _rows_budget(config, model, dtype, device)
+    streamed = model.kind == "lm" and model.head() is not None and not full_logits
+    return rows_per_chunk(budget * (1 - HEAD_SHARE) if streamed else budget, width=width, vocab=None if streamed else model.vocab_size or 1,
+                          hidden=hidden, layers=layers, heads=attention_heads(model.module), dtype_bytes=torch.finfo(dtype).bits // 8)  # fmt: skip
+
+
+def forces_fn(p: Prepared) -> Callable:
+    """The model function the forces take: a ``SplitLM`` that applies the head at the response positions only, in
+    chunks of positions × vocabulary from the memory budget, when the model allows it; else ``model.logits``."""
+    head = p.model.head() if p.model.kind == "lm" else None
+    if head is None:
+        return p.model.logits
+    dtype = getattr(torch, p.config.dtype)
+    budget = _rows_budget(p.config, p.model, dtype, p.device)
+    vocab = p.model.module.get_output_embeddings().weight.shape[0]
+    positions, vocab_chunk = head_chunks(budget, vocab=vocab, dtype_bytes=torch.finfo(dtype).bits // 8)
+    return SplitLM(p.model.logits, p.model.body, *head, positions=positions, vocab=vocab_chunk)
 
 
 def _prepare_classifier(config: AnalysisConfig, run: Run, model: BoundModel, device: str, dtype) -> Prepared:
@@ -185,6 +213,7 @@ def _prepare_classifier(config: AnalysisConfig, run: Run, model: BoundModel, dev
     if config.train:
         prepared.training = prepare_training(config, run, model, None, device, dtype)
     prepared.chunk_size = _chunk_rows(config, model, batch, dtype, device)
+    prepared.logits_chunk_size = _chunk_rows(config, model, batch, dtype, device, full_logits=True)
     _prepare_features(prepared, dtype)
     return prepared
 
@@ -217,7 +246,7 @@ def compute_part(config_json: str, k: int, device: str = "cpu", progress: Callab
     dtype = getattr(torch, config.dtype)
     with p.run.open(refs[0]) as a, p.run.open(refs[1]) as b:
         before, after, step = read_pair(p.model, a, b, device, dtype)
-    res = interval_forces(p.model.logits, before, after, p.batch, nodes=config.nodes, by_tensor=config.by_tensor, method=config.method,
+    res = interval_forces(forces_fn(p), before, after, p.batch, nodes=config.nodes, by_tensor=config.by_tensor, method=config.method,
                           chunk_size=p.chunk_size, batch_rows=PROBE_BATCH, progress=progress, full=p.model.kind == "classifier",
                           module=p.model.module, step=step)  # fmt: skip
     grid = _Grid(p)
@@ -234,7 +263,7 @@ def compute_part(config_json: str, k: int, device: str = "cpu", progress: Callab
         )
     data["dlogp_lin_tok"] = grid.tokens(res.dlogp_lin_tok, None)[None]
     if config.topk:  # y* is teacher-forced along chosen: the same next-token distributions
-        tops = [response_topk(p.model.logits, theta, p.batch, config.topk, chunk_size=p.chunk_size) for theta in (before, after)]
+        tops = [response_topk(p.model.logits, theta, p.batch, config.topk, chunk_size=p.logits_chunk_size) for theta in (before, after)]
         as_float = lambda ids: torch.where(ids >= 0, ids.double(), torch.tensor(float("nan"), dtype=torch.float64))  # noqa: E731
         data["topk_token"] = np.stack([grid.tokens(as_float(ids), as_float(ids)) for ids, _ in tops])
         data["topk_logp"] = np.stack([grid.tokens(logp, logp) for _, logp in tops])

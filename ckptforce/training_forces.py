@@ -278,10 +278,10 @@ def training_part(p, pt: PreparedTraining, k: int, before: dict, after: dict, dl
         forces, approx_error = approximate_part(p, pt, before, weights.flatten(), coeff, pre)
     else:
         forces = example_forces(p.model.logits, before, p.batch, pt.batch, pt.owners, weights.flatten(), coeff, pre,
-                                teacher_logits=pt.teacher_logits, method=config.method, chunk_size=p.chunk_size, module=p.model.module,
+                                teacher_logits=pt.teacher_logits, method=config.method, chunk_size=p.logits_chunk_size, module=p.model.module,
                                 own=pairs or groups)  # fmt: skip
-    mom, mom_star = direction_force(p.model.logits, before, p.batch, pre.momentum, method=config.method, chunk_size=p.chunk_size)
-    dec, dec_star = direction_force(p.model.logits, before, p.batch, pre.decay, method=config.method, chunk_size=p.chunk_size)
+    mom, mom_star = direction_force(p.model.logits, before, p.batch, pre.momentum, method=config.method, chunk_size=p.logits_chunk_size)
+    dec, dec_star = direction_force(p.model.logits, before, p.batch, pre.decay, method=config.method, chunk_size=p.logits_chunk_size)
     nan = torch.full((2, len(p.batch)), math.nan, dtype=torch.float64)
     total = torch.cat([forces.total, mom[None], dec[None]]).T  # (B, U + 2)
     total_star = torch.cat([forces.pos_argmax + forces.neg_argmax, mom_star[None], dec_star[None]]).T
@@ -364,7 +364,7 @@ def approximate_part(p, pt: PreparedTraining, before: dict, weights: torch.Tenso
     frozen = pre.frozen
     names = [n for n, t in before.items() if t.is_floating_point() and n not in frozen]
     pos, neg, pos_star, neg_star, fitted = approximate_forces(fn, before, p.batch, pt.batch, pt.owners, weights, coeff, pre.scale, module=module,
-                                                              names=names, chunk_size=p.chunk_size)  # fmt: skip
+                                                              names=names, chunk_size=p.logits_chunk_size)  # fmt: skip
     c_rows = coeff[torch.tensor(pt.owners)].to(weights)
     tok = []
     for g in example_gradient(fn, before, pt.batch, weights * c_rows):  # Σ_u c_u g_u± in one backward per sign
@@ -372,11 +372,11 @@ def approximate_part(p, pt: PreparedTraining, before: dict, weights: torch.Tenso
             tok.append(torch.zeros(len(p.batch), p.batch.targets.shape[1], dtype=torch.float64))
             continue
         step = {n: -d for n, d in pre.apply(g).items() if n not in frozen}
-        tok.append(delta_lin(fn, before, p.batch, step, method=p.config.method, chunk_size=p.chunk_size).tok.double().cpu())
+        tok.append(delta_lin(fn, before, p.batch, step, method=p.config.method, chunk_size=p.logits_chunk_size).tok.double().cpu())
     used = [u for u in range(len(coeff)) if float(coeff[u]) != 0][:APPROX_CHECK]
     rows = [i for i, o in enumerate(pt.owners) if o in used]
     exact = example_forces(fn, before, p.batch, pt.batch.select(rows), [used.index(pt.owners[i]) for i in rows], weights[rows], coeff[used], pre,
-                           method=p.config.method, chunk_size=p.chunk_size, module=module)  # fmt: skip
+                           method=p.config.method, chunk_size=p.logits_chunk_size, module=module)  # fmt: skip
     error = relative_error((pos + neg)[used], exact.total) if used else math.nan
     method = f"approximate: Adafactor-style rank-one P on {len(fitted)} matrices, ghost products"
     return ExampleForces(pos, neg, pos_star, neg_star, tok[0], tok[1], method), error
@@ -393,7 +393,7 @@ def probe_kernel(p, pt: PreparedTraining, params: dict, weights: torch.Tensor) -
     weights = weights.flatten()  # (U·R,) one weight per training row
     projection = Projection(config.kernel_projection) if config.kernel_projection else None
     kern = gradient_kernel(p.model.logits, params, probes, pt.batch, module=p.model.module, train_loss=weights.to(torch.float64),
-                           chunk_size=p.chunk_size, projection=projection)  # fmt: skip
+                           chunk_size=p.logits_chunk_size, projection=projection)  # fmt: skip
     n_ex = len(pt.tset)
     owners = torch.tensor(pt.owners, device=kern.k.device)
     k = torch.zeros(kern.k.shape[0], n_ex, dtype=torch.float64).index_add_(1, owners.cpu(), kern.k.double().cpu())

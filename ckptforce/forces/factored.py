@@ -29,6 +29,7 @@ from torch import nn
 from torch.func import functional_call, jvp
 
 from ..numerics import keep_float64
+from .head import SplitLM, at_responses
 from .observe import Fn, chunks
 
 
@@ -81,6 +82,7 @@ class Factors:
     outputs: int
     dtype: torch.dtype
     device: torch.device
+    head: tuple | None = None  # a SplitLM's (lm, h at the N response positions (N, H), targets (N,), row of each (N,))
 
     def contract(self, params: dict, direction: dict, names: list[str]) -> tuple[torch.Tensor, torch.Tensor, set[str]]:
         """(C (b, K), C* (b, K), names covered) for ``direction`` over ``names`` (the columns, in order)."""
@@ -105,7 +107,22 @@ class Factors:
                 if self.outputs > 1:
                     c_star[:, col[name]] += (rec["grads"][1].flatten(1) * tau.flatten(1)).sum(1, dtype=torch.float64)
                 ok.add(name)
+        if self.head is not None:
+            self._contract_head(params, direction, col, c, c_star, ok)
         return c.to(self.dtype), c_star.to(self.dtype), ok
+
+    def _contract_head(self, params: dict, direction: dict, col: dict, c: torch.Tensor, c_star: torch.Tensor, ok: set) -> None:
+        """A SplitLM's head, never called as a module: C[b, W] = Σ_{m ∈ b} (δz_m[y_m] − π_mᵀ δz_m) with δz = h δWᵀ
+        (and δb for the bias), streamed over the vocabulary; a tied W adds this to its embedding's share."""
+        lm, h, targets, row = self.head
+        for name in (lm.weight, lm.bias):
+            if name is None or name not in col or name not in direction:
+                continue
+            st = lm.stats(params, h, targets, direction={name: direction[name]})
+            c[:, col[name]] += torch.zeros_like(c[:, 0]).index_add(0, row, st.dlogp.to(c.dtype))
+            if self.outputs > 1:
+                c_star[:, col[name]] += torch.zeros_like(c[:, 0]).index_add(0, row, st.dlogp_max.to(c.dtype))
+            ok.add(name)
 
 
 def capture(fn: Fn, found: list, params: dict, sub, *, star: bool = True) -> Factors:
@@ -138,17 +155,30 @@ def capture(fn: Fn, found: list, params: dict, sub, *, star: bool = True) -> Fac
     for i, (m, _, _) in enumerate(found):
         handles.append(m.register_forward_hook(hook_for(i), with_kwargs=True))
     outputs = 2 if star else 1
+    head = None
     try:
         with torch.enable_grad():
             fixed = {n: p.detach() for n, p in params.items()}
-            scores = _row_scores(fn(fixed, sub), sub.targets, sub.target_mask)  # (b, 2)
-            for j in range(outputs):
-                if scores.requires_grad:
-                    scores[:, j].sum().backward(retain_graph=j + 1 < outputs)
+            if isinstance(fn, SplitLM):  # the body's backward from ∂ log π/∂h at the response positions, the head streamed
+                mask = sub.target_mask
+                h = at_responses(fn.hidden(fixed, sub), mask)  # (N, H)
+                targets, row = sub.targets[mask], mask.nonzero()[:, 0]
+                st = fn.stats(fixed, h.detach(), targets, grad=True)
+                for j, g in enumerate((st.grad, st.grad_max)[:outputs]):
+                    if h.requires_grad:
+                        h.backward(g.to(h.dtype), retain_graph=j + 1 < outputs)
+                head = (fn, h.detach(), targets, row)
+                dtype, device = st.logp.dtype, h.device
+            else:
+                scores = _row_scores(fn(fixed, sub), sub.targets, sub.target_mask)  # (b, 2)
+                for j in range(outputs):
+                    if scores.requires_grad:
+                        scores[:, j].sum().backward(retain_graph=j + 1 < outputs)
+                dtype, device = scores.dtype, scores.device
     finally:
-        for h in handles:
-            h.remove()
-    return Factors(found, records, len(sub), outputs, scores.dtype, scores.device)
+        for handle in handles:
+            handle.remove()
+    return Factors(found, records, len(sub), outputs, dtype, device, head)
 
 
 def _tangent(m: nn.Module, local: str, name: str, rec: dict, params: dict, direction: dict, subtree: dict[str, str]) -> torch.Tensor | None:

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch.func import jvp
 
+from .head import SplitLM, at_responses, to_rows
 from .observe import Fn, _wide, chunks
 
 METHODS = ("jvp", "double_vjp", "auto")
@@ -37,7 +38,8 @@ def _split(params: dict, direction: dict) -> tuple[dict, dict, dict]:
 
 
 def jvp_logits(fn: Fn, params: dict, batch, direction: dict, *, method: str = "auto") -> tuple[torch.Tensor, torch.Tensor, str]:
-    """(logits, J·v, method used): both (B, T, V)."""
+    """(logits, J·v, method used): both (B, T, V). ``fn`` may return any tensor: ``delta_lin`` passes a
+    ``SplitLM``'s ``hidden`` to get (h, δh), both (B, T, H)."""
     moving, fixed, tangents = _split(params, direction)
 
     def f(p):
@@ -53,9 +55,13 @@ def jvp_logits(fn: Fn, params: dict, batch, direction: dict, *, method: str = "a
     with torch.enable_grad():
         leaves = {n: p.detach().requires_grad_(True) for n, p in moving.items()}
         logits = f(leaves)
+        if not logits.requires_grad:  # nothing that moves reaches the output
+            return logits.detach(), torch.zeros_like(logits.detach()), "double_vjp"
         w = torch.zeros_like(logits, requires_grad=True)
         grads = torch.autograd.grad(logits, list(leaves.values()), grad_outputs=w, create_graph=True, allow_unused=True)
         pairs = [(g, tangents[n]) for g, n in zip(grads, leaves) if g is not None]
+        if not pairs:  # the output does not depend on the moving tensors (a SplitLM's body and an untied head)
+            return logits.detach(), torch.zeros_like(logits.detach()), "double_vjp"
         (dz,) = torch.autograd.grad([g for g, _ in pairs], w, grad_outputs=[t for _, t in pairs])
     return logits.detach(), dz.detach(), "double_vjp"
 
@@ -86,11 +92,24 @@ def delta_lin(fn: Fn, params: dict, batch, direction: dict, *, method: str = "au
     """Δ_lin = A·J·v for every row of ``batch``, ``chunk_size`` rows per JVP."""
     parts, used = [], ""
     for sub in chunks(batch, chunk_size):
+        if isinstance(fn, SplitLM) and not full:
+            h, dh, used = jvp_logits(fn.hidden, params, sub, direction, method=method)  # (B, T, H) each
+            parts.append(dlogp_split(fn, params, sub, h, dh, direction))
+            continue
         logits, dz, used = jvp_logits(fn, params, sub, direction, method=method)
         parts.append(dlogp_from_dlogits(logits, dz, sub.targets, sub.target_mask, full=full))
     out = _cat_changes(parts)
     out.method = used
     return out
+
+
+def dlogp_split(fn: SplitLM, params: dict, batch, h: torch.Tensor, dh: torch.Tensor, direction: dict) -> LinearChange:
+    """``dlogp_from_dlogits``'s numbers at the response positions only: δz = δh Wᵀ + h δWᵀ + δb streamed over the
+    vocabulary (``head.head_stats``) from the body's (h, δh) (B, T, H); no (B, T, V) tensor."""
+    mask = batch.target_mask
+    st = fn.stats(params, at_responses(h, mask), batch.targets[mask], dh=at_responses(dh, mask), direction=direction)
+    tok, argmax_tok = to_rows(st.dlogp, mask), to_rows(st.dlogp_max, mask)  # (B, T)
+    return LinearChange(tok, tok.sum(-1), argmax_tok, argmax_tok.sum(-1))
 
 
 def _cat_changes(parts: list[LinearChange]) -> LinearChange:

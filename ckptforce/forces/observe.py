@@ -18,12 +18,10 @@ from typing import Callable
 
 import torch
 
+from ..numerics import wide as _wide
+from .head import SplitLM, at_responses, to_rows
+
 Fn = Callable[[dict, object], torch.Tensor]  # (params, batch) -> logits (B, T, V)
-
-
-def _wide(x: torch.Tensor) -> torch.Tensor:
-    """float32 for half types, unchanged otherwise (float64 stays float64)."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 @dataclass
@@ -78,12 +76,37 @@ def observe_logits(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tens
 
 
 def observe(fn: Fn, params: dict, batch, *, chunk_size: int | None = None, full: bool = False) -> Observed:
-    """``observe_logits`` of ``fn(params, batch)``, computed ``chunk_size`` rows at a time without gradients."""
+    """``observe_logits`` of ``fn(params, batch)``, computed ``chunk_size`` rows at a time without gradients.
+
+    A ``SplitLM`` is observed at the response positions only, its head streamed (``observe_split``)."""
     parts = []
     with torch.no_grad():
         for sub in chunks(batch, chunk_size):
-            parts.append(observe_logits(fn(params, sub), sub.targets, sub.target_mask, full=full))
+            if isinstance(fn, SplitLM) and not full:
+                parts.append(observe_split(fn, params, sub))
+            else:
+                parts.append(observe_logits(fn(params, sub), sub.targets, sub.target_mask, full=full))
     return Observed.cat(parts)
+
+
+def observe_split(fn: SplitLM, params: dict, batch) -> Observed:
+    """``observe_logits``'s numbers from the hidden states (B, T, H) gathered at the N response positions and the
+    head streamed in chunks (``head.head_stats``): nothing of size T × V is formed."""
+    mask = batch.target_mask  # (B, T)
+    st = fn.stats(params, at_responses(fn.hidden(params, batch), mask), batch.targets[mask])  # (N,) each
+    vocab = params[fn.weight].shape[0]
+    logp_tok = to_rows(st.logp, mask)  # (B, T)
+    top = to_rows(st.logp_max, mask)
+    return Observed(
+        logp_tok=logp_tok,
+        logp=logp_tok.sum(-1),
+        argmax_ids=to_rows(st.argmax, mask),
+        argmax_logp_tok=top,
+        argmax_logp=top.sum(-1),
+        entropy=to_rows(st.entropy, mask),
+        top1=to_rows(st.logp_max.exp(), mask),
+        peakiness=to_rows(vocab * st.sumsq + vocab - 2, mask),
+    )
 
 
 def chunks(batch, chunk_size: int | None):

@@ -1,0 +1,179 @@
+"""The language-model head, streamed: log-softmax statistics, A·δz and ∂ log π/∂h at the response positions only,
+in chunks of positions × vocabulary, so that no (B, T, V) tensor is ever formed.
+
+In: the final hidden states at the N response positions h (N, H) — gathered from (B, T, H) by the batch's
+``target_mask`` — the head z = h Wᵀ + b (W (V, H), b (V,)), the targets y (N,), and optionally a tangent
+(δh (N, H), δW (V, H), δb (V,)) or a request for the gradient at h. Out: ``HeadStats``, every field per position.
+
+Per position, over the vocabulary in chunks c with an online softmax (running max μ, s = Σ_v e^{z_v − μ}, every
+accumulator rescaled by e^{μ_old − μ_new} when μ grows):
+
+    lse          = μ + log s                         log π(v) = z_v − lse
+    log π(y*)    = −log s,   y* = argmax_v z_v        (the first maximiser, as ``torch.max``)
+    H            = log s − Σ_v e^{z_v − μ}(z_v − μ) / s
+    Σ_v π_v²     = Σ_v e^{2(z_v − μ)} / s²            peakiness ‖A‖_F² = V Σ π² + V − 2
+    δz           = δh Wᵀ + h δWᵀ + δb                 (the head's JVP; δh from the body's)
+    δ log π(y)   = δz_y − πᵀ δz,  likewise for y*     A = I − 1πᵀ applied analytically (DESIGN §1)
+    ∂ log π(y)/∂h = W_y − πᵀ W,  likewise for y*      (the backward of the scores, for the factored split)
+
+Memory: ``budget.HEAD_COPIES`` tensors of (positions per chunk, vocabulary per chunk) at once, whatever T and V.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..numerics import wide as _wide
+
+@dataclass(frozen=True)
+class SplitLM:
+    """A causal LM whose logits are one linear map of its last hidden states, z = h Wᵀ + b.
+
+    Called as ``fn(params, batch)`` it gives the model's own (B, T, V) logits, so every force function takes it
+    where it takes a logits function; ``observe``, ``delta_lin`` and the factored split see ``hidden`` and the
+    head's names and never form (B, T, V). ``positions`` × ``vocab`` is the chunk of the head (None: all)."""
+
+    logits: Callable  # (params, batch) -> (B, T, V), the model's own
+    hidden: Callable  # (params, batch) -> (B, T, H), what the head reads (after the final norm)
+    weight: str  # name of W (V, H) in params (a tied input embedding keeps its own name)
+    bias: str | None = None  # name of b (V,), if the head has one
+    positions: int | None = None
+    vocab: int | None = None
+
+    def __call__(self, params: dict, batch) -> torch.Tensor:
+        return self.logits(params, batch)
+
+    def stats(self, params: dict, h: torch.Tensor, targets: torch.Tensor, *, dh: torch.Tensor | None = None,
+              direction: dict | None = None, grad: bool = False) -> "HeadStats":  # fmt: skip
+        """``head_stats`` with this head's W, b, chunks, and δW, δb read from ``direction`` (when it moves them)."""
+        w = params[self.weight]
+        b = params[self.bias] if self.bias else None
+        direction = direction or {}
+        dw = direction[self.weight].to(w) if self.weight in direction else None
+        db = direction[self.bias].to(w) if self.bias and self.bias in direction else None
+        tangent = (dh, dw, db) if direction or dh is not None else None
+        return head_stats(h, w, b, targets, tangent=tangent, grad=grad, positions=self.positions, vocab=self.vocab)
+
+
+@dataclass
+class HeadStats:
+    lse: torch.Tensor  # (N,) log Σ_v e^{z_v}
+    logp: torch.Tensor  # (N,) log π(y)
+    argmax: torch.Tensor  # (N,) y*, long
+    logp_max: torch.Tensor  # (N,) log π(y*)
+    entropy: torch.Tensor  # (N,) nats
+    sumsq: torch.Tensor  # (N,) Σ_v π_v²
+    dlogp: torch.Tensor | None = None  # (N,) δ log π(y) along the tangent
+    dlogp_max: torch.Tensor | None = None  # (N,) δ log π(y*)
+    grad: torch.Tensor | None = None  # (N, H) ∂ log π(y)/∂h
+    grad_max: torch.Tensor | None = None  # (N, H) ∂ log π(y*)/∂h
+
+
+def head_stats(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor, *,
+               tangent: tuple | None = None, grad: bool = False, positions: int | None = None,
+               vocab: int | None = None) -> HeadStats:  # fmt: skip
+    """The module docstring's statistics of z = h Wᵀ + b (h (N, H), W (V, H)), ``positions`` × ``vocab`` at a time.
+
+    ``tangent`` = (δh (N, H) | None, δW (V, H) | None, δb (V,) | None) adds δ log π(y), δ log π(y*); ``grad``
+    adds ∂ log π/∂h for both. Reductions run in float32 at least (float64 stays float64)."""
+    n = h.shape[0]
+    step = positions or max(n, 1)
+    parts = [_stats_chunk(h[i : i + step], weight, bias, targets[i : i + step], _rows(tangent, i, i + step), grad, vocab)
+             for i in range(0, n, step)]  # fmt: skip
+    if not parts:
+        parts = [_stats_chunk(h, weight, bias, targets, tangent, grad, vocab)]
+    out = {}
+    for name in HeadStats.__dataclass_fields__:
+        values = [getattr(p, name) for p in parts]
+        out[name] = None if values[0] is None else torch.cat(values)
+    return HeadStats(**out)
+
+
+def _rows(tangent: tuple | None, start: int, stop: int) -> tuple | None:
+    if tangent is None:
+        return None
+    dh, dw, db = tangent
+    return (None if dh is None else dh[start:stop], dw, db)
+
+
+def _stats_chunk(h, weight, bias, y, tangent, grad: bool, vocab: int | None) -> HeadStats:
+    """One chunk of positions (P, H) over the whole vocabulary, ``vocab`` entries at a time (online softmax)."""
+    p, V = h.shape[0], weight.shape[0]
+    wide = _wide(torch.empty((), dtype=h.dtype)).dtype
+    new = lambda: torch.zeros(p, dtype=wide, device=h.device)  # noqa: E731
+    mu = torch.full((p,), float("-inf"), dtype=wide, device=h.device)  # running max of z
+    s, u, q, z_y = new(), new(), new(), new()  # Σ e^{z−μ}, Σ e^{z−μ}(z−μ), Σ e^{2(z−μ)}, z_y
+    best = torch.zeros(p, dtype=torch.long, device=h.device)
+    w_sum = dz_y = dz_best = None
+    if tangent is not None:
+        dh, dw, db = tangent
+        w_sum, dz_y, dz_best = new(), new(), new()  # Σ e^{z−μ} δz, δz_y, δz_{y*}
+    acc = torch.zeros(p, h.shape[1], dtype=wide, device=h.device) if grad else None  # Σ e^{z−μ} W_v  (P, H)
+    step = vocab or V
+    for v0 in range(0, V, step):
+        v1 = min(v0 + step, V)
+        w_c = weight[v0:v1]  # (V_c, H)
+        z = h @ w_c.T  # (P, V_c)
+        if bias is not None:
+            z = z + bias[v0:v1]
+        z = _wide(z)
+        c_max, c_idx = z.max(-1)  # (P,)
+        mu_new = torch.maximum(mu, c_max)
+        d = mu - mu_new  # ≤ 0; −inf on the first chunk, where every accumulator is still 0
+        scale = torch.exp(d)
+        d = torch.where(torch.isfinite(d), d, torch.zeros_like(d))
+        e = torch.exp(z - mu_new.unsqueeze(-1))  # (P, V_c)
+        u = scale * (u + d * s) + (e * (z - mu_new.unsqueeze(-1))).sum(-1)
+        s = scale * s + e.sum(-1)
+        q = scale.square() * q + e.square().sum(-1)
+        take = c_max > mu  # strictly: the first maximiser wins
+        best = torch.where(take, c_idx + v0, best)
+        inside = (y >= v0) & (y < v1)
+        local = (y - v0).clamp(0, v1 - v0 - 1).unsqueeze(-1)
+        z_y = torch.where(inside, z.gather(-1, local).squeeze(-1), z_y)
+        if tangent is not None:
+            dz = _head_tangent(h, dh, w_c, dw, db, v0, v1, z)  # (P, V_c)
+            w_sum = scale * w_sum + (e * dz).sum(-1)
+            dz_y = torch.where(inside, dz.gather(-1, local).squeeze(-1), dz_y)
+            dz_best = torch.where(take, dz.gather(-1, c_idx.unsqueeze(-1)).squeeze(-1), dz_best)
+        if grad:
+            acc = scale.unsqueeze(-1) * acc + e @ w_c.to(wide)
+        mu = mu_new
+    log_s = torch.log(s)
+    lse = mu + log_s
+    out = HeadStats(lse=lse, logp=z_y - lse, argmax=best, logp_max=-log_s, entropy=log_s - u / s, sumsq=q / s.square())
+    if tangent is not None:
+        mean_dz = w_sum / s  # πᵀ δz
+        out.dlogp, out.dlogp_max = dz_y - mean_dz, dz_best - mean_dz
+    if grad:
+        mean_w = acc / s.unsqueeze(-1)  # πᵀ W  (P, H)
+        wide_w = weight.to(wide)
+        out.grad, out.grad_max = wide_w[y] - mean_w, wide_w[best] - mean_w
+    return out
+
+
+def _head_tangent(h, dh, w_c, dw, db, v0: int, v1: int, like: torch.Tensor) -> torch.Tensor:
+    """δz of one vocabulary chunk: δh W_cᵀ + h δW_cᵀ + δb_c, (P, V_c) in ``like``'s dtype (0 without a tangent)."""
+    dz = torch.zeros_like(like)
+    if dh is not None:
+        dz = dz + _wide(dh @ w_c.T)
+    if dw is not None:
+        dz = dz + _wide(h @ dw[v0:v1].T)
+    if db is not None:
+        dz = dz + _wide(db[v0:v1]).to(like.dtype)
+    return dz
+
+
+def at_responses(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(N, …) the entries of x (B, T, …) at the response positions of ``mask`` (B, T), row-major."""
+    return x[mask]
+
+
+def to_rows(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) with ``values`` (N,) at the response positions of ``mask`` and 0 elsewhere (inverse of ``at_responses``)."""
+    out = values.new_zeros(mask.shape)
+    out[mask] = values
+    return out
