@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("sklearn", reason="the digits sample run needs scikit-learn (the test extra installs it)")
 
 
-@pytest.mark.slow  # 15-25 min on 2 busy cores: three recipes trained, seven audits (two with every training example as a probe)
+@pytest.mark.slow  # 26 min on 2 busy cores (shared with other jobs): three recipes trained, seven audits
 @pytest.mark.timeout(2400)
 def test_demo_builds_audits_and_reports(tmp_path):
     exe = shutil.which("ckptforce") or pytest.skip("the ckptforce console script is not installed")
