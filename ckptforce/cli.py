@@ -370,6 +370,17 @@ def export() -> None:
     """
 
 
+def _training_export(train: str, output: str):
+    """The arguments every export built from a training file takes: the cube, --train, -o."""
+
+    def apply(f):
+        f = click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help=output)(f)
+        f = click.option("--train", required=True, type=click.Path(path_type=Path), help=f"The JSONL {train} the cube was analysed with (--train of analyze).")(f)
+        return click.argument("cube_path", metavar="CUBE.h5", type=click.Path(path_type=Path))(f)
+
+    return apply
+
+
 @export.command("filter-kd", short_help="Soft targets for distillation: the EMA of each example's predictions (.npz).")
 @click.argument("cube_path", metavar="CUBE.h5", type=click.Path(path_type=Path))
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="The .npz to write (ids, targets, labels, steps, provenance).")
@@ -409,9 +420,7 @@ def export_filter_kd(cube_path: Path, out: Path, alpha: float) -> None:
 
 
 @export.command("dpo-filter", short_help="The preference file without the pairs that displace or squeeze their answers.")
-@click.argument("cube_path", metavar="CUBE.h5", type=click.Path(path_type=Path))
-@click.option("--train", required=True, type=click.Path(path_type=Path), help="The JSONL training file the cube was analysed with (--train of analyze).")
-@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="The filtered copy to write (JSONL); the reasons go to OUT.reasons.jsonl.")
+@_training_export("training file", "The filtered copy to write (JSONL); the reasons go to OUT.reasons.jsonl.")
 @click.option("--ches-top", type=click.IntRange(0), default=0, show_default=True, metavar="K", help="Also drop the K pairs with the "
               "highest CHES at the first checkpoint (Razin et al.'s filter; 0: off).")  # fmt: skip
 def export_dpo_filter(cube_path: Path, train: Path, out: Path, ches_top: int) -> None:
@@ -440,9 +449,7 @@ def export_dpo_filter(cube_path: Path, train: Path, out: Path, ches_top: int) ->
 
 
 @export.command("dpo-extend", short_help="An SFT file of the pairs whose rejected answers DPO would squeeze: train it before DPO.")
-@click.argument("cube_path", metavar="CUBE.h5", type=click.Path(path_type=Path))
-@click.option("--train", required=True, type=click.Path(path_type=Path), help="The JSONL preference file the cube was analysed with (--train of analyze).")
-@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="The SFT file to write (JSONL, prompt + completion); the reasons go to OUT.reasons.jsonl.")
+@_training_export("preference file", "The SFT file to write (JSONL, prompt + completion); the reasons go to OUT.reasons.jsonl.")
 @click.option("--valley-rank", type=click.FloatRange(min=1), default=10.0, show_default=True, help="Extend the pairs whose rejected "
               "tokens have at least this mean rank under π as DPO starts (1 = the argmax).")  # fmt: skip
 def export_dpo_extend(cube_path: Path, train: Path, out: Path, valley_rank: float) -> None:
@@ -471,9 +478,7 @@ def export_dpo_extend(cube_path: Path, train: Path, out: Path, valley_rank: floa
 
 
 @export.command("grpo-weights", short_help="The GRPO rollouts with down-weighted harmful negative tokens (token_weights).")
-@click.argument("cube_path", metavar="CUBE.h5", type=click.Path(path_type=Path))
-@click.option("--train", required=True, type=click.Path(path_type=Path), help="The JSONL rollouts file the cube was analysed with (--train of analyze).")
-@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="The weighted copy to write (JSONL); the evidence goes to OUT.reasons.jsonl.")
+@_training_export("rollouts file", "The weighted copy to write (JSONL); the evidence goes to OUT.reasons.jsonl.")
 @click.option("--min-share", type=click.FloatRange(min=0, min_open=True), default=0.1, show_default=True, help="A negative token is harmful "
               "when it alone cancels this share of its group's pull on its correct completions.")  # fmt: skip
 @click.option("--weight", type=click.FloatRange(0, 1, max_open=True), default=0.5, show_default=True, help="The weight of a harmful token's "

@@ -50,3 +50,14 @@ def tree_digest(root: Path) -> str:
             h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
             h.update(p.read_bytes())
     return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def one_thread_module():
+    """One intra-op thread for a module of tiny models: two threads on two shared cores spin-wait each other."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -98,12 +98,8 @@ class _Moving:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: these models are tiny, and two threads on two shared cores spin-wait each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread_module):
+    """These models are tiny: one intra-op thread (conftest.one_thread_module)."""
 
 
 @pytest.fixture(scope="module", params=MATRIX)

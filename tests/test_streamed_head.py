@@ -32,12 +32,8 @@ def _close(got: torch.Tensor, want: torch.Tensor, rel: float, what: str) -> None
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: these models are tiny, and two threads on two shared cores spin-wait each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread_module):
+    """These models are tiny: one intra-op thread (conftest.one_thread_module)."""
 
 
 # ------------------------------------------------------------------------------------------------------------
