@@ -290,7 +290,7 @@ def demo(out: Path, only: tuple[str, ...]) -> None:
     """Train (first time, cached after) the sample runs of sample_runs/recipes with real trainers — a tiny
     GPT-2 pretrained on a world of facts, then SFT, DPO and GRPO with TRL; a Lightning MLP on scikit-learn's
     digits with flipped labels, and a head-probing → fine-tuning pair; the same tiny GPT-2 on a compositional and on a
-    permuted mapping — audit each, compare the last two, and print where the reports are. About 15 minutes on 2
+    permuted mapping — audit each, compare the last two, and print where the reports are. About 9 minutes on 2
     CPU cores; nothing is downloaded.
 
     \b
