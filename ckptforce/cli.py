@@ -443,9 +443,7 @@ def export_dpo_filter(cube_path: Path, train: Path, out: Path, ches_top: int) ->
     from .remedies import DpoFilterConfig, write_dpo_filter
 
     path, sidecar, records = write_dpo_filter(cube_path, train, out, DpoFilterConfig(ches_top=ches_top))
-    dropped = [r for r in records if r["action"] == "drop"]
-    click.echo(f"wrote {path}: kept {len(records) - len(dropped)} of {len(records)} pairs; reasons in {sidecar}")
-    _echo_some([f"drop {r['id']} (line {r['line']}): " + "; ".join(x["why"] for x in r["reasons"]) for r in dropped], sidecar)
+    _echo_pairs(records, "drop", sidecar, lambda n, total: f"wrote {path}: kept {total - n} of {total} pairs; reasons in {sidecar}")
 
 
 @export.command("dpo-extend", short_help="An SFT file of the pairs whose rejected answers DPO would squeeze: train it before DPO.")
@@ -472,9 +470,7 @@ def export_dpo_extend(cube_path: Path, train: Path, out: Path, valley_rank: floa
     from .remedies import DpoExtendConfig, write_dpo_extend
 
     path, sidecar, records = write_dpo_extend(cube_path, train, out, DpoExtendConfig(valley_rank=valley_rank))
-    extended = [r for r in records if r["action"] == "extend"]
-    click.echo(f"wrote {path}: both answers of {len(extended)} of {len(records)} pairs as SFT examples; reasons in {sidecar}")
-    _echo_some([f"extend {r['id']} (line {r['line']}): " + "; ".join(x["why"] for x in r["reasons"]) for r in extended], sidecar)
+    _echo_pairs(records, "extend", sidecar, lambda n, total: f"wrote {path}: both answers of {n} of {total} pairs as SFT examples; reasons in {sidecar}")
 
 
 @export.command("grpo-weights", short_help="The GRPO rollouts with down-weighted harmful negative tokens (token_weights).")
@@ -506,6 +502,13 @@ def export_grpo_weights(cube_path: Path, train: Path, out: Path, min_share: floa
     click.echo(f"wrote {path}: {len(records)} harmful tokens in {len({r['id'] for r in records})} groups weighted {weight}; evidence in {sidecar}")
     _echo_some([f"{r['id']} completion {r['completion']} token {r['position']} {r['token']!r}: cancels {r['share']:.0%} of the pull "
                 f"({r['harm']:.3g} nats)" for r in records], sidecar)  # fmt: skip
+
+
+def _echo_pairs(records: list[dict], action: str, sidecar: Path, summary) -> None:
+    """The summary line of a preference-pair export (``summary(acted on, pairs)``), then the pairs ``action`` applies to."""
+    acted = [r for r in records if r["action"] == action]
+    click.echo(summary(len(acted), len(records)))
+    _echo_some([f"{action} {r['id']} (line {r['line']}): " + "; ".join(x["why"] for x in r["reasons"]) for r in acted], sidecar)
 
 
 def _echo_some(lines: list[str], sidecar: Path, shown: int = 10) -> None:
