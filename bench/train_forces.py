@@ -1,13 +1,18 @@
-"""The training-example forces at a real size: one JVP per example ('today') against the captured factors (one
-capture of the probe rows, each example's step contracted with it), on the GPT-2 small (124M) Trainer run of
-``bench/scale.py``, every time a ratio to a plain forward over the same probe rows measured in the same process.
+"""The training-example forces at 124M: one JVP per example ('today'), the per-example contraction of captured
+factors, the batched linear layers (the default), and ``--forces approximate``, on the GPT-2 small (124M) Trainer run
+of ``bench/scale.py``; every time a ratio to a plain forward over the same probe rows measured in the same process.
 
-U SFT examples (random token rows of the run's length), the run's AdamW preconditioner from its optimizer.pt, the
-probe rows of scale.py (the first --rows). Prints seconds, forwards, the speed-up, the largest difference of the
-forces between the two paths relative to their largest value, and the peak RSS of each path (separate processes).
+U SFT examples (random token rows of 32 tokens, the Trainer's causal-LM loss), the run's AdamW preconditioner from
+its optimizer.pt, the first --rows probe rows of scale.py, the head streamed as ``analyze`` streams it. The batched
+and approximate paths take all --examples; the two per-example paths, whose cost is the same for every example,
+take the first --baseline-examples (their per-example cost is what the ratios compare). Prints seconds, forwards
+per example, the speed-ups, the largest difference of the forces on the shared examples relative to the largest
+force, the approximation's error ‖approx − exact‖ / ‖exact‖ against the batched forces, and each path's peak
+memory (separate processes: peak RSS, or peak CUDA memory).
 
-    python bench/train_forces.py                    # U = 16, 48 rows: ~5 min on 2 cores (+ the run, built once)
-    python bench/train_forces.py --examples 64 --device cuda
+    python bench/train_forces.py                        # U = 256, 48 rows: ~25 min on 2 cores (+ the run, built once)
+    python bench/train_forces.py --examples 64 --baseline-examples 8
+    python bench/train_forces.py --device cuda
 """
 
 from __future__ import annotations
@@ -27,7 +32,10 @@ import json, resource, sys, time, torch
 from ckptforce.io import open_run
 from ckptforce.model import bind
 from ckptforce.probes import load_probe_set, make_batch, tokenize
+from ckptforce.budget import batched_elements, default_memory_gb, head_chunks, rows_budget
+from ckptforce.forces.approx import approximate_forces
 from ckptforce.forces.attribution import example_forces, preconditioner
+from ckptforce.forces.head import SplitLM
 from ckptforce.training_forces import interval_lr
 what, run_dir, probes, device, rows, n_ex = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]), int(sys.argv[6])
 run = open_run(run_dir)
@@ -37,6 +45,8 @@ with run.open(run.checkpoints[0]) as a, run.open(run.checkpoints[1]) as b:
     pre = preconditioner(theta, start=a.optimizer(), end=b.optimizer(), lr=interval_lr(run, 0))
 batch = make_batch(tokenize(load_probe_set(probes))).to(device)
 batch = batch.select(list(range(min(rows, len(batch)))))
+budget = rows_budget(default_memory_gb(device), parameters=sum(p.numel() for p in model.module.parameters()))
+fn = SplitLM(model.logits, model.body, *model.head(), *head_chunks(budget, vocab=model.vocab_size))
 g = torch.Generator().manual_seed(1)
 ids = torch.randint(0, 50257, (n_ex, 32), generator=g)
 class Rows:  # the training rows: prompt = the first token, completion = the rest (the Trainer's causal-LM loss)
@@ -57,11 +67,19 @@ with torch.no_grad():
     model.logits(theta, batch); sync()
     t0 = time.perf_counter(); model.logits(theta, batch); sync(); fwd = time.perf_counter() - t0
 t0 = time.perf_counter()
-forces = example_forces(model.logits, theta, batch, train, list(range(n_ex)), weights, coeff, pre, module=model.module if what == "factors" else None, chunk_size=64)
+if what == "approx":
+    names = [n for n, t in theta.items() if t.is_floating_point()]
+    pos = approximate_forces(model.logits, theta, batch, train, list(range(n_ex)), weights, coeff, pre.scale, module=model.module, names=names)[0]
+    method = "approximate"
+else:
+    kw = {"jvp": {}, "factors": dict(module=model.module, batched=False)}.get(what, dict(module=model.module, train_chunk=64,
+          elements=batched_elements(budget, theta)))
+    forces = example_forces(fn, theta, batch, train, list(range(n_ex)), weights, coeff, pre, chunk_size=64, **kw)
+    pos, method = forces.pos, forces.method
 sync(); secs = time.perf_counter() - t0
-torch.save({"pos": forces.pos, "pos_tok": forces.pos_tok}, sys.argv[7])
+torch.save({"pos": pos}, sys.argv[7])
 peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-print(json.dumps({"seconds": secs, "forward": fwd, "rows": len(batch), "method": forces.method, "peak_gib": peak}))
+print(json.dumps({"seconds": secs, "forward": fwd, "rows": len(batch), "method": method, "peak_gib": peak}))
 """
 
 
@@ -75,8 +93,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", type=Path, default=REPO / "bench" / "out" / "scale")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--examples", type=int, default=16, help="training examples U (default 16)")
+    ap.add_argument("--examples", type=int, default=256, help="training examples U of the batched and approximate paths (default 256)")
+    ap.add_argument("--baseline-examples", type=int, default=16, help="examples of the two per-example paths (default 16)")
     ap.add_argument("--rows", type=int, default=48, help="probe rows (default 48)")
+    ap.add_argument("--skip", nargs="*", default=[], choices=("jvp", "factors", "batched", "approx"), help="paths not to run")
     args = ap.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     run, probes = args.workdir / "run", args.workdir / "probes.jsonl"
@@ -84,16 +104,29 @@ def main() -> None:
     write_probes(probes)
     print(f"[run] {run}: GPT-2 small (124M); {args.examples} SFT examples × {args.rows} probe rows; {os.cpu_count()} cores, {args.device}")
     res = {}
-    for what in ("jvp", "factors"):
-        res[what] = r = inner(what, run, probes, args.device, args.rows, args.examples, args.workdir / f"forces-{what}.pt")
-        print(f"[{what}]  {r['seconds']:.1f} s = {r['seconds'] / r['forward']:.1f} forwards ({r['seconds'] / r['forward'] / args.examples:.2f} "
-              f"per example; forward {r['forward']:.2f} s), peak {r['peak_gib']:.2f} GiB, method {r['method']}")  # fmt: skip
+    for what in ("jvp", "factors", "batched", "approx"):
+        if what in args.skip:
+            continue
+        n = args.baseline_examples if what in ("jvp", "factors") else args.examples
+        res[what] = r = inner(what, run, probes, args.device, args.rows, n, args.workdir / f"forces-{what}.pt")
+        r["per_example"] = r["seconds"] / r["forward"] / n
+        print(f"[{what}]  {n} examples: {r['seconds']:.1f} s = {r['seconds'] / r['forward']:.1f} forwards, {r['per_example']:.3f} per example "
+              f"(forward {r['forward']:.2f} s), peak {r['peak_gib']:.2f} GiB, method {r['method']}")  # fmt: skip
     import torch
 
-    a, b = (torch.load(args.workdir / f"forces-{w}.pt") for w in ("jvp", "factors"))
-    diff = max(float((a[k] - b[k]).abs().max()) / float(a[k].abs().max()) for k in a)
-    speed = (res["jvp"]["seconds"] / res["jvp"]["forward"]) / (res["factors"]["seconds"] / res["factors"]["forward"])
-    print(f"[factors vs one JVP per example]  {speed:.1f}× faster (in forwards), largest difference {diff:.1e} of the largest force")
+    pos = {w: torch.load(args.workdir / f"forces-{w}.pt")["pos"] for w in res}
+    shared = min(args.baseline_examples, args.examples)
+    ref = pos.get("jvp")
+    for w in ("factors", "batched"):
+        if w in res and ref is not None:
+            diff = float((pos[w][:shared] - ref[:shared]).abs().max()) / float(ref[:shared].abs().max())
+            print(f"[{w} vs one JVP per example]  {res['jvp']['per_example'] / res[w]['per_example']:.1f}× faster per example, "
+                  f"largest difference {diff:.1e} of the largest force ({shared} examples)")  # fmt: skip
+    if "approx" in res and "batched" in res:
+        err = float(torch.linalg.vector_norm(pos["approx"] - pos["batched"]) / torch.linalg.vector_norm(pos["batched"]))
+        print(f"[approx vs batched exact]  {res['batched']['seconds'] / res['approx']['seconds']:.1f}× faster"
+              + (f" ({res['jvp']['per_example'] / res['approx']['per_example']:.0f}× one JVP per example)" if "jvp" in res else "")
+              + f", error ‖approx − exact‖/‖exact‖ = {err:.3f} over {args.examples} examples")  # fmt: skip
 
 
 if __name__ == "__main__":

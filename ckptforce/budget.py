@@ -2,7 +2,7 @@
 memory budget, not a guess.
 
 The budget (``--memory GB``) covers the analysis: first the parameters it holds — ``RESIDENT_COPIES`` copies of θ
-(the model, θ_t, θ_{t+1}, Δθ) and ``RUNTIME_GB`` for the interpreter and libraries — then the work on the probe rows. A chunk of R rows of width T (prompt + response
+(the model, θ_t, θ_{t+1}, Δθ, a node of the path) and ``RUNTIME_GB`` for the interpreter and libraries — then the work on the probe rows. A chunk of R rows of width T (prompt + response
 tokens) costs, at the peak of a JVP or a factored split,
 
     R · T · (c_V · V + c_A · d · L + c_S · n_heads · T · L) · bytes
@@ -24,18 +24,26 @@ from __future__ import annotations
 import os
 
 VOCAB_COPIES = 8
-ACTIVATION_COPIES = 24
+#: Measured on GPT-2 small (bench/scale.py's rows, 18 positions): one factored split's capture of 172 rows took
+#: 4.7 GiB, 41 hidden-sized numbers per position and layer (each owning module's input, and its output gradient
+#: for y and y*, beside what autograd keeps); the JVP and observe take less and share the figure.
+ACTIVATION_COPIES = 44
 ATTENTION_COPIES = 3
-#: Parameter-sized tensors held during an interval: the model's own, θ_t, θ_{t+1}, Δθ; and the GiB the
-#: interpreter, torch and the libraries take before any of them (measured: ~0.5 with transformers).
-RESIDENT_COPIES = 4
-RUNTIME_GB = 0.5
+#: Parameter-sized tensors held during an interval: the model's own, θ_t, θ_{t+1}, Δθ, and θ at a node of the
+#: path; and the GiB taken beside them and the rows: the interpreter, torch and the libraries (~0.5 with
+#: transformers) and the workspace of a factored split that does not grow with its rows (measured on GPT-2 small:
+#: 0.6 GiB beyond the head's share, whatever the chunk).
+RESIDENT_COPIES = 5
+RUNTIME_GB = 1.1
 #: Share of the rows' budget given to the streamed LM head, and the (positions, vocabulary) tensors alive in it:
 #: z, e^{z−μ}, its square, e·(z−μ), δz, e·δz (forces/head.py).
 HEAD_SHARE = 0.25
 HEAD_COPIES = 6
 #: The head takes the whole vocabulary at once unless that leaves fewer positions than this per chunk.
 MIN_HEAD_POSITIONS = 64
+#: Share of the rows' budget for the per-row gradients and directions of the batched training forces; the probe
+#: and training rows take half of their chunk sizes each beside it.
+BATCHED_SHARE = 0.25
 #: The budget when none is given: this share of the machine's memory (of the GPU's free memory on cuda) …
 DEFAULT_SHARE = 0.25
 #: … and never more than this many GiB on a CPU (the rest is for the checkpoints and the OS).
@@ -80,6 +88,13 @@ def head_chunks(budget_gb: float, *, vocab: int, dtype_bytes: int = 4) -> tuple[
     return max(1, cells // vocab_chunk), vocab_chunk
 
 
+def batched_elements(rows_gb: float, params: dict) -> int:
+    """Numbers the batched training forces (``forces/batched.py``: the directions' δW and a chunk of probe rows'
+    per-row gradients of one linear layer) may hold at once: ``BATCHED_SHARE`` of the rows' budget."""
+    dtype_bytes = next((t.element_size() for t in params.values() if t.is_floating_point()), 4)
+    return max(2**16, int(BATCHED_SHARE * max(rows_gb, 0.25) * 2**30 // dtype_bytes))
+
+
 def model_shape(module) -> tuple[int | None, int | None]:
     """(hidden size, layers) of a Hugging Face model's config, (None, None) for anything else."""
     cfg = getattr(module, "config", None)
@@ -108,6 +123,19 @@ def forwards_per_interval(by_tensor: bool, nodes: int) -> float:
     (a factored split at each node with the split by tensor, a JVP without)."""
     split = COST_SPLIT if by_tensor else 0.0
     return COST_OBSERVE + COST_JVP + split + nodes * (COST_SPLIT if by_tensor else COST_JVP)
+
+
+#: The training examples' forces (``--train``) in the same unit (bench/train_forces.py, GPT-2 small, CPU): per interval
+#: a fixed part (the first example checked against its JVP, the per-token split's two JVPs, the captures) and a part
+#: per example — exact (the batched linear layers and the per-example rest), or ``--forces approximate``.
+COST_TRAIN_FIXED, COST_EXAMPLE, COST_EXAMPLE_APPROX = 11.0, 0.3, 0.1
+
+
+def training_forwards(examples: int, *, approximate: bool = False, checked: int = 0) -> float:
+    """The training forces of one interval, in forwards over the probe rows: ``examples`` per interval, of which
+    ``checked`` also get their exact forces when ``approximate``."""
+    per = COST_EXAMPLE_APPROX if approximate else COST_EXAMPLE
+    return COST_TRAIN_FIXED + examples * per + (checked * COST_EXAMPLE if approximate else 0.0)
 
 
 def duration(seconds: float) -> str:

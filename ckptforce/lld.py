@@ -98,14 +98,14 @@ def completion_width(pt) -> int:
     return int(pt.batch.target_mask.sum(1).max())
 
 
-def lld_part(p, pt, k: int, before: dict, after: dict, logits: torch.Tensor, weights: torch.Tensor, coeff: torch.Tensor,
+def lld_part(p, pt, k: int, before: dict, after: dict, weights: torch.Tensor, coeff: torch.Tensor,
              own_pos: torch.Tensor, own_neg: torch.Tensor, pre) -> tuple[dict, list[str]]:  # fmt: skip
-    """The arrays of interval k (module docstring) and notes. ``logits`` of the training rows at θ_k; ``weights``
-    (U, n); ``own_pos`` / ``own_neg`` (U, n) from ``example_forces(own=True)``."""
+    """The arrays of interval k (module docstring) and notes. ``weights`` (U, n); ``own_pos`` / ``own_neg``
+    (U, n) from ``example_forces(own=True)``."""
     n_ex, n = len(pt.tset), pt.n_resp
     width = completion_width(pt)
     batch, config = pt.batch, p.config
-    stats = [rollout_stats(logits, batch.targets, batch.target_mask), chunked_stats(p.model.logits, after, batch, p.logits_chunk_size)]
+    stats = [chunked_stats(p.model.logits, theta, batch, p.logits_chunk_size) for theta in (before, after)]
     rewards = torch.tensor([e.rewards for e in pt.tset.examples], dtype=torch.float64)
     adv = pt.advantages if pt.advantages is not None else advantages(rewards)
     correct = adv > 0  # (U, n): the anchors, pulled up by the group's positive advantages

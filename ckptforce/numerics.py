@@ -30,3 +30,25 @@ def keep_float64():
     rounds every forward, JVP and gradient through those layers to float32 (measured: JVP and double VJP
     then differ by 2e-7 relative). Other dtypes pass unchanged."""
     return _KeepFloat64()
+
+
+_LIBC: list = []
+
+
+def release_memory() -> None:
+    """Hand the heap's free pages back to the operating system (glibc's ``malloc_trim``; nothing elsewhere).
+
+    Tensors under glibc's mmap threshold (which grows to 32 MiB after the first large free) live on the heap, and
+    a freed chunk of activations stays in the process's resident memory until trimmed: measured on GPT-2 small,
+    the resident size between two factored splits grew from 2.7 to 7.4 GiB with nothing alive. Called between
+    the chunks and stages of an interval, so that the peak is one chunk's, not the sum of every freed one."""
+    if not _LIBC:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _LIBC.append(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim)
+        except (OSError, AttributeError):
+            _LIBC.append(None)
+    if _LIBC[0] is not None:
+        _LIBC[0](0)

@@ -29,7 +29,7 @@ import xarray as xr
 from . import __version__, cube
 from .errors import CkptforceError
 from .budget import (HEAD_SHARE, attention_heads, default_memory_gb, duration, forwards_per_interval, head_chunks, model_shape,
-                     rows_budget, rows_per_chunk)  # fmt: skip
+                     rows_budget, rows_per_chunk, training_forwards)  # fmt: skip
 from .forces import DEFAULT_NODES, interval_forces
 from .forces.features import drift, features
 from .forces.head import SplitLM
@@ -77,6 +77,8 @@ class Prepared:
     z0: torch.Tensor | None = None  # (P, D) features of each probe's first response at the first checkpoint (--feature-layer)
     chunk_size: int | None = None  # rows per forward / JVP: --chunk-size, else from the memory budget (budget.py)
     logits_chunk_size: int | None = None  # the same where the full (rows, T, V) logits are formed (no streamed head)
+    fn: Callable | None = None  # what the forces evaluate: ``forces_fn`` (the head streamed where it can be)
+    rows_gb: float = 0.0  # GiB of the memory budget left for the probe (and training) rows once θ is held
     labels: dict[str, list[str]] = field(default_factory=dict)  # the probes' own labels (meta.*, extra columns)
 
 
@@ -104,7 +106,7 @@ def prepare(config: AnalysisConfig, device: str = "cpu") -> Prepared:
                              "which export filter-kd reads: drop --topk")  # fmt: skip
     if classifier:
         prepared = _prepare_classifier(config, run, model, device, dtype)
-        _PREPARED[key] = prepared
+        _PREPARED[key] = _finish(prepared, dtype)
         return prepared
     probe_set = load_probe_set(config.probes, config.columns)
     needs_text = any(p.prompt_ids is None or not all(is_ids(r) for r in p.responses.values()) for p in probe_set.probes)
@@ -132,6 +134,7 @@ def prepare(config: AnalysisConfig, device: str = "cpu") -> Prepared:
     if config.train:
         train_convention = Convention(config.special_tokens, config.train_eos, template)
         prepared.training = prepare_training(config, run, model, tokenizer, device, dtype, convention=train_convention)
+        prepared.training.chunk_size = _chunk_rows(config, model, prepared.training.batch, dtype, device)
         tokenizer = tokenizer or prepared.training.tokenizer
         train_kinds = kinds(prepared.training.tset.examples)
     seen = probe_set.columns | (prepared.training.tset.columns if prepared.training else set())
@@ -143,8 +146,15 @@ def prepare(config: AnalysisConfig, device: str = "cpu") -> Prepared:
         source = f"--chat-template {config.chat_template}" if template else ("the tokenizer's" if getattr(tokenizer, "chat_template", None) else "none")
         prepared.tokenization = describe(tokenizer, probe=convention, train=train_convention, template_source=source)
     _prepare_features(prepared, dtype)
-    _PREPARED[key] = prepared
+    _PREPARED[key] = _finish(prepared, dtype)
     return prepared
+
+
+def _finish(p: Prepared, dtype) -> Prepared:
+    """The forces' function and the rows' memory budget, once the rows are known."""
+    p.fn = forces_fn(p)
+    p.rows_gb = _rows_budget(p.config, p.model, dtype, p.device)
+    return p
 
 
 #: Half-precision analyses (``--dtype bfloat16|float16``, for GPUs): the model's arithmetic in half precision,
@@ -212,6 +222,7 @@ def _prepare_classifier(config: AnalysisConfig, run: Run, model: BoundModel, dev
                         [""] * len(probes), [["", ""] for _ in probes.ids])  # fmt: skip
     if config.train:
         prepared.training = prepare_training(config, run, model, None, device, dtype)
+        prepared.training.chunk_size = _chunk_rows(config, model, prepared.training.batch, dtype, device)
     prepared.chunk_size = _chunk_rows(config, model, batch, dtype, device)
     prepared.logits_chunk_size = _chunk_rows(config, model, batch, dtype, device, full_logits=True)
     _prepare_features(prepared, dtype)
@@ -239,15 +250,21 @@ def _check_device(device: str) -> None:
 def compute_part(config_json: str, k: int, device: str = "cpu", progress: Callable[[int, int], None] | None = None) -> xr.Dataset:
     """The part of interval k (checkpoints k and k+1): probes observed at both ends and the forces between.
 
-    ``progress(rows_done, rows)`` is called after each batch of ``PROBE_BATCH`` probe rows."""
+    ``progress(done, total)`` is called after each batch of ``PROBE_BATCH`` probe rows and, with --train, each
+    block of training examples (the fraction done/total of the interval's estimated work)."""
     config = AnalysisConfig(**json.loads(config_json))
     p = prepare(config, device)
     refs = p.run.checkpoints[k : k + 2]
     dtype = getattr(torch, config.dtype)
     with p.run.open(refs[0]) as a, p.run.open(refs[1]) as b:
         before, after, step = read_pair(p.model, a, b, device, dtype)
+    share = 1.0  # of the interval's work done by the probe rows' forces; the training examples' forces do the rest
+    if p.training is not None:
+        probe_work = forwards_per_interval(config.by_tensor, config.nodes)
+        share = probe_work / (probe_work + _training_forwards(p))
+    probe_progress = progress if progress is None or share == 1.0 else (lambda rows, total: progress(share * rows / total, 1))
     res = interval_forces(forces_fn(p), before, after, p.batch, nodes=config.nodes, by_tensor=config.by_tensor, method=config.method,
-                          chunk_size=p.chunk_size, batch_rows=PROBE_BATCH, progress=progress, full=p.model.kind == "classifier",
+                          chunk_size=p.chunk_size, batch_rows=PROBE_BATCH, progress=probe_progress, full=p.model.kind == "classifier",
                           module=p.model.module, step=step)  # fmt: skip
     grid = _Grid(p)
     data = {
@@ -295,7 +312,8 @@ def compute_part(config_json: str, k: int, device: str = "cpu", progress: Callab
             data[name] = values
         attrs["feature_layer"] = config.feature_layer
     if p.training is not None:
-        part = training_part(p, p.training, k, before, after, res.dlogp_lin, res.argmax_lin, grid)
+        on_examples = None if progress is None else (lambda done, total: progress(share + (1 - share) * done / max(1, total), 1))
+        part = training_part(p, p.training, k, before, after, res.dlogp_lin, res.argmax_lin, grid, progress=on_examples)
         data.update(part["data"])
         index["source"] = p.training.sources
         index.update(part["index"])
@@ -465,10 +483,22 @@ def plan(p: Prepared, intervals: int) -> str:
         one = (time.perf_counter() - start) * len(p.batch) / max(1, len(rows))
     n = forwards_per_interval(p.config.by_tensor, p.config.nodes)
     budget = p.config.memory_gb or (default_memory_gb(p.device) if not p.config.chunk_size else None)
-    extra = " plus the training examples' forces" if p.config.train else ""
+    extra = ""
+    if p.training is not None:
+        train = _training_forwards(p)
+        extra = f" + ~{train:.0f} for the forces of {len(p.training.tset)} training examples"
+        n += train
     memory = f"chunks of {p.chunk_size} rows" + (f" (memory budget {budget:.1f} GiB)" if budget else "")
     return (f"estimate: {intervals} interval(s) × ~{n:.0f} forwards of {len(p.batch)} probe rows{extra} "
             f"(one forward ≈ {one:.1f} s here): about {duration(intervals * n * one)}; {memory}")
+
+
+def _training_forwards(p: Prepared) -> float:
+    """The training forces of one interval in forwards over the probe rows (budget.py's costs)."""
+    from .training_forces import APPROX_CHECK
+
+    approximate = p.config.forces == "approximate"
+    return training_forwards(len(p.training.tset), approximate=approximate, checked=APPROX_CHECK if approximate else 0)
 
 
 def _linearisation_warnings(ds: xr.Dataset) -> list[str]:

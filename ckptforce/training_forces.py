@@ -20,8 +20,10 @@ import torch
 
 from .errors import CkptforceError
 from .forces.approx import approximate_forces, relative_error
-from .forces.linear import delta_lin
-from .forces.attribution import ExampleForces, LoraFactor, direction_force, example_forces, example_gradient, lora_preconditioner, preconditioner
+from .forces.observe import chunks
+from .budget import batched_elements
+from .forces.attribution import (ExampleForces, LoraFactor, direction_force, example_forces, example_gradient, lora_preconditioner, preconditioner,
+                                 summed_tokens)  # fmt: skip
 from .forces.kernels import Projection, class_forces, gradient_kernel
 from .forces.objectives import DEFAULT_BETA, GRPO_DEFAULT_LOSS, NEEDS_REFERENCE, PREFERENCE, advantages, g_statistics, kd_loss, margin, response_weights
 from .forces.objectives import loss as objective_loss
@@ -56,6 +58,7 @@ class PreparedTraining:
     tokenizer: object = None  # the tokenizer the texts went through (None for ids / arrays)
     token_norm: torch.Tensor | None = None  # (U,) GRPO dapo / bnpo: each group's share of its step's completion tokens
     advantages: torch.Tensor | None = None  # (U, n) GRPO: Â of every completion, scaled as the trainer did (scale_rewards)
+    chunk_size: int | None = None  # training rows per forward / backward within the memory budget (set by the pipeline)
 
     @property
     def sources(self) -> list[str]:
@@ -251,7 +254,13 @@ def _coefficients(pt: PreparedTraining, lr: float, step_from: int, step_to: int,
     return torch.tensor(uses, dtype=torch.float64) * lr / float(pt.batch_size)
 
 
-def training_part(p, pt: PreparedTraining, k: int, before: dict, after: dict, dlogp_lin: torch.Tensor, dlogp_lin_star: torch.Tensor, grid) -> dict:
+def _half(rows: int | None) -> int | None:
+    """Rows per chunk when the probe rows and the training rows are held at once: half of each one's budget."""
+    return None if rows is None else max(1, rows // 2)
+
+
+def training_part(p, pt: PreparedTraining, k: int, before: dict, after: dict, dlogp_lin: torch.Tensor, dlogp_lin_star: torch.Tensor, grid,
+                  progress=None) -> dict:  # fmt: skip
     """Arrays of the part of interval k keyed by cube names (``force``, ``force_pos``, ``force_neg``,
     ``dlogp_unexplained``, the G statistics; for preference pairs CHES and their forces on their own answers,
     displacement.py): see the module docstring."""
@@ -267,9 +276,8 @@ def training_part(p, pt: PreparedTraining, k: int, before: dict, after: dict, dl
     else:
         pre = lora_preconditioner(before, trained, start=start, end=end, lr=lr, n_steps=n_steps)
     tset, n_ex = pt.tset, len(pt.tset)
-    with torch.no_grad():
-        logits = p.model.logits(before, pt.batch)
-    logp, weights = _weights(p, pt, before, logits)
+    row_logp, stats = training_rows_at(p, pt, before)
+    logp, weights = _weights(p, pt, before, row_logp)
     factors, mean_clip, clip_note = clip_factors(_trainer_state(run).get("log_history", []), config.max_grad_norm, a.step, b.step)
     coeff = _coefficients(pt, lr, a.step, b.step, n_steps, (factors, mean_clip))
     pairs, groups = tset.objective in PREFERENCE, tset.objective == "grpo"
@@ -277,17 +285,18 @@ def training_part(p, pt: PreparedTraining, k: int, before: dict, after: dict, dl
     if config.forces == "approximate" and tset.objective != "kd" and pre.lora is None:
         forces, approx_error = approximate_part(p, pt, before, weights.flatten(), coeff, pre)
     else:
-        forces = example_forces(p.model.logits, before, p.batch, pt.batch, pt.owners, weights.flatten(), coeff, pre,
-                                teacher_logits=pt.teacher_logits, method=config.method, chunk_size=p.logits_chunk_size, module=p.model.module,
-                                own=pairs or groups)  # fmt: skip
-    mom, mom_star = direction_force(p.model.logits, before, p.batch, pre.momentum, method=config.method, chunk_size=p.logits_chunk_size)
-    dec, dec_star = direction_force(p.model.logits, before, p.batch, pre.decay, method=config.method, chunk_size=p.logits_chunk_size)
+        forces = example_forces(p.fn or p.model.logits, before, p.batch, pt.batch, pt.owners, weights.flatten(), coeff, pre,
+                                teacher_logits=pt.teacher_logits, method=config.method, chunk_size=_half(p.chunk_size), module=p.model.module,
+                                own=pairs or groups, train_chunk=_half(pt.chunk_size), elements=batched_elements(p.rows_gb, before),
+                                progress=progress)  # fmt: skip
+    fn = p.fn or p.model.logits
+    mom, mom_star = direction_force(fn, before, p.batch, pre.momentum, method=config.method, chunk_size=p.chunk_size)
+    dec, dec_star = direction_force(fn, before, p.batch, pre.decay, method=config.method, chunk_size=p.chunk_size)
     nan = torch.full((2, len(p.batch)), math.nan, dtype=torch.float64)
     total = torch.cat([forces.total, mom[None], dec[None]]).T  # (B, U + 2)
     total_star = torch.cat([forces.pos_argmax + forces.neg_argmax, mom_star[None], dec_star[None]]).T
     unexplained = dlogp_lin.double().cpu() - total.sum(1)
     unexplained_star = dlogp_lin_star.double().cpu() - total_star.sum(1)
-    stats = g_statistics(logits, pt.batch.targets, pt.batch.target_mask)
     per_ex = {name: v.double().cpu().view(n_ex, pt.n_resp) for name, v in stats.items()}
     pushed_up, pushed_down = (weights > 0).double(), (weights < 0).double()
     mean_over = lambda v, m: torch.where(m.sum(1) > 0, (v * m).sum(1) / m.sum(1).clamp_min(1), torch.full((n_ex,), math.nan, dtype=torch.float64))  # noqa: E731
@@ -322,7 +331,7 @@ def training_part(p, pt: PreparedTraining, k: int, before: dict, after: dict, dl
         what = "(CHES, self_force)" if pairs else "(LLD, token forces, NTHR)"
         notes.append(f"likelihood displacement {what} is computed with the exact forces only: drop --forces approximate")
     elif groups:  # lazy likelihood displacement: each group's own force on its own correct completions, per token
-        lazy, more = lld_part(p, pt, k, before, after, logits, weights, coeff, forces.own_pos, forces.own_neg, pre)
+        lazy, more = lld_part(p, pt, k, before, after, weights, coeff, forces.own_pos, forces.own_neg, pre)
         data.update(lazy)
         notes += more
         index["own_response"] = list(tset.examples[0].responses)
@@ -360,26 +369,21 @@ def approximate_part(p, pt: PreparedTraining, before: dict, weights: torch.Tenso
     """(ExampleForces, relative error): ``forces/approx.py``'s rank-one P with ghost products for every example;
     the per-token split exact (one backward per sign over all training rows, one JVP each); the error of the
     first APPROX_CHECK used examples against their exact forces."""
-    fn, module = p.model.logits, p.model.module
+    fn, module = p.fn or p.model.logits, p.model.module
     frozen = pre.frozen
     names = [n for n, t in before.items() if t.is_floating_point() and n not in frozen]
-    pos, neg, pos_star, neg_star, fitted = approximate_forces(fn, before, p.batch, pt.batch, pt.owners, weights, coeff, pre.scale, module=module,
-                                                              names=names, chunk_size=p.logits_chunk_size)  # fmt: skip
-    c_rows = coeff[torch.tensor(pt.owners)].to(weights)
-    tok = []
-    for g in example_gradient(fn, before, pt.batch, weights * c_rows):  # Σ_u c_u g_u± in one backward per sign
-        if g is None:
-            tok.append(torch.zeros(len(p.batch), p.batch.targets.shape[1], dtype=torch.float64))
-            continue
-        step = {n: -d for n, d in pre.apply(g).items() if n not in frozen}
-        tok.append(delta_lin(fn, before, p.batch, step, method=p.config.method, chunk_size=p.logits_chunk_size).tok.double().cpu())
+    pos, neg, pos_star, neg_star, fitted = approximate_forces(p.model.logits, before, p.batch, pt.batch, pt.owners, weights, coeff, pre.scale,
+                                                              module=module, names=names, chunk_size=p.logits_chunk_size)  # fmt: skip
+    tok = summed_tokens(fn, before, p.batch, pt.batch, pt.owners, weights, coeff, pre, names, method=p.config.method, chunk_size=p.chunk_size,
+                        train_chunk=pt.chunk_size)  # fmt: skip
     used = [u for u in range(len(coeff)) if float(coeff[u]) != 0][:APPROX_CHECK]
     rows = [i for i, o in enumerate(pt.owners) if o in used]
     exact = example_forces(fn, before, p.batch, pt.batch.select(rows), [used.index(pt.owners[i]) for i in rows], weights[rows], coeff[used], pre,
-                           method=p.config.method, chunk_size=p.logits_chunk_size, module=module)  # fmt: skip
+                           method=p.config.method, chunk_size=_half(p.chunk_size), module=module, train_chunk=_half(pt.chunk_size),
+                           elements=batched_elements(p.rows_gb, before))  # fmt: skip
     error = relative_error((pos + neg)[used], exact.total) if used else math.nan
     method = f"approximate: Adafactor-style rank-one P on {len(fitted)} matrices, ghost products"
-    return ExampleForces(pos, neg, pos_star, neg_star, tok[0], tok[1], method), error
+    return ExampleForces(pos, neg, pos_star, neg_star, tok[1], tok[-1], method), error
 
 
 def probe_kernel(p, pt: PreparedTraining, params: dict, weights: torch.Tensor) -> dict:
@@ -439,14 +443,26 @@ def class_matrices(p, pt: PreparedTraining, params: dict) -> tuple[dict[str, np.
     return {"a_class": a[None], "g_class": g[None], "k_class": k[None]}, ""
 
 
-def _weights(p, pt: PreparedTraining, params: dict, logits: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def training_rows_at(p, pt: PreparedTraining, params: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(log π(y_r|x_r) (rows,) float64, the G statistics per row: ``objectives.g_statistics``) of the training rows
+    at ``params``, ``p.logits_chunk_size`` rows at a time: the (rows, T, V) logits of one chunk at most."""
+    logp, stats = [], []
+    with torch.no_grad():
+        for sub in chunks(pt.batch, p.logits_chunk_size):
+            logits = p.model.logits(params, sub)
+            logp.append(_row_logp(logits, sub).cpu())
+            stats.append({k: v.double().cpu() for k, v in g_statistics(logits, sub.targets, sub.target_mask).items()})
+            del logits
+    return torch.cat(logp), {k: torch.cat([s[k] for s in stats]) for k in stats[0]}
+
+
+def _weights(p, pt: PreparedTraining, params: dict, row_logp: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(logp (U, R), w (U, R)): the training responses' log-probabilities at θ and their weights −∂L/∂logπ
-    (``logits``: the training rows' logits at θ when the caller has them)."""
+    (``row_logp``: the training rows' log π at θ when the caller has them)."""
     tset, n_ex = pt.tset, len(pt.tset)
-    if logits is None:
-        with torch.no_grad():
-            logits = p.model.logits(params, pt.batch)
-    logp = _row_logp(logits, pt.batch).view(n_ex, pt.n_resp).cpu()
+    if row_logp is None:
+        row_logp = training_rows_at(p, pt, params)[0]
+    logp = row_logp.view(n_ex, pt.n_resp).cpu()
     if tset.objective == "kd":  # kd_loss already averages over the response tokens
         return logp, torch.ones_like(logp)
     return logp, response_weights(tset.objective, logp, **_objective_kw(pt))

@@ -73,3 +73,29 @@ def test_analyze_says_what_it_will_cost_before_it_starts(runs, tmp_path):
     assert re.match(rf"estimate: {n} interval\(s\) × ~{forwards_per_interval(True, 2):.0f} forwards of 1 probe rows "
                     r"\(one forward ≈ [0-9.]+ s here\): about [0-9]+ s; chunks of \d+ rows \(memory budget 1.0 GiB\)$", line), line
     assert forwards_per_interval(False, 0) < forwards_per_interval(False, 2) < forwards_per_interval(True, 2)
+
+
+def test_the_estimate_and_the_progress_count_the_training_examples_forces(runs, tmp_path):
+    """With --train the one-line estimate adds the examples' forces (budget.training_forwards) and the progress moves
+    through them: fractions of the interval that only grow, past the probe rows' share, to the end."""
+    import json
+    import re
+
+    from ckptforce.budget import forwards_per_interval, training_forwards
+    from ckptforce.pipeline import AnalysisConfig, analyze
+    from fixtures.trainers import _sft_examples
+
+    train = tmp_path / "train.jsonl"
+    examples = _sft_examples()
+    train.write_text("\n".join(json.dumps({"id": f"t{i}", **r}) for i, r in enumerate(examples)) + "\n")
+    probes = tmp_path / "probes.jsonl"
+    probes.write_text(json.dumps({"id": "q0", "prompt": "Q : where does alice live ? A :", "responses": {"chosen": " alice lives in paris ."}}) + "\n")
+    config = AnalysisConfig.for_run(str(runs["trl"].root), str(probes), train=str(train), nodes=0, by_tensor=False)
+    lines, seen = [], []
+    analyze(config, tmp_path / "cube.h5", notify=lines.append, progress=lambda done, n: seen.append(done / n))
+    extra = training_forwards(len(examples))
+    assert re.search(rf"× ~{forwards_per_interval(False, 0) + extra:.0f} forwards of 1 probe rows \+ ~{extra:.0f} for the forces of "
+                     rf"{len(examples)} training examples", lines[0]), lines  # fmt: skip
+    share = forwards_per_interval(False, 0) / (forwards_per_interval(False, 0) + extra) / (len(runs["trl"].steps) - 1)
+    assert seen == sorted(seen) and seen[-1] == 1.0
+    assert any(share < f < 1 / (len(runs["trl"].steps) - 1) for f in seen), seen  # within the first interval, in its examples

@@ -225,7 +225,7 @@ def test_head_chunks_fit_their_share_of_the_budget():
     assert rows_budget(6.0, parameters=10**10) == 1.5
     # a streamed head: no vocabulary term per row, so long rows of a big vocabulary take more rows per chunk
     long = dict(width=496, hidden=768, layers=12, heads=12)
-    assert rows_per_chunk(3.0, vocab=None, **long) > 2 * rows_per_chunk(3.0, vocab=50257, **long)
+    assert rows_per_chunk(3.0, vocab=None, **long) > 1.5 * rows_per_chunk(3.0, vocab=50257, **long)
     assert rows_per_chunk(3.0, vocab=None, **long) < rows_per_chunk(3.0, vocab=None, **{**long, "heads": None})  # attention maps count
 
 

@@ -35,11 +35,18 @@ from dataclasses import dataclass
 
 import torch
 
+from ..numerics import release_memory
+from .batched import fast_modules, linear_forces, usable
 from .factored import capture
 from .factored import owners as module_owners
 from .linear import delta_lin
 from .observe import Fn, _wide, chunks
 from .objectives import kd_loss
+
+
+#: Numbers held at once by the batched linear layers (the directions' δW and a chunk of rows' gradients of one
+#: module) when the caller gives no budget: 2^27 float32 = 512 MiB.
+DEFAULT_ELEMENTS = 2**27
 
 
 @dataclass
@@ -207,15 +214,20 @@ def _row_losses(fn: Fn, params: dict, batch, teacher_logits: torch.Tensor | None
     return -(logp * batch.target_mask.to(logp.dtype)).sum(-1)
 
 
-def example_gradient(fn: Fn, params: dict, rows, weights: torch.Tensor, teacher_logits=None) -> tuple[dict | None, dict | None]:
+def example_gradient(fn: Fn, params: dict, rows, weights: torch.Tensor, teacher_logits=None, *,
+                     names: list[str] | None = None) -> tuple[dict | None, dict | None]:  # fmt: skip
     """(g⁺, g⁻) of one training example from its rows (its responses) and their weights w (R,):
-    g± = Σ_{r: ±w_r > 0} w_r ∇θ(−log π(y_r|x)) over the floating-point params. None where a part is empty."""
-    names = [n for n, p in params.items() if p.is_floating_point()]
+    g± = Σ_{r: ±w_r > 0} w_r ∇θ(−log π(y_r|x)) over ``names`` (default: the floating-point params). None where a
+    part is empty."""
+    names = [n for n, p in params.items() if p.is_floating_point()] if names is None else names
     out = []
     for sign in (1, -1):
         pick = [i for i in range(len(weights)) if float(weights[i]) * sign > 0]
         if not pick:
             out.append(None)
+            continue
+        if not names:
+            out.append({})
             continue
         sub = rows.select(pick)
         with torch.enable_grad():
@@ -247,7 +259,7 @@ class ExampleForces:
 def example_forces(
     fn: Fn, params: dict, probes, train_rows, owners: list[int], weights: torch.Tensor, coeff: torch.Tensor,
     precond: Preconditioner, *, teacher_logits=None, method: str = "auto", chunk_size: int | None = None, module=None,
-    own: bool = False,
+    own: bool = False, batched: bool = True, train_chunk: int | None = None, elements: int = DEFAULT_ELEMENTS, progress=None,
 ) -> ExampleForces:  # fmt: skip
     """Δ_u(o) for every example u (U = len(coeff)) and probe row o: rows of ``train_rows`` belong to example
     ``owners[row]`` with weight ``weights[row]``; δθ_u = −coeff_u · P g_u (coeff = η × uses / batch size).
@@ -259,7 +271,15 @@ def example_forces(
     split, Σ_u of each sign, is one JVP per sign along Σ_u δθ_u. Tensors P leaves at zero (frozen) are skipped.
 
     ``own=True`` adds the force of each part of u on u's own responses (``own_self_forces``), every example
-    holding the same number R of rows."""
+    holding the same number R of rows.
+
+    With ``module``, no teacher and no LoRA factors, the linear layers go through ``batched_example_forces``
+    first (many examples per captured block); the per-example path below is its fallback."""
+    if batched and module is not None and teacher_logits is None and not precond.lora:
+        fast = batched_example_forces(fn, params, probes, train_rows, owners, weights, coeff, precond, method=method, chunk_size=chunk_size,
+                                      module=module, own=own, train_chunk=train_chunk, elements=elements, progress=progress)  # fmt: skip
+        if fast is not None:
+            return fast
     n_ex, n_probe = len(coeff), len(probes)
     zeros = lambda: torch.zeros(n_ex, n_probe, dtype=torch.float64)  # noqa: E731
     pos, neg, pos_star, neg_star = zeros(), zeros(), zeros(), zeros()
@@ -313,6 +333,8 @@ def example_forces(
             if own and at.start == 0:  # once per example, with the first chunk of probes
                 own_pos[u], own_neg[u] = own_self_forces(fn, params, train_rows.select(rows), weights[rows], parts, steps,
                                                          method=method, chunk_size=chunk_size)  # fmt: skip
+            if progress:
+                progress(at.start * n_ex + len(sub) * (u + 1), n_probe * n_ex)
         for sign, direction in summed.items():
             if direction:
                 change = delta_lin(fn, params, sub, direction, method=method, chunk_size=chunk_size)
@@ -322,6 +344,115 @@ def example_forces(
     if own:
         out.own_pos, out.own_neg = own_pos, own_neg
     return out
+
+
+def batched_example_forces(
+    fn: Fn, params: dict, probes, train_rows, owners: list[int], weights: torch.Tensor, coeff: torch.Tensor,
+    precond: Preconditioner, *, module, method: str = "auto", chunk_size: int | None = None, own: bool = False,
+    train_chunk: int | None = None, elements: int = DEFAULT_ELEMENTS, progress=None,
+) -> ExampleForces | None:  # fmt: skip
+    """``example_forces`` with every Linear / Conv1D weight of ``module`` done for a block of examples at once
+    (``batched.linear_forces``: one per-row gradient per probe row serves all the block's directions) and the
+    other tensors (norms, embeddings, the LM head) per example from its gradient on them alone
+    (``Factors.contract``). ``train_chunk``: training rows per captured block (default: all); ``elements``:
+    numbers the linear layers hold at once; ``progress(done, total)`` after each example. The first example is checked against its JVP over the whole step
+    (rel 1e-4); None when it disagrees, or when no module qualifies (the caller's per-example path then).
+
+    The per-token split is one JVP per sign along Σ_u δθ_u, from one gradient of Σ_r c_u w_r (−log π_r)."""
+    n_ex, n_probe = len(coeff), len(probes)
+    frozen = precond.frozen
+    names = [n for n, p in params.items() if p.is_floating_point() and n not in frozen]
+    found = module_owners(module, params, names)
+    fast = fast_modules(found, set(names), max_size=elements // 4)
+    live = [u for u in range(n_ex) if float(coeff[u]) != 0]
+    if not fast or not live:
+        return None
+    rows_of = {u: [i for i, o in enumerate(owners) if o == u] for u in live}
+    out = {k: torch.zeros(n_ex, n_probe, dtype=torch.float64) for k in ("pos", "neg", "pos_star", "neg_star")}
+    own_pos, own_neg = (torch.zeros(n_ex, len(owners) // max(1, n_ex), dtype=torch.float64) for _ in range(2))
+    start, checked = 0, False
+    for sub in chunks(probes, chunk_size):
+        at = slice(start, start + len(sub))
+        start += len(sub)
+        factors = capture(fn, found, params, sub)
+        if at.start == 0:  # the modules called once, plainly, by every row: the batched ones; the rest per example
+            fast = {i: k for i, k in fast.items() if usable(factors.records.get(i), len(sub), factors.outputs)}
+            if not fast:
+                return None
+            order = sorted(fast)
+            hooked = [found[i] for i in order]  # the training rows' capture hooks these only
+            modules = {i: (j, fast[i]) for j, i in enumerate(order)}
+            fast_names = {n for i in fast for n in found[i][1].values()}
+            rest = [n for n in names if n not in fast_names]
+            biggest = max(found[i][0].weight.numel() for i in fast)
+            per_block = max(1, (train_chunk or len(owners)) // max(len(r) for r in rows_of.values()))
+            per_block = min(per_block, max(1, elements // (4 * biggest)))  # the δW of 2 signs: at most half of ``elements``
+        for b0 in range(0, len(live), per_block):
+            block = live[b0 : b0 + per_block]
+            rows = [r for u in block for r in rows_of[u]]
+            direction = torch.tensor([2 * j + (float(weights[r]) < 0) for j, u in enumerate(block) for r in rows_of[u]])
+            factor = torch.tensor([float(coeff[u]) * float(weights[r]) for u in block for r in rows_of[u]], dtype=torch.float64)
+            train = capture(fn, hooked, params, train_rows.select(rows), star=False)
+            c, c_star, covered = linear_forces(factors, train, modules, direction, factor, 2 * len(block), precond.scale, elements=elements)
+            del train
+            release_memory()
+            if covered != fast_names:
+                return None
+            for j, u in enumerate(block):
+                r_u = rows_of[u]
+                whole = own or not checked
+                parts = example_gradient(fn, params, train_rows.select(r_u), weights[r_u], names=None if whole else rest)
+                steps = [None if g is None else {n: -float(coeff[u]) * d for n, d in precond.apply(g).items() if n not in frozen} for g in parts]
+                for s, (step, key) in enumerate(zip(steps, ("pos", "neg"))):
+                    if step is None:
+                        continue
+                    total, star = c[:, 2 * j + s], c_star[:, 2 * j + s]
+                    part = {n: step[n] for n in rest if n in step}
+                    if part:
+                        cr, cr_star, ok = factors.contract(params, part, list(part))
+                        total, star = total + cr.sum(1).to(total), star + cr_star.sum(1).to(star)
+                        left = {n: d for n, d in part.items() if n not in ok}
+                        if left:
+                            extra = delta_lin(fn, params, sub, left, method=method, chunk_size=chunk_size)
+                            total, star = total + extra.total.to(total), star + extra.argmax.to(star)
+                    if not checked:  # once per call: the batched and per-example sums equal the JVP of the whole step
+                        jvp, checked = delta_lin(fn, params, sub, step, method=method, chunk_size=chunk_size), True
+                        if not torch.allclose(total, jvp.total.to(total), rtol=1e-4, atol=1e-6 * float(jvp.total.abs().max())):
+                            return None
+                    out[key][u, at], out[key + "_star"][u, at] = total.cpu(), star.cpu()
+                if own and at.start == 0:
+                    own_pos[u], own_neg[u] = own_self_forces(fn, params, train_rows.select(r_u), weights[r_u], parts, steps, method=method,
+                                                             chunk_size=chunk_size)  # fmt: skip
+                if progress:  # examples done over all chunks of probe rows
+                    progress(at.start * len(live) + len(sub) * (b0 + j + 1), n_probe * len(live))
+    tok = summed_tokens(fn, params, probes, train_rows, owners, weights, coeff, precond, names, method=method, chunk_size=chunk_size,
+                        train_chunk=train_chunk)  # fmt: skip
+    result = ExampleForces(out["pos"], out["neg"], out["pos_star"], out["neg_star"], tok[1], tok[-1], "factors (batched)")
+    if own:
+        result.own_pos, result.own_neg = own_pos, own_neg
+    return result
+
+
+def summed_tokens(fn: Fn, params: dict, probes, train_rows, owners: list[int], weights: torch.Tensor, coeff: torch.Tensor,
+                  precond: Preconditioner, names: list[str], *, method: str, chunk_size: int | None,
+                  train_chunk: int | None) -> dict[int, torch.Tensor]:  # fmt: skip
+    """{±1: (B, width)} the per-token force of Σ_u δθ_u^± = −P ∇ Σ_{r: ±w_r > 0} c_u w_r (−log π_r): one gradient
+    over the training rows (in chunks of ``train_chunk``) and one JVP per sign."""
+    tok = {s: torch.zeros(len(probes), probes.targets.shape[1], dtype=torch.float64) for s in (1, -1)}
+    scaled = torch.tensor([float(coeff[o]) * float(w) for o, w in zip(owners, weights)], dtype=torch.float64)
+    summed: dict[int, dict] = {1: {}, -1: {}}
+    step = train_chunk or len(owners)
+    for r0 in range(0, len(owners), step):
+        idx = list(range(r0, min(len(owners), r0 + step)))
+        for sign, g in zip((1, -1), example_gradient(fn, params, train_rows.select(idx), scaled[idx].to(weights), names=names)):
+            for n, d in (g or {}).items():
+                summed[sign][n] = summed[sign][n] + d if n in summed[sign] else d
+    for sign, g in summed.items():
+        if g:
+            direction = {n: -d for n, d in precond.apply(g).items() if n in names}
+            change = delta_lin(fn, params, probes, direction, method=method, chunk_size=chunk_size)
+            tok[sign][:, : change.tok.shape[1]] += change.tok.double().cpu()
+    return tok
 
 
 def own_self_forces(fn: Fn, params: dict, rows, weights: torch.Tensor, grads, steps, *, method: str = "auto",

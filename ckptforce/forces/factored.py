@@ -28,9 +28,14 @@ import torch
 from torch import nn
 from torch.func import functional_call, jvp
 
-from ..numerics import keep_float64
-from .head import SplitLM, at_responses
+from ..numerics import keep_float64, release_memory
+from .head import SplitLM, at_responses, head_directional, head_probs
 from .observe import Fn, chunks
+
+
+#: A SplitLM's π at the probe rows' response positions is kept (for the contraction of many directions, e.g.
+#: training examples) when it is at most this many of the head's chunks (positions × vocabulary) of memory.
+KEEP_PROBS_CHUNKS = 2
 
 
 def owners(module: nn.Module, params: dict, names: list[str]) -> list[tuple[nn.Module, dict[str, str], dict[str, str]]]:
@@ -63,6 +68,7 @@ def factored_contributions(fn: Fn, module: nn.Module, params: dict, batch, direc
     rows, rows_star = [], []
     for sub in chunks(batch, chunk_size):
         c, c_star, ok = capture(fn, found, params, sub, star=star).contract(params, direction, names)
+        release_memory()  # the chunk's factors, freed
         covered |= ok
         rows.append(c)
         rows_star.append(c_star)
@@ -82,7 +88,8 @@ class Factors:
     outputs: int
     dtype: torch.dtype
     device: torch.device
-    head: tuple | None = None  # a SplitLM's (lm, h at the N response positions (N, H), targets (N,), row of each (N,))
+    head: tuple | None = None  # a SplitLM's (lm, h at the N response positions (N, H), targets (N,), row of each (N,), HeadStats)
+    probs: torch.Tensor | None = None  # π (N, V) at the response positions, kept by the first contraction when it fits
 
     def contract(self, params: dict, direction: dict, names: list[str]) -> tuple[torch.Tensor, torch.Tensor, set[str]]:
         """(C (b, K), C* (b, K), names covered) for ``direction`` over ``names`` (the columns, in order)."""
@@ -114,14 +121,21 @@ class Factors:
     def _contract_head(self, params: dict, direction: dict, col: dict, c: torch.Tensor, c_star: torch.Tensor, ok: set) -> None:
         """A SplitLM's head, never called as a module: C[b, W] = Σ_{m ∈ b} (δz_m[y_m] − π_mᵀ δz_m) with δz = h δWᵀ
         (and δb for the bias), streamed over the vocabulary; a tied W adds this to its embedding's share."""
-        lm, h, targets, row = self.head
+        lm, h, targets, row, st0 = self.head
+        if self.probs is None and h.shape[0] * params[lm.weight].shape[0] <= KEEP_PROBS_CHUNKS * (lm.positions or h.shape[0]) * (lm.vocab or params[lm.weight].shape[0]):
+            self.probs = head_probs(h, params[lm.weight], params[lm.bias] if lm.bias else None, st0.lse, positions=lm.positions)
         for name in (lm.weight, lm.bias):
             if name is None or name not in col or name not in direction:
                 continue
-            st = lm.stats(params, h, targets, direction={name: direction[name]})
-            c[:, col[name]] += torch.zeros_like(c[:, 0]).index_add(0, row, st.dlogp.to(c.dtype))
+            if self.probs is not None:  # π kept: one product per direction
+                move = {"dw" if name == lm.weight else "db": direction[name].to(params[name])}
+                dlogp, dlogp_max = head_directional(h, self.probs, targets, st0.argmax, positions=lm.positions, **move)
+            else:
+                st = lm.stats(params, h, targets, direction={name: direction[name]})
+                dlogp, dlogp_max = st.dlogp, st.dlogp_max
+            c[:, col[name]] += torch.zeros_like(c[:, 0]).index_add(0, row, dlogp.to(c.dtype))
             if self.outputs > 1:
-                c_star[:, col[name]] += torch.zeros_like(c[:, 0]).index_add(0, row, st.dlogp_max.to(c.dtype))
+                c_star[:, col[name]] += torch.zeros_like(c[:, 0]).index_add(0, row, dlogp_max.to(c.dtype))
             ok.add(name)
 
 
@@ -167,7 +181,7 @@ def capture(fn: Fn, found: list, params: dict, sub, *, star: bool = True) -> Fac
                 for j, g in enumerate((st.grad, st.grad_max)[:outputs]):
                     if h.requires_grad:
                         h.backward(g.to(h.dtype), retain_graph=j + 1 < outputs)
-                head = (fn, h.detach(), targets, row)
+                head = (fn, h.detach(), targets, row, st)
                 dtype, device = st.logp.dtype, h.device
             else:
                 scores = _row_scores(fn(fixed, sub), sub.targets, sub.target_mask)  # (b, 2)
@@ -193,6 +207,10 @@ def _tangent(m: nn.Module, local: str, name: str, rec: dict, params: dict, direc
             return x @ v if local == "weight" else v.expand(*x.shape[:-1], v.shape[0])
         if isinstance(m, nn.Embedding) and x is not None and not kwargs and local == "weight":
             return nn.functional.embedding(x, v, m.padding_idx, m.max_norm, m.norm_type, m.scale_grad_by_freq, m.sparse)
+        if type(m) is nn.LayerNorm and x is not None and not kwargs and m.elementwise_affine:  # γ ⊙ x̂ + β
+            if local == "bias":
+                return v.expand(x.shape)
+            return nn.functional.layer_norm(x, m.normalized_shape, None, None, m.eps) * v
     own = {ln: params[n] for ln, n in subtree.items()}
     try:
         with keep_float64() if v.dtype == torch.float64 else contextlib.nullcontext():  # RMSNorm upcasts to float32

@@ -167,6 +167,38 @@ def _head_tangent(h, dh, w_c, dw, db, v0: int, v1: int, like: torch.Tensor) -> t
     return dz
 
 
+def head_probs(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lse: torch.Tensor, *, positions: int | None = None) -> torch.Tensor:
+    """π = exp(h Wᵀ + b − lse) (N, V), ``positions`` rows at a time, in the reductions' dtype (float32 at least)."""
+    step = positions or max(1, h.shape[0])
+    parts = []
+    for i in range(0, h.shape[0], step):
+        z = _wide(h[i : i + step] @ weight.T)
+        if bias is not None:
+            z = z + _wide(bias)
+        parts.append(torch.exp(z - lse[i : i + step].unsqueeze(-1)))
+    return torch.cat(parts) if parts else h.new_zeros(0, weight.shape[0])
+
+
+def head_directional(h: torch.Tensor, probs: torch.Tensor, targets: torch.Tensor, best: torch.Tensor, *, dw: torch.Tensor | None = None,
+                     db: torch.Tensor | None = None, positions: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(δ log π(y) (N,), δ log π(y*) (N,)) along a move of the head alone, δz = h δWᵀ + δb, with π (N, V) given
+    (``head_probs``): δz_y − πᵀ δz, one product per direction instead of the head's statistics again."""
+    step = positions or max(1, h.shape[0])
+    out_y, out_best = [], []
+    for i in range(0, h.shape[0], step):
+        p = probs[i : i + step]
+        dz = torch.zeros_like(p)
+        if dw is not None:
+            dz = dz + _wide(h[i : i + step] @ dw.T)
+        if db is not None:
+            dz = dz + _wide(db)
+        mean = (p * dz).sum(-1)
+        out_y.append(dz.gather(-1, targets[i : i + step, None]).squeeze(-1) - mean)
+        out_best.append(dz.gather(-1, best[i : i + step, None]).squeeze(-1) - mean)
+    empty = probs.new_zeros(0)
+    return (torch.cat(out_y) if out_y else empty), (torch.cat(out_best) if out_best else empty)
+
+
 def at_responses(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """(N, …) the entries of x (B, T, …) at the response positions of ``mask`` (B, T), row-major."""
     return x[mask]

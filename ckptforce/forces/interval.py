@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 
 from .linear import contributions_by_tensor, delta_lin, delta_path, remainder_ratio
+from ..numerics import release_memory
 from .observe import Fn, Observed, observe
 
 #: Rows per chunk of the per-tensor split: its memory is rows × 2 × |θ| (per-row gradients), so it stays small
@@ -129,6 +130,7 @@ def interval_forces(
     obs_a = observe(fn, before, batch, chunk_size=chunk_size, full=full)
     obs_b = observe(fn, after, batch, chunk_size=chunk_size, full=full)
     lin = delta_lin(fn, before, batch, step, method=method, chunk_size=chunk_size)
+    release_memory()
     names, lin_split, star_split = list(step), None, None
     if by_tensor:
         names, lin_split, star_split = contributions_by_tensor(fn, before, batch, step, chunk_size=SPLIT_CHUNK, module=module, factored_chunk=chunk_size)

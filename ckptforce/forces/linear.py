@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch.func import jvp
 
+from ..numerics import release_memory
 from .head import SplitLM, at_responses, to_rows
 from .observe import Fn, _wide, chunks
 
@@ -237,7 +238,10 @@ def delta_path(
     total = tok = argmax = split = None
     names: list[str] = []
     used = ""
+    point = None
     for s, w in zip(s_nodes, weights):
+        del point  # one node's θ alive at a time
+        release_memory()
         point = {n: p + float(s) * direction[n].to(p) if n in direction else p for n, p in params.items()}
         if by_tensor and module is not None:  # the split at the node sums to A·J·Δθ there (checked at θ by the caller)
             names, c, c_star = contributions_by_tensor(fn, point, batch, direction, module=module, factored_chunk=chunk_size)

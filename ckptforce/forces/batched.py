@@ -1,0 +1,106 @@
+"""The exact force of many training examples at once on the linear layers, from per-row gradients.
+
+In: the captured factors of the probe rows (``factored.capture``: each module's input x and output gradient δ of
+log π(y_b) and of log π(y*_b)), those of a block of training rows (the same capture, one score), which
+direction d each training row adds to with which factor a_r, and the optimizer's elementwise P. Out: C (B, D),
+C* (B, D), every Linear / Conv1D weight and bias this covers summed.
+
+For a module m with o = x Wᵀ + b (a GPT-2 Conv1D stores Wᵀ), probe row b, and a direction d (one sign of one
+example, δθ_d = −c_u P ⊙ g_d, g_d = Σ_{r ∈ d} w_r ∇θ(−log π(y_r)), so a_r = c_u w_r):
+
+    G_b  = Σ_t δ_{b,t} x_{b,t}ᵀ                           (d_out, d_in)   the row's ∇_W log π(y_b)
+    V_d  = P_W ⊙ Σ_{r ∈ d} a_r Σ_s δ'_{r,s} x'_{r,s}ᵀ     (d_out, d_in)   δW of the direction
+    C[b, d] += ⟨G_b, V_d⟩,      bias: ⟨Σ_t δ_{b,t}, P_b ⊙ Σ_r a_r Σ_s δ'_{r,s}⟩
+
+Sums run in float32 at least (a bfloat16 model's factors are widened), C in float64. One G per probe row serves
+every direction of the block, so B rows × D directions cost one forward-sized
+product (forming G, N positions · d_in · d_out) and B · D · d_in · d_out, where the tangent of each direction
+(``Factors.contract``) costs a forward-sized product per direction. Memory: the directions' V and a chunk of
+rows' G of one module at a time, both sized by the caller's ``elements`` (numbers held at once).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..numerics import wide
+from .factored import Factors
+
+
+def fast_modules(found: list, names: set[str], *, max_size: int) -> dict[int, str]:
+    """{index in ``found``: "linear" | "conv1d"} for the Linear / Conv1D modules whose own tensors (all of them in
+    ``names``) are used by no other module and whose weight has at most ``max_size`` entries."""
+    uses: dict[str, int] = {}
+    for _, own, _ in found:
+        for name in own.values():
+            uses[name] = uses.get(name, 0) + 1
+    out = {}
+    for i, (m, own, _) in enumerate(found):
+        kind = "linear" if isinstance(m, nn.Linear) else "conv1d" if type(m).__name__ == "Conv1D" and hasattr(m, "nf") else None
+        if kind is None or "weight" not in own or set(own) - {"weight", "bias"}:
+            continue
+        if all(n in names and uses[n] == 1 for n in own.values()) and m.weight.numel() <= max_size:
+            out[i] = kind
+    return out
+
+
+def usable(rec: dict | None, rows: int, outputs: int) -> bool:
+    """The record of a plain call with one input and one per-row output gradient per score."""
+    return bool(rec) and not rec.get("twice") and not rec["kwargs"] and len(rec["args"]) == 1 and len(rec["grads"]) == outputs \
+        and rec["grads"][0].shape[:1] == (rows,)  # fmt: skip
+
+
+def _row_grads(x: torch.Tensor, d: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-row weight gradients Σ_t d_t x_tᵀ: x (n, T, i), d (n, T, o) -> (n, o, i) (Linear) or (n, i, o) (Conv1D),
+    summed in float32 at least (a bfloat16 / float16 model's factors are widened first)."""
+    x, d = wide(x.reshape(x.shape[0], -1, x.shape[-1])), wide(d.reshape(d.shape[0], -1, d.shape[-1]))
+    return torch.bmm(d.transpose(1, 2), x) if kind == "linear" else torch.bmm(x.transpose(1, 2), d)
+
+
+def _position_sum(d: torch.Tensor) -> torch.Tensor:
+    """Σ_t d_t per row: (n, …, o) -> (n, o), the bias's gradient."""
+    return d.reshape(d.shape[0], -1, d.shape[-1]).sum(1)
+
+
+def linear_forces(probe: Factors, train: Factors, modules: dict[int, tuple[int, str]], direction: torch.Tensor, factor: torch.Tensor,
+                  n_dirs: int, scale: dict[str, torch.Tensor] | None, *, elements: int) -> tuple[torch.Tensor, torch.Tensor, set[str]]:  # fmt: skip
+    """(C (B, D), C* (B, D), names covered): the module docstring's sums over ``modules`` = {index in
+    ``probe.found``: (index in ``train.found``, kind)} (``fast_modules``).
+
+    ``train`` holds the training rows' factors (one score); training row r adds to direction ``direction[r]``
+    with factor ``factor[r]`` = c_u w_r. ``scale``: P per tensor name (None: the identity)."""
+    b, dev = probe.rows, probe.device
+    c = torch.zeros(b, n_dirs, dtype=torch.float64, device=dev)
+    c_star = torch.zeros_like(c)
+    covered: set[str] = set()
+    direction = direction.to(dev)
+    for i, (j, kind) in modules.items():
+        rec, trec = probe.records.get(i), train.records.get(j)
+        if not (usable(rec, b, probe.outputs) and usable(trec, train.rows, 1)):
+            continue
+        m, own, _ = probe.found[i]
+        size = m.weight.numel()
+        x, xt, dt = rec["args"][0], trec["args"][0], trec["grads"][0]
+        step = max(1, elements // (2 * size))  # rows per chunk of G (and of the training rows' gradients)
+        v = torch.zeros(n_dirs, *m.weight.shape, dtype=wide(x).dtype, device=dev)
+        for r0 in range(0, train.rows, step):
+            g = _row_grads(xt[r0 : r0 + step], dt[r0 : r0 + step], kind) * factor[r0 : r0 + step].to(v).view(-1, 1, 1)
+            v.index_add_(0, direction[r0 : r0 + step], g)
+        p = scale.get(own["weight"]) if scale else None
+        if p is not None:
+            v *= p.to(v)
+        flat = v.flatten(1).T  # (size, D)
+        for r0 in range(0, b, step):
+            for out, grads in zip((c, c_star), rec["grads"]):
+                out[r0 : r0 + step] += (_row_grads(x[r0 : r0 + step], grads[r0 : r0 + step], kind).flatten(1) @ flat).double()
+        covered.add(own["weight"])
+        if "bias" in own:
+            vb = torch.zeros(n_dirs, m.bias.shape[0], dtype=v.dtype, device=dev)
+            vb.index_add_(0, direction, _position_sum(wide(dt)) * factor.to(vb).view(-1, 1))
+            pb = scale.get(own["bias"]) if scale else None
+            vb = vb * pb.to(vb) if pb is not None else vb
+            for out, grads in zip((c, c_star), rec["grads"]):
+                out += (_position_sum(wide(grads)) @ vb.T).double()
+            covered.add(own["bias"])
+    return c, c_star, covered
