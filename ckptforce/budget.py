@@ -42,7 +42,7 @@ HEAD_COPIES = 6
 #: The head takes the whole vocabulary at once unless that leaves fewer positions than this per chunk.
 MIN_HEAD_POSITIONS = 64
 #: Share of the rows' budget for the per-row gradients and directions of the batched training forces; the probe
-#: and training rows take half of their chunk sizes each beside it.
+#: rows take half of their chunk size and the training rows a quarter of theirs beside it.
 BATCHED_SHARE = 0.25
 #: The budget when none is given: this share of the machine's memory (of the GPU's free memory on cuda) …
 DEFAULT_SHARE = 0.25

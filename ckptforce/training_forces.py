@@ -255,8 +255,13 @@ def _coefficients(pt: PreparedTraining, lr: float, step_from: int, step_to: int,
 
 
 def _half(rows: int | None) -> int | None:
-    """Rows per chunk when the probe rows and the training rows are held at once: half of each one's budget."""
+    """Probe rows per chunk when the training rows are held beside them: half of the rows' budget (a quarter for
+    the training rows, ``_quarter``; a quarter for the batched layers, ``budget.BATCHED_SHARE``)."""
     return None if rows is None else max(1, rows // 2)
+
+
+def _quarter(rows: int | None) -> int | None:
+    return None if rows is None else max(1, rows // 4)
 
 
 def training_part(p, pt: PreparedTraining, k: int, before: dict, after: dict, dlogp_lin: torch.Tensor, dlogp_lin_star: torch.Tensor, grid,
@@ -287,7 +292,7 @@ def training_part(p, pt: PreparedTraining, k: int, before: dict, after: dict, dl
     else:
         forces = example_forces(p.fn or p.model.logits, before, p.batch, pt.batch, pt.owners, weights.flatten(), coeff, pre,
                                 teacher_logits=pt.teacher_logits, method=config.method, chunk_size=_half(p.chunk_size), module=p.model.module,
-                                own=pairs or groups, train_chunk=_half(pt.chunk_size), elements=batched_elements(p.rows_gb, before),
+                                own=pairs or groups, train_chunk=_quarter(pt.chunk_size), elements=batched_elements(p.rows_gb, before),
                                 progress=progress)  # fmt: skip
     fn = p.fn or p.model.logits
     mom, mom_star = direction_force(fn, before, p.batch, pre.momentum, method=config.method, chunk_size=p.chunk_size)
@@ -379,7 +384,7 @@ def approximate_part(p, pt: PreparedTraining, before: dict, weights: torch.Tenso
     used = [u for u in range(len(coeff)) if float(coeff[u]) != 0][:APPROX_CHECK]
     rows = [i for i, o in enumerate(pt.owners) if o in used]
     exact = example_forces(fn, before, p.batch, pt.batch.select(rows), [used.index(pt.owners[i]) for i in rows], weights[rows], coeff[used], pre,
-                           method=p.config.method, chunk_size=_half(p.chunk_size), module=module, train_chunk=_half(pt.chunk_size),
+                           method=p.config.method, chunk_size=_half(p.chunk_size), module=module, train_chunk=_quarter(pt.chunk_size),
                            elements=batched_elements(p.rows_gb, before))  # fmt: skip
     error = relative_error((pos + neg)[used], exact.total) if used else math.nan
     method = f"approximate: Adafactor-style rank-one P on {len(fitted)} matrices, ghost products"

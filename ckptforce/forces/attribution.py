@@ -386,15 +386,23 @@ def batched_example_forces(
             rest = [n for n in names if n not in fast_names]
             biggest = max(found[i][0].weight.numel() for i in fast)
             per_block = max(1, (train_chunk or len(owners)) // max(len(r) for r in rows_of.values()))
-            per_block = min(per_block, max(1, elements // (4 * biggest)))  # the δW of 2 signs: at most half of ``elements``
+            signs = 1 + any(float(weights[r]) > 0 for r in range(len(owners))) * any(float(weights[r]) < 0 for r in range(len(owners)))
+            per_block = min(per_block, max(1, elements // (2 * signs * biggest)))  # the blocks' δW: at most half of ``elements``
         for b0 in range(0, len(live), per_block):
             block = live[b0 : b0 + per_block]
-            rows = [r for u in block for r in rows_of[u]]
-            direction = torch.tensor([2 * j + (float(weights[r]) < 0) for j, u in enumerate(block) for r in rows_of[u]])
-            factor = torch.tensor([float(coeff[u]) * float(weights[r]) for u in block for r in rows_of[u]], dtype=torch.float64)
-            train = capture(fn, hooked, params, train_rows.select(rows), star=False)
-            c, c_star, covered = linear_forces(factors, train, modules, direction, factor, 2 * len(block), precond.scale, elements=elements)
-            del train
+            key = {(u, float(weights[r]) < 0) for u in block for r in rows_of[u] if float(weights[r]) != 0}  # the directions that exist
+            column = {k: i for i, k in enumerate(sorted(key))}
+            live_rows = [(u, r) for u in block for r in rows_of[u] if float(weights[r]) != 0]
+            rows = [r for _, r in live_rows]
+            direction = torch.tensor([column[(u, float(weights[r]) < 0)] for u, r in live_rows], dtype=torch.long)
+            factor = torch.tensor([float(coeff[u]) * float(weights[r]) for u, r in live_rows], dtype=torch.float64)
+            if rows:
+                train = capture(fn, hooked, params, train_rows.select(rows), star=False)
+                c, c_star, covered = linear_forces(factors, train, modules, direction, factor, len(column), precond.scale, elements=elements)
+                del train
+            else:  # every weight of the block is zero: no force
+                c = c_star = torch.zeros(len(sub), 0, dtype=torch.float64, device=factors.device)
+                covered = fast_names
             release_memory()
             if covered != fast_names:
                 return None
@@ -406,7 +414,9 @@ def batched_example_forces(
                 for s, (step, key) in enumerate(zip(steps, ("pos", "neg"))):
                     if step is None:
                         continue
-                    total, star = c[:, 2 * j + s], c_star[:, 2 * j + s]
+                    i = column.get((u, s == 1))
+                    zero = torch.zeros_like(c[:, 0])
+                    total, star = (c[:, i], c_star[:, i]) if i is not None else (zero, zero)
                     part = {n: step[n] for n in rest if n in step}
                     if part:
                         cr, cr_star, ok = factors.contract(params, part, list(part))

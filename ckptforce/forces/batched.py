@@ -51,11 +51,14 @@ def usable(rec: dict | None, rows: int, outputs: int) -> bool:
         and rec["grads"][0].shape[:1] == (rows,)  # fmt: skip
 
 
-def _row_grads(x: torch.Tensor, d: torch.Tensor, kind: str) -> torch.Tensor:
+def _row_grads(x: torch.Tensor, d: torch.Tensor, kind: str, out: torch.Tensor) -> torch.Tensor:
     """Per-row weight gradients Σ_t d_t x_tᵀ: x (n, T, i), d (n, T, o) -> (n, o, i) (Linear) or (n, i, o) (Conv1D),
-    summed in float32 at least (a bfloat16 / float16 model's factors are widened first)."""
+    summed in float32 at least (a bfloat16 / float16 model's factors are widened first), written into the front of
+    the flat buffer ``out`` (a fresh tensor per call would pay the kernel's zero-fill of its pages each time:
+    measured, twice the time of the product)."""
     x, d = wide(x.reshape(x.shape[0], -1, x.shape[-1])), wide(d.reshape(d.shape[0], -1, d.shape[-1]))
-    return torch.bmm(d.transpose(1, 2), x) if kind == "linear" else torch.bmm(x.transpose(1, 2), d)
+    a, b = (d.transpose(1, 2), x) if kind == "linear" else (x.transpose(1, 2), d)
+    return torch.bmm(a, b, out=out[: a.shape[0] * a.shape[1] * b.shape[2]].view(a.shape[0], a.shape[1], b.shape[2]))
 
 
 def _position_sum(d: torch.Tensor) -> torch.Tensor:
@@ -75,6 +78,10 @@ def linear_forces(probe: Factors, train: Factors, modules: dict[int, tuple[int, 
     c_star = torch.zeros_like(c)
     covered: set[str] = set()
     direction = direction.to(dev)
+    biggest = max((probe.found[i][0].weight.numel() for i in modules), default=0)
+    dtype = wide(torch.empty(0, dtype=probe.dtype)).dtype
+    rows_buf = torch.empty(max(biggest, elements // 2), dtype=dtype, device=dev)  # a chunk of rows' G, reused
+    dirs_buf = torch.empty(n_dirs * biggest, dtype=dtype, device=dev)  # the directions' δW, reused
     for i, (j, kind) in modules.items():
         rec, trec = probe.records.get(i), train.records.get(j)
         if not (usable(rec, b, probe.outputs) and usable(trec, train.rows, 1)):
@@ -82,18 +89,20 @@ def linear_forces(probe: Factors, train: Factors, modules: dict[int, tuple[int, 
         m, own, _ = probe.found[i]
         size = m.weight.numel()
         x, xt, dt = rec["args"][0], trec["args"][0], trec["grads"][0]
-        step = max(1, elements // (2 * size))  # rows per chunk of G (and of the training rows' gradients)
-        v = torch.zeros(n_dirs, *m.weight.shape, dtype=wide(x).dtype, device=dev)
+        step = max(1, rows_buf.numel() // size)  # rows per chunk of G (and of the training rows' gradients)
+        shape = (m.weight.shape[0], m.weight.shape[1])
+        v = dirs_buf[: n_dirs * size].view(n_dirs, *shape).zero_()
         for r0 in range(0, train.rows, step):
-            g = _row_grads(xt[r0 : r0 + step], dt[r0 : r0 + step], kind) * factor[r0 : r0 + step].to(v).view(-1, 1, 1)
-            v.index_add_(0, direction[r0 : r0 + step], g)
+            scaled = dt[r0 : r0 + step] * factor[r0 : r0 + step].to(dt.device, wide(dt).dtype).view(-1, *[1] * (dt.dim() - 1))
+            v.index_add_(0, direction[r0 : r0 + step], _row_grads(xt[r0 : r0 + step], scaled, kind, rows_buf).view(-1, *shape))
         p = scale.get(own["weight"]) if scale else None
         if p is not None:
             v *= p.to(v)
-        flat = v.flatten(1).T  # (size, D)
+        flat = v.view(n_dirs, size).T  # (size, D)
         for r0 in range(0, b, step):
             for out, grads in zip((c, c_star), rec["grads"]):
-                out[r0 : r0 + step] += (_row_grads(x[r0 : r0 + step], grads[r0 : r0 + step], kind).flatten(1) @ flat).double()
+                g = _row_grads(x[r0 : r0 + step], grads[r0 : r0 + step], kind, rows_buf)
+                out[r0 : r0 + step] += (g.view(g.shape[0], size) @ flat).double()
         covered.add(own["weight"])
         if "bias" in own:
             vb = torch.zeros(n_dirs, m.bias.shape[0], dtype=v.dtype, device=dev)
