@@ -431,18 +431,18 @@ def test_example_forces_from_captured_factors_equal_one_jvp_per_example(case, ob
     coeff = torch.tensor([1e-3, 2e-3, 0.5e-3], dtype=torch.float64)
     fn = case.model.logits
     slow = example_forces(fn, theta, case.probes, train, owners, weights, coeff, pre, own=True)
-    ways = {  # the per-example contraction, and the batched linear layers: all examples in one block, or 1 per block in small pieces
-        "factors": dict(batched=False), "factors (batched)": dict(), "factors (batched) ": dict(train_chunk=2, elements=4096),
+    ways = {  # the per-example contraction; the batched linear layers (the other tensors' gradients from the block's capture
+        # unless own=True asks for each example's whole gradient), all examples in one block or one per block in small pieces
+        "factors": dict(batched=False, own=True), "factors (batched)": dict(own=False), "factors (batched) ": dict(train_chunk=2, elements=4096, own=True),
     }  # fmt: skip
     head = case.model.head()
     kept = SplitLM(fn, case.model.body, *head) if head else fn  # the head's π kept for the contractions (forces/head_directional)
     streamed = SplitLM(fn, case.model.body, *head, positions=3, vocab=24) if head else fn  # too big to keep: the statistics each time
     for chunk, fn in ((None, fn), (5, fn), (None, kept), (5, streamed)):
         for method, extra in ways.items():
-            fast = example_forces(fn, theta, case.probes, train, owners, weights, coeff, pre, module=case.model.module, chunk_size=chunk,
-                                  own=True, **extra)  # fmt: skip
+            fast = example_forces(fn, theta, case.probes, train, owners, weights, coeff, pre, module=case.model.module, chunk_size=chunk, **extra)
             assert fast.method == method.strip() and slow.method == "jvp"
-            for name in ("pos", "neg", "pos_argmax", "neg_argmax", "pos_tok", "neg_tok", "own_pos", "own_neg"):
+            for name in ("pos", "neg", "pos_argmax", "neg_argmax", "pos_tok", "neg_tok") + (("own_pos", "own_neg") if extra["own"] else ()):
                 want = getattr(slow, name)
                 torch.testing.assert_close(getattr(fast, name), want, rtol=1e-9, atol=1e-12 * float(want.abs().max()) + 1e-300,
                                            msg=lambda m: f"{case.arch} {method} {name}: {m}")  # fmt: skip

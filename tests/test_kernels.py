@@ -407,3 +407,14 @@ def test_ghost_with_a_module_that_fn_does_not_run_says_so(batch):
         gradient_kernel(model.logits, params, batch.select([0]), batch, products="fast")
     with pytest.raises(ValueError, match=r"Projection\(dim=0, kind='sign'\): need dim ≥ 1"):
         Projection(0)
+
+
+def test_per_row_gradients_too_big_to_form_take_the_ghost_products(monkeypatch):
+    """'auto' forms the per-row gradients where that is cheaper (long rows of a small layer), unless both sides'
+    would hold more than ghost.MAX_FORMED numbers (a 124M model's tied embedding: 154 MB per row)."""
+    from ckptforce.forces import ghost
+
+    uses = [(torch.zeros(2, 50, 4), torch.zeros(2, 50, 3))]  # 2 rows × 50 positions of a (4, 3) layer
+    assert not ghost._ghost_is_cheaper(uses, uses, 12, 2, 2)
+    monkeypatch.setattr(ghost, "MAX_FORMED", 47)  # (2 + 2) rows × 12 = 48 numbers: one too many
+    assert ghost._ghost_is_cheaper(uses, uses, 12, 2, 2)

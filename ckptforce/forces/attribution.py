@@ -36,8 +36,9 @@ from dataclasses import dataclass
 import torch
 
 from ..numerics import release_memory
-from .batched import fast_modules, linear_forces, usable
+from .batched import fast_modules, linear_forces, own_rule, rest_gradients, usable
 from .factored import capture
+from .head import SplitLM
 from .factored import owners as module_owners
 from .linear import delta_lin
 from .observe import Fn, _wide, chunks
@@ -380,10 +381,14 @@ def batched_example_forces(
             if not fast:
                 return None
             order = sorted(fast)
-            hooked = [found[i] for i in order]  # the training rows' capture hooks these only
-            modules = {i: (j, fast[i]) for j, i in enumerate(order)}
             fast_names = {n for i in fast for n in found[i][1].values()}
             rest = [n for n in names if n not in fast_names]
+            rules, leftover = _rest_rules(fn, found, factors, rest)
+            rule_order = sorted({i for i, _ in rules})
+            hooked = [found[i] for i in order + rule_order]  # the training rows' capture hooks these only
+            modules = {i: (j, fast[i]) for j, i in enumerate(order)}
+            where = {i: len(order) + j for j, i in enumerate(rule_order)}
+            rules = [(where[i], n) for i, n in rules]
             biggest = max(found[i][0].weight.numel() for i in fast)
             per_block = max(1, (train_chunk or len(owners)) // max(len(r) for r in rows_of.values()))
             signs = 1 + any(float(weights[r]) > 0 for r in range(len(owners))) * any(float(weights[r]) < 0 for r in range(len(owners)))
@@ -396,20 +401,25 @@ def batched_example_forces(
             rows = [r for _, r in live_rows]
             direction = torch.tensor([column[(u, float(weights[r]) < 0)] for u, r in live_rows], dtype=torch.long)
             factor = torch.tensor([float(coeff[u]) * float(weights[r]) for u, r in live_rows], dtype=torch.float64)
+            train = None
             if rows:
                 train = capture(fn, hooked, params, train_rows.select(rows), star=False)
                 c, c_star, covered = linear_forces(factors, train, modules, direction, factor, len(column), precond.scale, elements=elements)
-                del train
+                if b0 == 0 and at.start == 0:  # a rule whose module left no usable record: that tensor by backprop
+                    broken = {n for j, n in rules if not usable(train.records.get(j), train.rows, 1)}
+                    rules, leftover = [r for r in rules if r[1] not in broken], sorted(set(leftover) | broken)
             else:  # every weight of the block is zero: no force
                 c = c_star = torch.zeros(len(sub), 0, dtype=torch.float64, device=factors.device)
                 covered = fast_names
-            release_memory()
             if covered != fast_names:
                 return None
+            in_block = {r: k for k, r in enumerate(rows)}
             for j, u in enumerate(block):
                 r_u = rows_of[u]
-                whole = own or not checked
-                parts = example_gradient(fn, params, train_rows.select(r_u), weights[r_u], names=None if whole else rest)
+                if own or not checked or train is None:
+                    parts = example_gradient(fn, params, train_rows.select(r_u), weights[r_u])
+                else:
+                    parts = _rest_parts(fn, params, train, rules, leftover, train_rows, r_u, weights, in_block)
                 steps = [None if g is None else {n: -float(coeff[u]) * d for n, d in precond.apply(g).items() if n not in frozen} for g in parts]
                 for s, (step, key) in enumerate(zip(steps, ("pos", "neg"))):
                     if step is None:
@@ -435,12 +445,50 @@ def batched_example_forces(
                                                              chunk_size=chunk_size)  # fmt: skip
                 if progress:  # examples done over all chunks of probe rows
                     progress(at.start * len(live) + len(sub) * (b0 + j + 1), n_probe * len(live))
+            del train
+            release_memory()
     tok = summed_tokens(fn, params, probes, train_rows, owners, weights, coeff, precond, names, method=method, chunk_size=chunk_size,
                         train_chunk=train_chunk)  # fmt: skip
     result = ExampleForces(out["pos"], out["neg"], out["pos_star"], out["neg_star"], tok[1], tok[-1], "factors (batched)")
     if own:
         result.own_pos, result.own_neg = own_pos, own_neg
     return result
+
+
+def _rest_rules(fn: Fn, found: list, factors, rest: list[str]) -> tuple[list[tuple[int, str]], list[str]]:
+    """([(index in ``found``, name)] of the ``rest`` tensors whose per-row gradients ``batched.rest_gradients``
+    has in closed form, the other names): every module holding a name must have a rule, except a SplitLM's head,
+    which is never called as a module (its gradient comes from the capture's head)."""
+    head = {fn.weight, fn.bias} - {None} if isinstance(fn, SplitLM) else set()
+    rules, blocked = [], set(rest) - {n for _, own, _ in found for n in own.values()}
+    wanted = set(rest)
+    for i, (m, own, _) in enumerate(found):
+        for local, name in own.items():
+            if name not in wanted:
+                continue
+            if own_rule(m, local):
+                rules.append((i, name))
+            elif not (name in head and factors.records.get(i) is None):
+                blocked.add(name)
+    rules = [(i, n) for i, n in rules if n not in blocked]
+    return rules, [n for n in rest if n in blocked]
+
+
+def _rest_parts(fn: Fn, params: dict, train, rules, leftover: list[str], train_rows, rows: list[int], weights: torch.Tensor,
+                in_block: dict[int, int]) -> list[dict | None]:  # fmt: skip
+    """(g⁺, g⁻) of one example on the tensors outside the batched layers: from the block's captured factors where
+    a rule exists (``batched.rest_gradients``, g = −Σ_r w_r ∇ log π_r), by one backward for the others."""
+    parts = []
+    for s, sign in enumerate((1, -1)):
+        pick = [r for r in rows if sign * float(weights[r]) > 0]
+        if not pick:
+            parts.append(None)
+            continue
+        g = rest_gradients(train, params, rules, [in_block[r] for r in pick], [-float(weights[r]) for r in pick])
+        if leftover:
+            g.update(example_gradient(fn, params, train_rows.select(pick), weights[pick], names=leftover)[s] or {})
+        parts.append({n: t.to(params[n].dtype) for n, t in g.items()})
+    return parts
 
 
 def summed_tokens(fn: Fn, params: dict, probes, train_rows, owners: list[int], weights: torch.Tensor, coeff: torch.Tensor,

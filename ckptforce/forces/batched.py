@@ -113,3 +113,73 @@ def linear_forces(probe: Factors, train: Factors, modules: dict[int, tuple[int, 
                 out += (_position_sum(wide(grads)) @ vb.T).double()
             covered.add(own["bias"])
     return c, c_star, covered
+
+
+def own_rule(m: nn.Module, local: str) -> bool:
+    """Whether ``rest_gradients`` has the per-row gradient of ``m``'s own tensor ``local`` in closed form."""
+    if type(m) is nn.LayerNorm:
+        return m.elementwise_affine and local in ("weight", "bias")
+    return type(m) is nn.Embedding and local == "weight" and m.max_norm is None and not m.scale_grad_by_freq
+
+
+def rest_gradients(train: Factors, params: dict, rules: list[tuple[int, str]], rows: list[int], scale: list[float]) -> dict[str, torch.Tensor]:
+    """Σ_r scale_r ∇ log π(y_r) over the training rows ``rows`` of ``train`` (indices into its rows) for the tensors
+    of ``rules`` = [(index in ``train.found``, name)] and of a SplitLM head, from the captured factors:
+
+        LayerNorm  ∇γ = Σ_t δ_t ⊙ x̂_t,  ∇β = Σ_t δ_t        Embedding  ∇E[id_t] += δ_t
+        head       ∇W = Σ_m (e_{y_m} − π_m) h_mᵀ,  ∇b = Σ_m (e_{y_m} − π_m)    (m: the rows' response positions)
+
+    A tensor used by several (a tied embedding and head) sums them. With scale_r = −w_r this is an example's g."""
+    out: dict[str, torch.Tensor] = {}
+    idx = torch.tensor(rows, device=train.device)
+    a = torch.tensor(scale, dtype=torch.float64, device=train.device)
+
+    def add(name: str, g: torch.Tensor) -> None:
+        out[name] = out[name] + g if name in out else g
+
+    for i, name in rules:
+        m, own, _ = train.found[i]
+        rec = train.records.get(i)
+        local = next(k for k, v in own.items() if v == name)
+        d = wide(rec["grads"][0][idx])  # (r, T, d)
+        w = a.to(d).view(-1, *[1] * (d.dim() - 1))
+        if type(m) is nn.LayerNorm:
+            if local == "bias":
+                add(name, (d * w).reshape(-1, d.shape[-1]).sum(0))
+            else:
+                x = rec["args"][0]
+                xhat = nn.functional.layer_norm(wide(x[idx] if x.shape[0] == train.rows else x), m.normalized_shape, None, None, m.eps)
+                add(name, (d * xhat * w).reshape(-1, d.shape[-1]).sum(0))
+        else:  # Embedding: δ scattered into the rows of the ids (position ids shared by the rows: broadcast)
+            ids = rec["args"][0]
+            ids = (ids[idx] if ids.shape[0] == train.rows else ids.expand(len(rows), *ids.shape[1:])).reshape(-1)
+            flat = (d * w).reshape(-1, d.shape[-1])
+            if m.padding_idx is not None:
+                flat = flat * (ids != m.padding_idx).unsqueeze(-1).to(flat)
+            add(name, torch.zeros(m.weight.shape, dtype=flat.dtype, device=flat.device).index_add_(0, ids, flat))
+    if train.head is not None:
+        lm, h, targets, row, st = train.head
+        pick = torch.isin(row, idx)
+        if bool(pick.any()):
+            per_row = torch.zeros(train.rows, dtype=torch.float64, device=train.device)
+            per_row[idx] = a
+            coef = per_row[row[pick]]  # (M,) scale of each position's row
+            for name, g in _head_gradient(h[pick], targets[pick], st.lse[pick], coef, params, lm.weight, lm.bias).items():
+                add(name, g)
+    return out
+
+
+def _head_gradient(h, targets, lse, coef, params: dict, weight: str, bias: str | None) -> dict[str, torch.Tensor]:
+    """{W: Σ_m c_m (e_{y_m} − π_m) h_mᵀ, b: Σ_m c_m (e_{y_m} − π_m)} for positions h (M, H) of a SplitLM's head."""
+    w = params[weight]
+    b = params[bias] if bias else None
+    z = wide(h @ w.T)
+    if b is not None:
+        z = z + wide(b)
+    resid = -torch.exp(z - lse.unsqueeze(-1))  # −π (M, V)
+    resid[torch.arange(len(targets), device=resid.device), targets] += 1
+    resid = resid * coef.to(resid).unsqueeze(-1)
+    out = {weight: resid.T @ wide(h)}
+    if bias:
+        out[bias] = resid.sum(0)
+    return out

@@ -263,6 +263,11 @@ def _width(t: Tensor | None) -> int:
     return 0 if t is None else (t.shape[-1] if t.is_floating_point() else 1)
 
 
+#: Per-row gradients are never formed for both sides of a tensor beyond this many numbers (2^28: 1 GiB in float32):
+#: GPT-2 small's tied embedding would take 154 MB per row (its vocabulary × width), 7.4 GB for 48 rows.
+MAX_FORMED = 2**28
+
+
 def _ghost_is_cheaper(xs: list[Use], ys: list[Use], size: int, rows_x: int, rows_y: int) -> bool:
     """Multiply-adds of the ghost products, Σ_pq X·Y·Tx·Ty·(R + C), against forming both sides' per-row
     gradients (Σ_p X·Tx·size + Σ_q Y·Ty·size) and one (X, size) × (size, Y) product. Ghost wins for short
@@ -270,7 +275,7 @@ def _ghost_is_cheaper(xs: list[Use], ys: list[Use], size: int, rows_x: int, rows
     ghost = sum(rows_x * rows_y * u.shape[1] * w.shape[1] * (_width(u) + _width(w) + _width(v) + _width(z))
                 for u, v in xs for w, z in ys)  # fmt: skip
     formed = (sum(rows_x * u.shape[1] for u, _ in xs) + sum(rows_y * w.shape[1] for w, _ in ys) + rows_x * rows_y) * size
-    return ghost <= formed
+    return ghost <= formed or (rows_x + rows_y) * size > MAX_FORMED  # forming them would not fit: ghost, whatever the time
 
 
 def kernel_between(x: RowGrads, y: RowGrads, products: str = "auto") -> dict[str, Tensor]:
