@@ -113,9 +113,11 @@ def _config_int(cfg, *names: str) -> int | None:
     return next((getattr(cfg, n) for n in names if isinstance(getattr(cfg, n, None), int)), None)
 
 
-#: Cost of each piece of an interval in plain forwards over the same rows (bench/scale.py, GPT-2 small, CPU):
-#: observing both ends, the JVP of Δ_lin, and one factored split (forward + two backwards + the contraction).
-COST_OBSERVE, COST_JVP, COST_SPLIT = 2.0, 3.3, 4.0
+#: Cost of each piece of an interval in plain forwards over the same rows (bench/scale.py, GPT-2 small, 2 CPU cores,
+#: stop 22: 26.0 forwards per interval by default, 18.4 with --no-by-tensor, start-up included; per stage 1.0–1.3
+#: per observe, 3.9 for the JVP, ~5.5 per factored split): observing both ends, the JVP of Δ_lin, and one factored
+#: split (forward + two backwards + the contraction).
+COST_OBSERVE, COST_JVP, COST_SPLIT = 2.5, 4.0, 5.5
 
 
 def forwards_per_interval(by_tensor: bool, nodes: int) -> float:
@@ -125,10 +127,12 @@ def forwards_per_interval(by_tensor: bool, nodes: int) -> float:
     return COST_OBSERVE + COST_JVP + split + nodes * (COST_SPLIT if by_tensor else COST_JVP)
 
 
-#: The training examples' forces (``--train``) in the same unit (bench/train_forces.py, GPT-2 small, CPU): per interval
-#: a fixed part (the first example checked against its JVP, the per-token split's two JVPs, the captures) and a part
-#: per example — exact (the batched linear layers and the per-example rest), or ``--forces approximate``.
-COST_TRAIN_FIXED, COST_EXAMPLE, COST_EXAMPLE_APPROX = 11.0, 0.3, 0.1
+#: The training examples' forces (``--train``) in the same unit: per interval a fixed part (the first example checked
+#: against its JVP, the per-token split's two JVPs, the captures: three JVPs and a split) and a part per example
+#: (bench/train_forces.py, GPT-2 small, 64 SFT examples, 2 cores: 1.18 forwards per example with the fixed part).
+#: ``--forces approximate`` is not measured at that size: its estimate takes the exact path's cost, an upper bound.
+COST_TRAIN_FIXED, COST_EXAMPLE = 3 * COST_JVP + COST_SPLIT, 1.0
+COST_EXAMPLE_APPROX = COST_EXAMPLE
 
 
 def training_forwards(examples: int, *, approximate: bool = False, checked: int = 0) -> float:
