@@ -354,10 +354,11 @@ def batched_example_forces(
 ) -> ExampleForces | None:  # fmt: skip
     """``example_forces`` with every Linear / Conv1D weight of ``module`` done for a block of examples at once
     (``batched.linear_forces``: one per-row gradient per probe row serves all the block's directions) and the
-    other tensors (norms, embeddings, the LM head) per example from its gradient on them alone
-    (``Factors.contract``). ``train_chunk``: training rows per captured block (default: all); ``elements``:
-    numbers the linear layers hold at once; ``progress(done, total)`` after each example. The first example is checked against its JVP over the whole step
-    (rel 1e-4); None when it disagrees, or when no module qualifies (the caller's per-example path then).
+    other tensors (norms, embeddings, the LM head) per example, their gradients read from the block's capture
+    (``batched.rest_gradients``; one backward for tensors without a rule), contracted with ``Factors.contract``.
+    ``train_chunk``: training rows per captured block (default: all); ``elements``: numbers the linear layers hold
+    at once; ``progress(done, total)`` after each example. The first example is checked against the JVP of its
+    step by backprop (rel 1e-4); None when it disagrees, or when no module qualifies (the per-example path then).
 
     The per-token split is one JVP per sign along Σ_u δθ_u, from one gradient of Σ_r c_u w_r (−log π_r)."""
     n_ex, n_probe = len(coeff), len(probes)
@@ -416,11 +417,11 @@ def batched_example_forces(
             in_block = {r: k for k, r in enumerate(rows)}
             for j, u in enumerate(block):
                 r_u = rows_of[u]
-                if own or not checked or train is None:
-                    parts = example_gradient(fn, params, train_rows.select(r_u), weights[r_u])
-                else:
-                    parts = _rest_parts(fn, params, train, rules, leftover, train_rows, r_u, weights, in_block)
-                steps = [None if g is None else {n: -float(coeff[u]) * d for n, d in precond.apply(g).items() if n not in frozen} for g in parts]
+                full = example_gradient(fn, params, train_rows.select(r_u), weights[r_u]) if own or not checked or train is None else None
+                parts = full if own or train is None else _rest_parts(fn, params, train, rules, leftover, train_rows, r_u, weights, in_block)
+                to_step = lambda g: None if g is None else {n: -float(coeff[u]) * d for n, d in precond.apply(g).items() if n not in frozen}  # noqa: E731
+                steps = [to_step(g) for g in parts]
+                whole = steps if full is parts else [to_step(g) for g in full] if full is not None else None  # the check's steps, by backprop
                 for s, (step, key) in enumerate(zip(steps, ("pos", "neg"))):
                     if step is None:
                         continue
@@ -435,8 +436,8 @@ def batched_example_forces(
                         if left:
                             extra = delta_lin(fn, params, sub, left, method=method, chunk_size=chunk_size)
                             total, star = total + extra.total.to(total), star + extra.argmax.to(star)
-                    if not checked:  # once per call: the batched and per-example sums equal the JVP of the whole step
-                        jvp, checked = delta_lin(fn, params, sub, step, method=method, chunk_size=chunk_size), True
+                    if not checked:  # once per call: the batched sums and the rules equal the JVP of the step by backprop
+                        jvp, checked = delta_lin(fn, params, sub, whole[s], method=method, chunk_size=chunk_size), True
                         if not torch.allclose(total, jvp.total.to(total), rtol=1e-4, atol=1e-6 * float(jvp.total.abs().max())):
                             return None
                     out[key][u, at], out[key + "_star"][u, at] = total.cpu(), star.cpu()
