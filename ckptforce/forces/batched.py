@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from ..numerics import wide
-from .factored import Factors
+from .factored import Factors, normalized
+from .head import head_probs
 
 
 def fast_modules(found: list, names: set[str], *, max_size: int) -> dict[int, str]:
@@ -148,7 +149,7 @@ def rest_gradients(train: Factors, params: dict, rules: list[tuple[int, str]], r
                 add(name, (d * w).reshape(-1, d.shape[-1]).sum(0))
             else:
                 x = rec["args"][0]
-                xhat = nn.functional.layer_norm(wide(x[idx] if x.shape[0] == train.rows else x), m.normalized_shape, None, None, m.eps)
+                xhat = normalized(m, wide(x[idx] if x.shape[0] == train.rows else x))
                 add(name, (d * xhat * w).reshape(-1, d.shape[-1]).sum(0))
         else:  # Embedding: δ scattered into the rows of the ids (position ids shared by the rows: broadcast)
             ids = rec["args"][0]
@@ -171,12 +172,7 @@ def rest_gradients(train: Factors, params: dict, rules: list[tuple[int, str]], r
 
 def _head_gradient(h, targets, lse, coef, params: dict, weight: str, bias: str | None) -> dict[str, torch.Tensor]:
     """{W: Σ_m c_m (e_{y_m} − π_m) h_mᵀ, b: Σ_m c_m (e_{y_m} − π_m)} for positions h (M, H) of a SplitLM's head."""
-    w = params[weight]
-    b = params[bias] if bias else None
-    z = wide(h @ w.T)
-    if b is not None:
-        z = z + wide(b)
-    resid = -torch.exp(z - lse.unsqueeze(-1))  # −π (M, V)
+    resid = -head_probs(h, params[weight], params[bias] if bias else None, lse)  # −π (M, V)
     resid[torch.arange(len(targets), device=resid.device), targets] += 1
     resid = resid * coef.to(resid).unsqueeze(-1)
     out = {weight: resid.T @ wide(h)}

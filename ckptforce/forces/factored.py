@@ -195,6 +195,11 @@ def capture(fn: Fn, found: list, params: dict, sub, *, star: bool = True) -> Fac
     return Factors(found, records, len(sub), outputs, dtype, device, head)
 
 
+def normalized(m: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    """x̂ = (x − mean) / √(var + ε) over ``m``'s normalized shape: what a LayerNorm's γ multiplies."""
+    return nn.functional.layer_norm(x, m.normalized_shape, None, None, m.eps)
+
+
 def _tangent(m: nn.Module, local: str, name: str, rec: dict, params: dict, direction: dict, subtree: dict[str, str]) -> torch.Tensor | None:
     """τ = ∂m(x; θ_m + ε v)/∂ε at ε = 0, v moving only ``local``: the module's output tangent, (b, …)."""
     v = direction[name].to(params[name])
@@ -210,7 +215,7 @@ def _tangent(m: nn.Module, local: str, name: str, rec: dict, params: dict, direc
         if type(m) is nn.LayerNorm and x is not None and not kwargs and m.elementwise_affine:  # γ ⊙ x̂ + β
             if local == "bias":
                 return v.expand(x.shape)
-            return nn.functional.layer_norm(x, m.normalized_shape, None, None, m.eps) * v
+            return normalized(m, x) * v
     own = {ln: params[n] for ln, n in subtree.items()}
     try:
         with keep_float64() if v.dtype == torch.float64 else contextlib.nullcontext():  # RMSNorm upcasts to float32
