@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from ..numerics import release_memory
-from .batched import fast_modules, linear_forces, own_rule, rest_gradients, usable
+from .batched import fast_modules, head_forces, linear_forces, own_rule, rest_gradients, usable
 from .factored import capture
 from .head import SplitLM
 from .factored import owners as module_owners
@@ -383,12 +383,15 @@ def batched_example_forces(
                 return None
             order = sorted(fast)
             fast_names = {n for i in fast for n in found[i][1].values()}
+            head_names, tied = _batched_head(fn, found, factors, set(names))
+            fast_names |= head_names
             rest = [n for n in names if n not in fast_names]
             rules, leftover = _rest_rules(fn, found, factors, rest)
             rule_order = sorted({i for i, _ in rules})
-            hooked = [found[i] for i in order + rule_order]  # the training rows' capture hooks these only
+            extra = [tied] if tied is not None else []
+            hooked = [found[i] for i in order + rule_order + extra]  # the training rows' capture hooks these only
             modules = {i: (j, fast[i]) for j, i in enumerate(order)}
-            where = {i: len(order) + j for j, i in enumerate(rule_order)}
+            where = {i: len(order) + j for j, i in enumerate(rule_order + extra)}
             rules = [(where[i], n) for i, n in rules]
             biggest = max(found[i][0].weight.numel() for i in fast)
             per_block = max(1, (train_chunk or len(owners)) // max(len(r) for r in rows_of.values()))
@@ -409,6 +412,12 @@ def batched_example_forces(
                 if b0 == 0 and at.start == 0:  # a rule whose module left no usable record: that tensor by backprop
                     broken = {n for j, n in rules if not usable(train.records.get(j), train.rows, 1)}
                     rules, leftover = [r for r in rules if r[1] not in broken], sorted(set(leftover) | broken)
+                    if tied is not None and not usable(train.records.get(where[tied]), train.rows, 1):
+                        return None
+                if head_names:  # the LM head (and the embedding tied to it) for all the block's directions at once
+                    ch, ch_star, done = head_forces(factors, train, params, direction, factor, len(column), precond.scale, bias=fn.bias in head_names,
+                                                    embedding=None if tied is None else (tied, where[tied]), elements=elements)  # fmt: skip
+                    c, c_star, covered = c + ch, c_star + ch_star, covered | done
             else:  # every weight of the block is zero: no force
                 c = c_star = torch.zeros(len(sub), 0, dtype=torch.float64, device=factors.device)
                 covered = fast_names
@@ -454,6 +463,25 @@ def batched_example_forces(
     if own:
         result.own_pos, result.own_neg = own_pos, own_neg
     return result
+
+
+def _batched_head(fn: Fn, found: list, factors, names: set[str]) -> tuple[set[str], int | None]:
+    """(names, index in ``found`` of the nn.Embedding that shares W, or None) of a SplitLM head that
+    ``batched.head_forces`` takes: its W moves and is read, besides the head, by no module or by one plain
+    embedding call per row; ``(set(), None)`` otherwise (the head then goes with the other tensors, per example)."""
+    if not isinstance(fn, SplitLM) or fn.weight not in names or factors.head is None:
+        return set(), None
+    users = [i for i, (_, own, _) in enumerate(found) if fn.weight in own.values() and factors.records.get(i) is not None]
+    tied = None
+    if users:
+        m, own, _ = found[users[0]]
+        local = next(k for k, v in own.items() if v == fn.weight)
+        rec = factors.records[users[0]]
+        if len(users) > 1 or type(m) is not torch.nn.Embedding or not own_rule(m, local) or not usable(rec, factors.rows, factors.outputs) \
+                or rec["args"][0].shape[0] != factors.rows:  # fmt: skip
+            return set(), None
+        tied = users[0]
+    return {fn.weight} | ({fn.bias} if fn.bias in names else set()), tied
 
 
 def _rest_rules(fn: Fn, found: list, factors, rest: list[str]) -> tuple[list[tuple[int, str]], list[str]]:

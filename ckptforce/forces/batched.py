@@ -179,3 +179,108 @@ def _head_gradient(h, targets, lse, coef, params: dict, weight: str, bias: str |
     if bias:
         out[bias] = resid.sum(0)
     return out
+
+
+def _padded(values: torch.Tensor, group: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(groups, longest, …) with ``values`` (n, …) placed by ``group`` (n,) in order, zero elsewhere, and the slot
+    of each entry: the layout of one batched product per group (rows' positions, or directions' positions)."""
+    order = torch.argsort(group, stable=True)
+    counts = torch.bincount(group, minlength=groups)
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.empty_like(group)
+    slot[order] = torch.arange(len(group), device=group.device) - starts[group[order]]
+    out = values.new_zeros(groups, int(counts.max()) if len(group) else 0, *values.shape[1:])
+    out[group, slot] = values
+    return out, slot
+
+
+def head_forces(probe: Factors, train: Factors, params: dict, direction: torch.Tensor, factor: torch.Tensor, n_dirs: int,
+                scale: dict[str, torch.Tensor] | None, *, embedding: tuple[int, int] | None = None, bias: bool = True,
+                elements: int) -> tuple[torch.Tensor, torch.Tensor, set[str]]:  # fmt: skip
+    """(C (B, D), C* (B, D), names covered) of a SplitLM head's W (V, H) and (``bias``) b, and of the input embedding that
+    shares W (``embedding`` = (index in ``probe.found``, index in ``train.found``) of that nn.Embedding), for all
+    directions of a block at once, ``elements`` numbers at a time over the vocabulary.
+
+    With the probe row b's positions t (hidden h_t, target y_t, π_t), the training positions m of direction d
+    (h'_m, y'_m, π'_m, a_m = c_u w_r of their row), and for a tied W the embedding's output gradients δ at ids:
+
+        V_d   = P ⊙ (Σ_m a_m (e_{y'_m} − π'_m) h'_mᵀ + Σ_{r ∈ d} a_r Σ_s e_{id'_s} δ'_sᵀ)      (V, H), per chunk
+        Π_b   = Σ_t π_t h_tᵀ                                                          (V, H), per chunk
+        C[b, d] = Σ_t h_tᵀ V_d[y_t] − ⟨Π_b, V_d⟩ + Σ_t δ_tᵀ V_d[id_t]           (C*: y*_t and δ of y*)
+
+    so the probe side costs N·V·H per block (forming Π once for all directions), not per direction, and B·D·V·H
+    the product; the per-direction product h V_dᵀ over all N positions (``head_directional``) is never formed."""
+    lm, h, y, row, st = probe.head
+    _, h2, y2, row2, st2 = train.head
+    dev, b = probe.device, probe.rows
+    w = params[lm.weight]
+    b_head = params[lm.bias] if lm.bias else None
+    n_vocab, hid = w.shape
+    dtype = wide(torch.empty(0, dtype=probe.dtype)).dtype
+    c = torch.zeros(b, n_dirs, dtype=torch.float64, device=dev)
+    c_star = torch.zeros_like(c)
+    h, h2 = h.to(dtype), h2.to(dtype)
+    a2 = factor.to(dev, dtype)[row2]  # (M,) each training position's a
+    dir2 = direction.to(dev)[row2]  # (M,)
+    h_pad, slot = _padded(h, row, b)  # (B, T, H): the probe rows' positions
+    h2_pad, slot2 = _padded(h2, dir2, n_dirs)  # (D, M_d, H): the directions' positions
+    emb = None
+    if embedding is not None:
+        i, j = embedding
+        m = probe.found[i][0]
+        ids, d_y = probe.records[i]["args"][0], [wide(g).reshape(-1, hid).to(dtype) for g in probe.records[i]["grads"]]
+        ids2, d2 = train.records[j]["args"][0], wide(train.records[j]["grads"][0]).to(dtype)
+        a_pos = factor.to(dev, dtype).view(-1, *[1] * (d2.dim() - 1))
+        keep = ids2 != m.padding_idx if m.padding_idx is not None else torch.ones_like(ids2, dtype=torch.bool)
+        dir_ids = direction.to(dev).view(-1, 1).expand_as(ids2)
+        emb = (ids.reshape(-1), d_y, torch.arange(ids.numel(), device=dev) // ids.shape[-1], ids2[keep], (d2 * a_pos)[keep], dir_ids[keep])
+    p_w = scale.get(lm.weight) if scale else None
+    p_b = scale.get(lm.bias) if scale and lm.bias else None
+    step = max(1, elements // ((b + n_dirs) * hid + 2 * (h_pad.shape[1] * b + h2_pad.shape[1] * n_dirs)))
+    for v0 in range(0, n_vocab, step):
+        v1 = min(v0 + step, n_vocab)
+        w_c = w[v0:v1].to(dtype)
+        bias_c = b_head[v0:v1].to(dtype) if b_head is not None else None
+        pi2 = _chunk_probs(h2, w_c, bias_c, st2.lse)  # (M, c)
+        r2 = -pi2 * a2.unsqueeze(-1)  # a (e_y' − π') over the chunk
+        inside = (y2 >= v0) & (y2 < v1)
+        r2[inside.nonzero()[:, 0], y2[inside] - v0] += a2[inside]
+        r2_pad = r2.new_zeros(n_dirs, h2_pad.shape[1], v1 - v0)  # (D, M_d, c)
+        r2_pad[dir2, slot2] = r2
+        v = torch.bmm(r2_pad.transpose(1, 2), h2_pad)  # (D, c, H)
+        if emb is not None:
+            sel = (emb[3] >= v0) & (emb[3] < v1)
+            v.view(-1, hid).index_add_(0, emb[5][sel] * (v1 - v0) + emb[3][sel] - v0, emb[4][sel])
+        if p_w is not None:
+            v *= p_w[v0:v1].to(v)
+        pi = probe.probs[:, v0:v1].to(dtype) if probe.probs is not None else _chunk_probs(h, w_c, bias_c, st.lse)  # (N, c)
+        pi_pad = pi.new_zeros(b, h_pad.shape[1], v1 - v0)
+        pi_pad[row, slot] = pi
+        big = torch.bmm(pi_pad.transpose(1, 2), h_pad).view(b, -1) @ v.view(n_dirs, -1).T  # ⟨Π_b, V_d⟩ (B, D)
+        c -= big.double()
+        c_star -= big.double()
+        for out, ys in ((c, y), (c_star, st.argmax)):
+            at = ((ys >= v0) & (ys < v1)).nonzero()[:, 0]
+            out.index_add_(0, row[at], torch.einsum("dnh,nh->nd", v[:, ys[at] - v0], h[at]).double())
+        if emb is not None:
+            ids, d_y, rows_of = emb[0], emb[1], emb[2]
+            at = ((ids >= v0) & (ids < v1)).nonzero()[:, 0]
+            for out, d in zip((c, c_star), d_y):
+                out.index_add_(0, rows_of[at], torch.einsum("dnh,nh->nd", v[:, ids[at] - v0], d[at]).double())
+        if bias and lm.bias:  # b's share: V_d,b = P_b ⊙ Σ_m a_m (e_y' − π'_m); C[b, d] += Σ_t (V_d,b[y_t] − π_tᵀ V_d,b)
+            vb = torch.zeros(n_dirs, v1 - v0, dtype=dtype, device=dev).index_add_(0, dir2, r2)
+            vb = vb * p_b[v0:v1].to(vb) if p_b is not None else vb
+            c -= (pi_pad.sum(1) @ vb.T).double()
+            c_star -= (pi_pad.sum(1) @ vb.T).double()
+            for out, ys in ((c, y), (c_star, st.argmax)):
+                at = ((ys >= v0) & (ys < v1)).nonzero()[:, 0]
+                out.index_add_(0, row[at], vb[:, ys[at] - v0].T.double())
+    return c, c_star, {lm.weight} | ({lm.bias} if bias and lm.bias else set())
+
+
+def _chunk_probs(h: torch.Tensor, w_c: torch.Tensor, bias_c: torch.Tensor | None, lse: torch.Tensor) -> torch.Tensor:
+    """π over one vocabulary chunk, exp(h W_cᵀ + b_c − lse): (N, c)."""
+    z = h @ w_c.T
+    if bias_c is not None:
+        z = z + bias_c
+    return torch.exp(z - lse.to(z).unsqueeze(-1))
