@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..numerics import wide
-from .factored import Factors, normalized
+from .factored import Factors, is_conv1d, normalized
 from .head import head_probs
 
 
@@ -38,7 +38,7 @@ def fast_modules(found: list, names: set[str], *, max_size: int) -> dict[int, st
             uses[name] = uses.get(name, 0) + 1
     out = {}
     for i, (m, own, _) in enumerate(found):
-        kind = "linear" if isinstance(m, nn.Linear) else "conv1d" if type(m).__name__ == "Conv1D" and hasattr(m, "nf") else None
+        kind = "linear" if isinstance(m, nn.Linear) else "conv1d" if is_conv1d(m) else None
         if kind is None or "weight" not in own or set(own) - {"weight", "bias"}:
             continue
         if all(n in names and uses[n] == 1 for n in own.values()) and m.weight.numel() <= max_size:

@@ -195,6 +195,11 @@ def capture(fn: Fn, found: list, params: dict, sub, *, star: bool = True) -> Fac
     return Factors(found, records, len(sub), outputs, dtype, device, head)
 
 
+def is_conv1d(m: nn.Module) -> bool:
+    """transformers' GPT-2 Conv1D: o = x W + b with W stored (in, out), the transpose of nn.Linear's."""
+    return type(m).__name__ == "Conv1D" and hasattr(m, "nf")
+
+
 def normalized(m: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
     """x̂ = (x − mean) / √(var + ε) over ``m``'s normalized shape: what a LayerNorm's γ multiplies."""
     return nn.functional.layer_norm(x, m.normalized_shape, None, None, m.eps)
@@ -208,7 +213,7 @@ def _tangent(m: nn.Module, local: str, name: str, rec: dict, params: dict, direc
     with torch.no_grad():
         if isinstance(m, nn.Linear) and x is not None and not kwargs:
             return x @ v.T if local == "weight" else v.expand(*x.shape[:-1], v.shape[0])
-        if type(m).__name__ == "Conv1D" and x is not None and not kwargs and hasattr(m, "nf"):  # transformers' GPT-2
+        if is_conv1d(m) and x is not None and not kwargs:
             return x @ v if local == "weight" else v.expand(*x.shape[:-1], v.shape[0])
         if isinstance(m, nn.Embedding) and x is not None and not kwargs and local == "weight":
             return nn.functional.embedding(x, v, m.padding_idx, m.max_norm, m.norm_type, m.scale_grad_by_freq, m.sparse)
