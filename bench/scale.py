@@ -11,12 +11,15 @@ writes a probe file of token ids (48 probes × 6 responses of 10–18 tokens = 2
   ``--no-by-tensor``; wall time per interval in forwards, and peak RSS of the process;
 * first, long responses (``--long-rows`` 48 rows × ``--long`` 480-token responses after a 16-token prompt):
   ``analyze --no-by-tensor --nodes N`` on the first interval only (a run folder of links to checkpoints 1 and 2),
-  in forwards over those rows (one forward of them timed in the same run) and peak RSS.
+  in forwards over those rows (one forward of them timed in the same run) and peak RSS;
+* with ``--train U``: ``analyze --train`` on the first interval with U SFT examples (the run's own 16 rows, then
+  random rows of the same shape), default settings otherwise: wall time in forwards and peak RSS.
 
     python bench/scale.py                  # ~30 min on 2 cores (the run is built once: ~3 min, 4.5 GB on disk)
     python bench/scale.py --long 0         # without the long-response case (~20 min)
     python bench/scale.py --intervals 1 --long-nodes 0 --no-split   # the shortest run that gives every peak RSS
     python bench/scale.py --per-row        # also time the per-row split on 16 rows (what 'today' means)
+    python bench/scale.py --long 0 --no-split --train 256 --intervals 1   # also analyze --train with 256 SFT examples
     python bench/scale.py --device cuda    # on a GPU
 """
 
@@ -57,6 +60,17 @@ Trainer(model=model, args=args, train_dataset=data).train()
 """
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
     manifest.write_text(json.dumps(GPT2_SMALL))
+
+
+def write_train(path: Path, examples: int) -> None:
+    """SFT examples as token ids (prompt = the first token, completion = the other 31, no EOS added: the Trainer's
+    causal-LM rows): the run's own 16 training rows first, then random rows of the same shape."""
+    import torch
+
+    ids = torch.randint(0, 50257, (16, 32), generator=torch.Generator().manual_seed(0))  # build_run's data
+    more = torch.randint(0, 50257, (max(0, examples - 16), 32), generator=torch.Generator().manual_seed(1))
+    rows = torch.cat([ids, more])[:examples].tolist()
+    path.write_text("".join(json.dumps({"id": f"u{i}", "prompt_ids": r[:1], "completion": r[1:]}) + "\n" for i, r in enumerate(rows)))
 
 
 def write_probes(path: Path, *, probes: int = 48, long: int = 0) -> None:
@@ -128,6 +142,8 @@ def main() -> None:
                     "the path's nodes are JVPs again, so the peak memory is the same)")
     ap.add_argument("--intervals", type=int, choices=(1, 2), default=2, help="intervals analyzed in the 288-row cases")
     ap.add_argument("--no-split", action="store_true", help="do not time the split by tensor alone")
+    ap.add_argument("--train", type=int, default=0, metavar="U", help="also analyze the first interval with --train: U SFT examples "
+                    "(the run's 16 rows, then random ones), default settings otherwise (0: skip)")
     args = ap.parse_args()
     exe = shutil.which("ckptforce") or sys.exit("install ckptforce first: pip install -e .")
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -164,6 +180,12 @@ def main() -> None:
               f"forwards: {p16['seconds'] / f16['seconds']:.1f}× faster")  # fmt: skip
     if args.skip_analyze:
         return
+    if args.train:
+        train = args.workdir / f"train{args.train}.jsonl"
+        write_train(train, args.train)
+        wall, peak = analyze(exe, first, probes, args, ["--train", str(train), "--no-train-eos"])
+        print(f"[analyze --train, {args.train} SFT examples, 1 interval]  {wall:.0f} s = {wall / fwd:.1f} forwards (with start-up), "
+              f"peak RSS {peak / 1024:.2f} GiB")  # fmt: skip
     for label, extra in (("default (split by tensor, 2 nodes)", []), ("--no-by-tensor", ["--no-by-tensor"])):
         wall, peak = analyze(exe, run if args.intervals == 2 else first, probes, args, extra)
         per = wall / args.intervals

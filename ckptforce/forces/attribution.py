@@ -427,7 +427,8 @@ def batched_example_forces(
             for j, u in enumerate(block):
                 r_u = rows_of[u]
                 full = example_gradient(fn, params, train_rows.select(r_u), weights[r_u]) if own or not checked or train is None else None
-                parts = full if own or train is None else _rest_parts(fn, params, train, rules, leftover, train_rows, r_u, weights, in_block)
+                parts = full if own or train is None else _rest_parts(fn, params, train, rules, leftover, train_rows, r_u, weights, in_block,
+                                                                      head=not head_names)  # fmt: skip
                 to_step = lambda g: None if g is None else {n: -float(coeff[u]) * d for n, d in precond.apply(g).items() if n not in frozen}  # noqa: E731
                 steps = [to_step(g) for g in parts]
                 whole = steps if full is parts else [to_step(g) for g in full] if full is not None else None  # the check's steps, by backprop
@@ -504,7 +505,7 @@ def _rest_rules(fn: Fn, found: list, factors, rest: list[str]) -> tuple[list[tup
 
 
 def _rest_parts(fn: Fn, params: dict, train, rules, leftover: list[str], train_rows, rows: list[int], weights: torch.Tensor,
-                in_block: dict[int, int]) -> list[dict | None]:  # fmt: skip
+                in_block: dict[int, int], *, head: bool = True) -> list[dict | None]:  # fmt: skip
     """(g⁺, g⁻) of one example on the tensors outside the batched layers: from the block's captured factors where
     a rule exists (``batched.rest_gradients``, g = −Σ_r w_r ∇ log π_r), by one backward for the others."""
     parts = []
@@ -513,7 +514,7 @@ def _rest_parts(fn: Fn, params: dict, train, rules, leftover: list[str], train_r
         if not pick:
             parts.append(None)
             continue
-        g = rest_gradients(train, params, rules, [in_block[r] for r in pick], [-float(weights[r]) for r in pick])
+        g = rest_gradients(train, params, rules, [in_block[r] for r in pick], [-float(weights[r]) for r in pick], head=head)
         if leftover:
             g.update(example_gradient(fn, params, train_rows.select(pick), weights[pick], names=leftover)[s] or {})
         parts.append({n: t.to(params[n].dtype) for n, t in g.items()})

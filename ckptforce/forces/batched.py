@@ -123,9 +123,10 @@ def own_rule(m: nn.Module, local: str) -> bool:
     return type(m) is nn.Embedding and local == "weight" and m.max_norm is None and not m.scale_grad_by_freq
 
 
-def rest_gradients(train: Factors, params: dict, rules: list[tuple[int, str]], rows: list[int], scale: list[float]) -> dict[str, torch.Tensor]:
+def rest_gradients(train: Factors, params: dict, rules: list[tuple[int, str]], rows: list[int], scale: list[float], *,
+                   head: bool = True) -> dict[str, torch.Tensor]:  # fmt: skip
     """Σ_r scale_r ∇ log π(y_r) over the training rows ``rows`` of ``train`` (indices into its rows) for the tensors
-    of ``rules`` = [(index in ``train.found``, name)] and of a SplitLM head, from the captured factors:
+    of ``rules`` = [(index in ``train.found``, name)] and (``head``) of a SplitLM head, from the captured factors:
 
         LayerNorm  ∇γ = Σ_t δ_t ⊙ x̂_t,  ∇β = Σ_t δ_t        Embedding  ∇E[id_t] += δ_t
         head       ∇W = Σ_m (e_{y_m} − π_m) h_mᵀ,  ∇b = Σ_m (e_{y_m} − π_m)    (m: the rows' response positions)
@@ -158,7 +159,7 @@ def rest_gradients(train: Factors, params: dict, rules: list[tuple[int, str]], r
             if m.padding_idx is not None:
                 flat = flat * (ids != m.padding_idx).unsqueeze(-1).to(flat)
             add(name, torch.zeros(m.weight.shape, dtype=flat.dtype, device=flat.device).index_add_(0, ids, flat))
-    if train.head is not None:
+    if head and train.head is not None:
         lm, h, targets, row, st = train.head
         pick = torch.isin(row, idx)
         if bool(pick.any()):
