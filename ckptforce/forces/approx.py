@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..numerics import release_memory
 from .ghost import RowGrads, kernel_between, row_grads
 from .kernels import _train_chunks, logp_rows, nll_rows
 from .observe import _wide, chunks
@@ -45,8 +46,9 @@ def _max_logp_rows(logits: Tensor, batch) -> Tensor:
 
 
 def precondition_rows(grads: RowGrads, scale: dict[str, Tensor]) -> tuple[RowGrads, list[str]]:
-    """The training rows' gradients with P̃ applied (a copy; factors scaled, dense rows multiplied), and the
-    names whose P was replaced by its rank-one fit."""
+    """The training rows' gradients with P̃ applied (a copy: layers share factors, e.g. one input read by three
+    projections, so nothing is scaled in place; factors scaled, dense rows multiplied), and the names whose P was
+    replaced by its rank-one fit."""
     out = RowGrads(grads.n, grads.dtype, grads.device, shapes=dict(grads.shapes), dense={}, factors={})
     fitted = []
     for name, uses in grads.factors.items():
@@ -85,10 +87,11 @@ def approximate_forces(fn, params: dict, probes, train_rows, owners: list[int], 
     ⟨G_o, P̃ ⊙ ∇(w_r · (−log π_r))⟩ over the tensors ``names``; ``scale`` = P (None: SGD, P = I)."""
     n_ex, n_probe = len(coeff), len(probes)
     out = {key: torch.zeros(n_ex, n_probe, dtype=torch.float64) for key in ("pos", "neg", "pos*", "neg*")}
-    probe_sides = {
-        "": [row_grads(fn, params, sub, logp_rows, module=module, names=names) for sub in chunks(probes, chunk_size)],
-        "*": [row_grads(fn, params, sub, _max_logp_rows, module=module, names=names) for sub in chunks(probes, chunk_size)],
-    }
+    probe_sides = {"": [], "*": []}
+    for suffix, score in (("", logp_rows), ("*", _max_logp_rows)):
+        for sub in chunks(probes, chunk_size):
+            probe_sides[suffix].append(row_grads(fn, params, sub, score, module=module, names=names))
+            release_memory()  # the pass's activations, handed back before the next
     owner = torch.tensor(owners)
     c_row = coeff.double()[owner]  # (rows,)
     fitted: list[str] = []
@@ -108,6 +111,8 @@ def approximate_forces(fn, params: dict, probes, train_rows, owners: list[int], 
                 key = ("pos" if float(w[j]) > 0 else "neg") + suffix
                 if float(w[j]) != 0:
                     out[key][u] += contrib[:, j]
+        del g
+        release_memory()  # the chunk's factors
     return out["pos"], out["neg"], out["pos*"], out["neg*"], fitted
 
 
