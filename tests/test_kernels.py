@@ -184,15 +184,21 @@ def test_ghost_embedding_with_repeated_ids_equals_the_loop(batch):
     assert all(float(g["emb.weight"][3].abs().max()) == 0 for g in gu)  # the loop agrees: no gradient at padding_idx
 
 
-def test_whole_gpt2_kernel_ghost_plus_per_row_equals_the_loop(batch):
-    """Every tensor of GPT-2, including wte tied to lm_head (embedding use + head use + their cross terms)."""
+def test_whole_gpt2_kernel_ghost_plus_per_row_equals_the_loop(batch, monkeypatch):
+    """Every tensor of GPT-2, including wte tied to lm_head (embedding use + head use + their cross terms), wpe
+    (called with (1, T) position ids shared by all rows: a copy of its output per row) by ghost products, and the
+    LayerNorms' per-row gradients in closed form from the same pass (no vmap'd pass at all)."""
+    from ckptforce.forces import ghost
+
     model = _gpt2()
     params = _params(model)
     assert model.module.lm_head.weight is model.module.transformer.wte.weight
-    res, _, _ = _check_against_loop(model, params, batch.select([0, 3, 5]), batch)
+    with monkeypatch.context() as m:
+        m.setattr(ghost, "_per_row_grads", lambda *a, **k: pytest.fail("a vmap'd per-row pass"))
+        res, _, _ = _check_against_loop(model, params, batch.select([0, 3, 5]), batch)
     assert "transformer.wte.weight" in res.ghost  # the tied tensor by ghost products, not a fallback
-    assert "transformer.wpe.weight" in res.per_row  # called with (1, T) position ids shared by all rows
-    assert {n for n in params if ".ln_" in n or "ln_f" in n} <= set(res.per_row)
+    assert "transformer.wpe.weight" in res.ghost
+    assert {n for n in params if ".ln_" in n or "ln_f" in n} == set(res.per_row)
     plain = gradient_kernel(model.logits, params, batch.select([0, 3, 5]), batch, module=model.module, ghost=False)
     assert plain.ghost == [] and len(plain.per_row) == len(params)
     for products in ("formed", "auto"):  # ghost factors formed into per-row gradients: the same numbers
@@ -203,11 +209,21 @@ def test_whole_gpt2_kernel_ghost_plus_per_row_equals_the_loop(batch):
 
 
 def test_one_probe_row_mixes_ghost_and_per_row_tensors(batch):
-    """A batch of one row runs wpe by the ghost rule; against per-row training rows it is formed and dotted."""
+    """A tensor with ghost factors on one side and per-row gradients on the other is formed and dotted: one probe
+    row by the ghost rules against training rows whose every tensor is per row (``ghost=False``), per tensor
+    equal to both sides per row."""
+    from ckptforce.forces.ghost import kernel_between, row_grads
+
     model = _gpt2()
     params = _params(model)
-    res, _, _ = _check_against_loop(model, params, batch.select([4]), batch, chunk_size=None)
-    assert "transformer.wpe.weight" in res.ghost and "transformer.wpe.weight" in res.per_row
+    probe, rows = batch.select([4]), batch.select([0, 1, 2])
+    ghosted = row_grads(model.logits, params, probe, logp_rows, module=model.module)
+    plain = row_grads(model.logits, params, probe, logp_rows, module=model.module, ghost=False)
+    train = row_grads(model.logits, params, rows, logp_rows, module=model.module, ghost=False)
+    assert "transformer.wpe.weight" in ghosted.factors and not train.factors
+    mixed, want = kernel_between(ghosted, train), kernel_between(plain, train)
+    for name, k in want.items():
+        torch.testing.assert_close(mixed[name], k, rtol=1e-10, atol=1e-12 * float(k.abs().max()) + 1e-300, msg=name)
 
 
 def test_ghost_factors_form_the_loops_per_example_gradients(batch):

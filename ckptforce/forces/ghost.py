@@ -100,21 +100,80 @@ def row_grads(fn, params: dict, batch, score, *, module: nn.Module | None = None
     first = params[names[0]]
     out = RowGrads(0, _wide(first[:0]).dtype, first.device, shapes={n: tuple(params[n].shape) for n in names})
     if sites:
-        out.n, out.factors = _ghost_pass(fn, params, batch, score, names, sites)
-    rest = [n for n in names if n not in out.factors]
+        out.n, out.factors, out.dense = _ghost_pass(fn, params, batch, score, names, sites, norm_sites(module, names))
+    rest = [n for n in names if n not in out.factors and n not in out.dense]
     if rest:
-        out.dense = _per_row_grads(fn, params, batch, score, rest)
+        out.dense.update(_per_row_grads(fn, params, batch, score, rest))
         out.n = next(iter(out.dense.values())).shape[0]
     return out
 
 
-def _ghost_pass(fn, params, batch, score, names, sites) -> tuple[int, dict[str, list[Use]]]:
+def norm_sites(module: nn.Module, names: list[str]) -> dict[nn.Module, dict[str, str]]:
+    """{norm: {"weight": name, "bias": name}} for the normalisation layers whose per-row gradients have a closed
+    form, out = γ ⊙ x̂ + β: ``nn.LayerNorm`` (exact type, affine) and the RMSNorms of Llama / Qwen2 / Mistral
+    (γ ⊙ x / rms(x), a ``variance_epsilon``). Each recorded call is checked against that form (``_normalized``)."""
+    wanted = set(names)
+    out: dict[nn.Module, dict[str, str]] = {}
+    canon = {id(p): n for n, p in module.named_parameters()}
+    for m in module.modules():
+        own = {a: canon[id(p)] for a, p in m._parameters.items() if p is not None}
+        layer = type(m) is nn.LayerNorm and m.elementwise_affine
+        rms = type(m).__name__ in RMS_NORMS and hasattr(m, "variance_epsilon") and set(own) == {"weight"}
+        if (layer or rms) and wanted & set(own.values()):
+            out[m] = own  # every tensor of the layer (the form needs γ and β), the gradients only of those wanted
+    return out
+
+
+#: RMSNorm classes whose forward is γ ⊙ (x / √(mean x² + ε)), computed in float32 and cast back.
+RMS_NORMS = ("LlamaRMSNorm", "Qwen2RMSNorm", "MistralRMSNorm", "Qwen3RMSNorm")
+
+
+def _normalized(m: nn.Module, x: Tensor) -> Tensor:
+    """x̂, what γ multiplies: (x − mean) / √(var + ε) for a LayerNorm, x / √(mean x² + ε) for an RMSNorm."""
+    if type(m) is nn.LayerNorm:
+        return nn.functional.layer_norm(x, m.normalized_shape, None, None, m.eps)
+    xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + m.variance_epsilon)).to(x.dtype)
+
+
+def _norm_rows(m: nn.Module, site: dict[str, str], params: dict, x: Tensor, out: Tensor, d: Tensor, rows: int) -> dict[str, Tensor] | None:
+    """{name: (B, size)}: ∇γ = Σ_t δ_t ⊙ x̂_t, ∇β = Σ_t δ_t per row; None when the call is not γ ⊙ x̂ + β."""
+    if any(n not in params for n in site.values()):
+        return None
+    with torch.no_grad():
+        xhat = _normalized(m, x.detach())
+        bias = params[site["bias"]] if "bias" in site else None
+        want = xhat * params[site["weight"]] + (bias if bias is not None else 0)
+        tol = 1e-3 if out.dtype in (torch.float16, torch.bfloat16) else 1e-5
+        if want.shape != out.shape or not torch.allclose(want.to(out.dtype), out.detach(), rtol=tol, atol=tol * float(out.detach().abs().max())):
+            return None
+        d = _wide(d.detach()).reshape(rows, -1, d.shape[-1])
+        grads = {}
+        if "weight" in site:
+            grads[site["weight"]] = (d * _wide(xhat).reshape(rows, -1, d.shape[-1])).sum(1)
+        if "bias" in site:
+            grads[site["bias"]] = d.sum(1)
+        return grads
+
+
+def _ghost_pass(fn, params, batch, score, names, sites, norms=None) -> tuple[int, dict[str, list[Use]], dict[str, Tensor]]:
+    """(rows, ghost factors of ``sites``, per-row gradients (B, size) of ``norms`` in closed form): one forward and
+    one backward of Σ_b score_b. An embedding called with ids shared by the rows (GPT-2's (1, T) position ids) is
+    given a copy of its output per row, so that its δ, and its ghost factors, stay per row."""
     calls = []
+    n_rows = batch.targets.shape[0]
 
     def record(m, inputs, output):
-        calls.append((m, inputs[0], output, output._version))
+        x = inputs[0]
+        if type(m) is nn.Embedding and output.dim() > 1 and output.shape[0] == 1 and n_rows > 1 and output.requires_grad:
+            output, x = output.expand(n_rows, *output.shape[1:]).clone(), x.expand(n_rows, *x.shape[1:])
+            calls.append((m, x, output, output._version))
+            return output
+        calls.append((m, x, output, output._version))
+        return None
 
-    handles = [m.register_forward_hook(record) for m in sites]
+    norms = norms or {}
+    handles = [m.register_forward_hook(record) for m in list(sites) + list(norms)]
     try:
         with torch.enable_grad():
             leaves = {n: params[n].detach().requires_grad_(True) for n in names}
@@ -123,18 +182,33 @@ def _ghost_pass(fn, params, batch, score, names, sites) -> tuple[int, dict[str, 
         for h in handles:
             h.remove()
     live = [c for c in calls if c[2].requires_grad]
-    if not live:
+    failed: set[str] = set()
+    if not any(c[0] in sites for c in live):
         raise ValueError("ghost kernels: none of the module's Linear / Conv1D / Embedding layers ran on the parameters "
                          "given (does fn evaluate this module through functional_call?); pass ghost=False")  # fmt: skip
     for m, _, out, version in live:
-        if out._version != version:
+        if out._version != version and m in norms:  # changed in place after the layer: the per-row path
+            failed.update(norms[m].values())
+        elif out._version != version:
             raise ValueError(f"ghost kernels: the output of {type(m).__name__} is modified in place after the layer; pass ghost=False")
     deltas = torch.autograd.grad(scores.sum(), [c[2] for c in live], allow_unused=True)
     rows = scores.shape[0]
     factors: dict[str, list[Use]] = {n: [] for site in sites.values() for n in site.values()}
-    failed: set[str] = set()
+    dense: dict[str, Tensor] = {}
     conv1d = _conv1d_type()
     for (m, x, out, _), d in zip(live, deltas):
+        if m in norms:
+            site = norms[m]
+            if d is None:  # this call does not reach the scores
+                got = {n: torch.zeros(rows, params[n].numel(), dtype=_wide(out).dtype, device=out.device) for n in site.values()}
+            else:
+                got = _norm_rows(m, site, params, x, out, d, rows) if out.shape[0] == rows else None
+            if got is None:
+                failed.update(site.values())
+            for n, g in (got or {}).items():
+                if n in leaves:
+                    dense[n] = dense[n] + g if n in dense else g
+            continue
         site = sites[m]
         if d is None:  # this call does not reach the scores
             continue
@@ -153,7 +227,7 @@ def _ghost_pass(fn, params, batch, score, names, sites) -> tuple[int, dict[str, 
             factors[site["weight"]].append((a, d) if type(m) is conv1d else (d, a))
         if "bias" in site:
             factors[site["bias"]].append((d, None))
-    return rows, {n: uses for n, uses in factors.items() if n not in failed}
+    return rows, {n: uses for n, uses in factors.items() if n not in failed}, {n: g for n, g in dense.items() if n not in failed}
 
 
 def _per_row_grads(fn, params, batch, score, names) -> dict[str, Tensor]:
