@@ -59,8 +59,8 @@ def _scores(module, params, rows, star_ids=None):
     return (logp.gather(-1, ys.unsqueeze(-1)).squeeze(-1) * rows.target_mask).sum(-1)
 
 
-@pytest.mark.parametrize("tied", [True, False])
-def test_head_forces_equal_brute_force(tied):
+@pytest.mark.parametrize("tied,with_bias", [(True, True), (False, True), (True, False)])
+def test_head_forces_equal_brute_force(tied, with_bias):
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(3)
     module = Tiny(tied=tied).double()
@@ -71,7 +71,7 @@ def test_head_forces_equal_brute_force(tied):
     factor = torch.randn(6, generator=gen, dtype=torch.float64)
     scale = {w_name: torch.rand(V, H, generator=gen, dtype=torch.float64), "head.bias": torch.rand(V, generator=gen, dtype=torch.float64)}
 
-    names = [w_name, "head.bias"]
+    names = [w_name, "head.bias"] if with_bias else [w_name]  # without: b frozen (it still shapes π)
     found = owners(module, params, names)
     emb = next(i for i, (m, own, _) in enumerate(found) if isinstance(m, nn.Embedding) and own) if tied else None
     hidden = lambda p, rows: functional_call(module, p, (rows.input_ids,), {"hidden_only": True})  # noqa: E731
@@ -83,7 +83,7 @@ def test_head_forces_equal_brute_force(tied):
             lm, h, _, _, st = probe.head
             probe.probs = head_probs(h, params[w_name], params["head.bias"], st.lse)
         c, c_star, covered = head_forces(probe, tr, params, direction, factor, 3, scale, embedding=None if emb is None else (emb, emb),
-                                         elements=elements)  # fmt: skip
+                                         bias=with_bias, elements=elements)  # fmt: skip
         assert covered == set(names)
 
         leaves = {n: p.clone().requires_grad_(n in names) for n, p in params.items()}

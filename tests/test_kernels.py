@@ -434,3 +434,40 @@ def test_per_row_gradients_too_big_to_form_take_the_ghost_products(monkeypatch):
     assert not ghost._ghost_is_cheaper(uses, uses, 12, 2, 2)
     monkeypatch.setattr(ghost, "MAX_FORMED", 47)  # (2 + 2) rows × 12 = 48 numbers: one too many
     assert ghost._ghost_is_cheaper(uses, uses, 12, 2, 2)
+
+
+def test_a_norm_whose_forward_is_not_the_closed_form_takes_the_per_row_pass():
+    """A norm class named like Llama's RMSNorm but computing (1 + γ) ⊙ x̂ (Gemma's form) fails the check of its
+    recorded call, so its per-row gradient comes from the vmap'd pass: equal to a per-row autograd loop."""
+    from types import SimpleNamespace
+
+    from ckptforce.forces import ghost
+
+    class LlamaRMSNorm(nn.Module):
+        def __init__(self, h):
+            super().__init__()
+            self.weight, self.variance_epsilon = nn.Parameter(torch.randn(h, dtype=torch.float64)), 1e-6
+
+        def forward(self, x):
+            return (1 + self.weight) * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Embedding(11, 4), LlamaRMSNorm(4), nn.Linear(4, 11)).double()
+    params = {n: p.detach() for n, p in module.named_parameters()}
+    ids = torch.randint(0, 11, (3, 5))
+    rows = SimpleNamespace(input_ids=ids, targets=torch.roll(ids, -1, 1), target_mask=torch.ones(3, 5, dtype=torch.bool))
+    fn = lambda p, b: functional_call(module, p, (b.input_ids,))  # noqa: E731
+    called = []
+    real = ghost._per_row_grads
+    grads = None
+    try:
+        ghost._per_row_grads = lambda *a, **k: called.append(a[4]) or real(*a, **k)
+        grads = ghost.row_grads(fn, params, rows, logp_rows, module=module)
+    finally:
+        ghost._per_row_grads = real
+    assert called == [["1.weight"]] and "1.weight" in grads.dense
+    for b in range(3):
+        leaf = params["1.weight"].clone().requires_grad_(True)
+        one = SimpleNamespace(**{k: v[b : b + 1] for k, v in vars(rows).items()})
+        (want,) = torch.autograd.grad(logp_rows(fn({**params, "1.weight": leaf}, one), one).sum(), [leaf])
+        torch.testing.assert_close(grads.dense["1.weight"][b], want, rtol=1e-10, atol=1e-12)

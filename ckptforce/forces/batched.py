@@ -220,6 +220,7 @@ def head_forces(probe: Factors, train: Factors, params: dict, direction: torch.T
     dtype = wide(torch.empty(0, dtype=probe.dtype)).dtype
     c = torch.zeros(b, n_dirs, dtype=torch.float64, device=dev)
     c_star = torch.zeros_like(c)
+    h_raw, h2_raw = h, h2  # the head's logits in the model's dtype, as the capture's lse (then widened)
     h, h2 = h.to(dtype), h2.to(dtype)
     a2 = factor.to(dev, dtype)[row2]  # (M,) each training position's a
     dir2 = direction.to(dev)[row2]  # (M,)
@@ -237,12 +238,13 @@ def head_forces(probe: Factors, train: Factors, params: dict, direction: torch.T
         emb = (ids.reshape(-1), d_y, torch.arange(ids.numel(), device=dev) // ids.shape[-1], ids2[keep], (d2 * a_pos)[keep], dir_ids[keep])
     p_w = scale.get(lm.weight) if scale else None
     p_b = scale.get(lm.bias) if scale and lm.bias else None
-    step = max(1, elements // ((b + n_dirs) * hid + 2 * (h_pad.shape[1] * b + h2_pad.shape[1] * n_dirs)))
+    per_entry = (3 * b + n_dirs) * hid + 2 * h_pad.shape[1] * b + 4 * h2_pad.shape[1] * n_dirs + 2 * len(y) + 4 * len(y2)
+    step = max(1, elements // per_entry)  # vocabulary entries per chunk: G, G*, Π, V_d, π and π' and their temporaries
     for v0 in range(0, n_vocab, step):
         v1 = min(v0 + step, n_vocab)
-        w_c = w[v0:v1].to(dtype)
-        bias_c = b_head[v0:v1].to(dtype) if b_head is not None else None
-        pi2 = _chunk_probs(h2, w_c, bias_c, st2.lse)  # (M, c)
+        w_c = w[v0:v1]
+        bias_c = b_head[v0:v1] if b_head is not None else None
+        pi2 = _chunk_probs(h2_raw, w_c, bias_c, st2.lse)  # (M, c)
         r2 = -pi2 * a2.unsqueeze(-1)  # a (e_y' − π') over the chunk
         inside = (y2 >= v0) & (y2 < v1)
         r2[inside.nonzero()[:, 0], y2[inside] - v0] += a2[inside]
@@ -254,20 +256,20 @@ def head_forces(probe: Factors, train: Factors, params: dict, direction: torch.T
             v.view(-1, hid).index_add_(0, emb[5][sel] * (v1 - v0) + emb[3][sel] - v0, emb[4][sel])
         if p_w is not None:
             v *= p_w[v0:v1].to(v)
-        pi = probe.probs[:, v0:v1].to(dtype) if probe.probs is not None else _chunk_probs(h, w_c, bias_c, st.lse)  # (N, c)
+        pi = probe.probs[:, v0:v1].to(dtype) if probe.probs is not None else _chunk_probs(h_raw, w_c, bias_c, st.lse)  # (N, c)
         pi_pad = pi.new_zeros(b, h_pad.shape[1], v1 - v0)
         pi_pad[row, slot] = pi
-        big = torch.bmm(pi_pad.transpose(1, 2), h_pad).view(b, -1) @ v.view(n_dirs, -1).T  # ⟨Π_b, V_d⟩ (B, D)
-        c -= big.double()
-        c_star -= big.double()
-        for out, ys in ((c, y), (c_star, st.argmax)):
+        minus_pi = -torch.bmm(pi_pad.transpose(1, 2), h_pad)  # −Π_b (B, c, H)
+        for k, (out, ys) in enumerate(((c, y), (c_star, st.argmax))):  # G_b = E_b − Π_b (+ the tied embedding's share)
+            g = minus_pi.clone() if k == 0 else minus_pi
             at = ((ys >= v0) & (ys < v1)).nonzero()[:, 0]
-            out.index_add_(0, row[at], torch.einsum("dnh,nh->nd", v[:, ys[at] - v0], h[at]).double())
-        if emb is not None:
-            ids, d_y, rows_of = emb[0], emb[1], emb[2]
-            at = ((ids >= v0) & (ids < v1)).nonzero()[:, 0]
-            for out, d in zip((c, c_star), d_y):
-                out.index_add_(0, rows_of[at], torch.einsum("dnh,nh->nd", v[:, ids[at] - v0], d[at]).double())
+            g.view(-1, hid).index_add_(0, row[at] * (v1 - v0) + ys[at] - v0, h[at])
+            if emb is not None:
+                ids, d_y, rows_of = emb[0], emb[1], emb[2]
+                at = ((ids >= v0) & (ids < v1)).nonzero()[:, 0]
+                g.view(-1, hid).index_add_(0, rows_of[at] * (v1 - v0) + ids[at] - v0, d_y[k][at])
+            out += (g.view(b, -1) @ v.view(n_dirs, -1).T).double()  # ⟨G_b, V_d⟩ (B, D)
+        del minus_pi, g
         if bias and lm.bias:  # b's share: V_d,b = P_b ⊙ Σ_m a_m (e_y' − π'_m); C[b, d] += Σ_t (V_d,b[y_t] − π_tᵀ V_d,b)
             vb = torch.zeros(n_dirs, v1 - v0, dtype=dtype, device=dev).index_add_(0, dir2, r2)
             vb = vb * p_b[v0:v1].to(vb) if p_b is not None else vb
@@ -280,8 +282,9 @@ def head_forces(probe: Factors, train: Factors, params: dict, direction: torch.T
 
 
 def _chunk_probs(h: torch.Tensor, w_c: torch.Tensor, bias_c: torch.Tensor | None, lse: torch.Tensor) -> torch.Tensor:
-    """π over one vocabulary chunk, exp(h W_cᵀ + b_c − lse): (N, c)."""
-    z = h @ w_c.T
+    """π over one vocabulary chunk, exp(h W_cᵀ + b_c − lse): (N, c), the logits in the model's dtype and then
+    widened, as ``head.head_probs`` and the lse they are normalised by."""
+    z = wide(h @ w_c.T)
     if bias_c is not None:
-        z = z + bias_c
+        z = z + wide(bias_c)
     return torch.exp(z - lse.to(z).unsqueeze(-1))
