@@ -238,8 +238,8 @@ def head_forces(probe: Factors, train: Factors, params: dict, direction: torch.T
         emb = (ids.reshape(-1), d_y, torch.arange(ids.numel(), device=dev) // ids.shape[-1], ids2[keep], (d2 * a_pos)[keep], dir_ids[keep])
     p_w = scale.get(lm.weight) if scale else None
     p_b = scale.get(lm.bias) if scale and lm.bias else None
-    per_entry = (3 * b + n_dirs) * hid + 2 * h_pad.shape[1] * b + 4 * h2_pad.shape[1] * n_dirs + 2 * len(y) + 4 * len(y2)
-    step = max(1, elements // per_entry)  # vocabulary entries per chunk: G, G*, Π, V_d, π and π' and their temporaries
+    per_entry = (b + n_dirs) * hid + 2 * h_pad.shape[1] * b + 4 * h2_pad.shape[1] * n_dirs + 2 * len(y) + 4 * len(y2)
+    step = max(1, elements // per_entry)  # vocabulary entries per chunk: Π, V_d, π and π' and their temporaries
     for v0 in range(0, n_vocab, step):
         v1 = min(v0 + step, n_vocab)
         w_c = w[v0:v1]
@@ -259,17 +259,14 @@ def head_forces(probe: Factors, train: Factors, params: dict, direction: torch.T
         pi = probe.probs[:, v0:v1].to(dtype) if probe.probs is not None else _chunk_probs(h_raw, w_c, bias_c, st.lse)  # (N, c)
         pi_pad = pi.new_zeros(b, h_pad.shape[1], v1 - v0)
         pi_pad[row, slot] = pi
-        minus_pi = -torch.bmm(pi_pad.transpose(1, 2), h_pad)  # −Π_b (B, c, H)
-        for k, (out, ys) in enumerate(((c, y), (c_star, st.argmax))):  # G_b = E_b − Π_b (+ the tied embedding's share)
-            g = minus_pi.clone() if k == 0 else minus_pi
-            at = ((ys >= v0) & (ys < v1)).nonzero()[:, 0]
-            g.view(-1, hid).index_add_(0, row[at] * (v1 - v0) + ys[at] - v0, h[at])
-            if emb is not None:
-                ids, d_y, rows_of = emb[0], emb[1], emb[2]
-                at = ((ids >= v0) & (ids < v1)).nonzero()[:, 0]
-                g.view(-1, hid).index_add_(0, rows_of[at] * (v1 - v0) + ids[at] - v0, d_y[k][at])
-            out += (g.view(b, -1) @ v.view(n_dirs, -1).T).double()  # ⟨G_b, V_d⟩ (B, D)
-        del minus_pi, g
+        big = (torch.bmm(pi_pad.transpose(1, 2), h_pad).view(b, -1) @ v.view(n_dirs, -1).T).double()  # ⟨Π_b, V_d⟩ (B, D)
+        c -= big
+        c_star -= big
+        pieces = max(1, elements // (n_dirs * hid))  # positions per gather of V_d's rows (D, n, H)
+        for k, (out, ys) in enumerate(((c, y), (c_star, st.argmax))):  # Σ_t h_tᵀ V_d[y_t], short sums kept apart
+            _gathered(out, v, ys, h, row, v0, v1, pieces)
+            if emb is not None:  # the tied embedding's share, Σ_t δ_tᵀ V_d[id_t]
+                _gathered(out, v, emb[0], emb[1][k], emb[2], v0, v1, pieces)
         if bias and lm.bias:  # b's share: V_d,b = P_b ⊙ Σ_m a_m (e_y' − π'_m); C[b, d] += Σ_t (V_d,b[y_t] − π_tᵀ V_d,b)
             vb = torch.zeros(n_dirs, v1 - v0, dtype=dtype, device=dev).index_add_(0, dir2, r2)
             vb = vb * p_b[v0:v1].to(vb) if p_b is not None else vb
@@ -279,6 +276,15 @@ def head_forces(probe: Factors, train: Factors, params: dict, direction: torch.T
                 at = ((ys >= v0) & (ys < v1)).nonzero()[:, 0]
                 out.index_add_(0, row[at], vb[:, ys[at] - v0].T.double())
     return c, c_star, {lm.weight} | ({lm.bias} if bias and lm.bias else set())
+
+
+def _gathered(out: torch.Tensor, v: torch.Tensor, ids: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, v0: int, v1: int, pieces: int) -> None:
+    """out[rows[n], d] += x_nᵀ V_d[ids_n] for the positions n whose id is in the chunk [v0, v1) of ``v`` (D, c, H),
+    ``pieces`` positions at a time (each gather is D × pieces × H)."""
+    at = ((ids >= v0) & (ids < v1)).nonzero()[:, 0]
+    for i in range(0, len(at), pieces):
+        sel = at[i : i + pieces]
+        out.index_add_(0, rows[sel], torch.einsum("dnh,nh->nd", v[:, ids[sel] - v0], x[sel]).double())
 
 
 def _chunk_probs(h: torch.Tensor, w_c: torch.Tensor, bias_c: torch.Tensor | None, lse: torch.Tensor) -> torch.Tensor:
