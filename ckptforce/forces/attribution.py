@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from ..numerics import release_memory
-from .batched import fast_modules, head_forces, linear_forces, own_rule, rest_gradients, usable
+from .batched import batched_head, fast_modules, head_forces, linear_forces, own_rule, rest_gradients, usable
 from .factored import capture
 from .head import SplitLM
 from .factored import owners as module_owners
@@ -383,7 +383,7 @@ def batched_example_forces(
                 return None
             order = sorted(fast)
             fast_names = {n for i in fast for n in found[i][1].values()}
-            head_names, tied = _batched_head(fn, found, factors, set(names))
+            head_names, tied = batched_head(fn, found, factors, set(names))
             fast_names |= head_names
             rest = [n for n in names if n not in fast_names]
             rules, leftover = _rest_rules(fn, found, factors, rest)
@@ -464,25 +464,6 @@ def batched_example_forces(
     if own:
         result.own_pos, result.own_neg = own_pos, own_neg
     return result
-
-
-def _batched_head(fn: Fn, found: list, factors, names: set[str]) -> tuple[set[str], int | None]:
-    """(names, index in ``found`` of the nn.Embedding that shares W, or None) of a SplitLM head that
-    ``batched.head_forces`` takes: its W moves and is read, besides the head, by no module or by one plain
-    embedding call per row; ``(set(), None)`` otherwise (the head then goes with the other tensors, per example)."""
-    if not isinstance(fn, SplitLM) or fn.weight not in names or factors.head is None:
-        return set(), None
-    users = [i for i, (_, own, _) in enumerate(found) if fn.weight in own.values() and factors.records.get(i) is not None]
-    tied = None
-    if users:
-        m, own, _ = found[users[0]]
-        local = next(k for k, v in own.items() if v == fn.weight)
-        rec = factors.records[users[0]]
-        if len(users) > 1 or type(m) is not torch.nn.Embedding or not own_rule(m, local) or not usable(rec, factors.rows, factors.outputs) \
-                or rec["args"][0].shape[0] != factors.rows:  # fmt: skip
-            return set(), None
-        tied = users[0]
-    return {fn.weight} | ({fn.bias} if fn.bias in names else set()), tied
 
 
 def _rest_rules(fn: Fn, found: list, factors, rest: list[str]) -> tuple[list[tuple[int, str]], list[str]]:

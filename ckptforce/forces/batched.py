@@ -26,7 +26,7 @@ from torch import nn
 
 from ..numerics import wide
 from .factored import Factors, is_conv1d, normalized
-from .head import head_probs
+from .head import SplitLM, head_probs
 
 
 def fast_modules(found: list, names: set[str], *, max_size: int) -> dict[int, str]:
@@ -195,6 +195,25 @@ def _padded(values: torch.Tensor, group: torch.Tensor, groups: int) -> tuple[tor
     return out, slot
 
 
+def batched_head(fn, found: list, factors: Factors, names: set[str]) -> tuple[set[str], int | None]:
+    """(names, index in ``found`` of the nn.Embedding that shares W, or None) of a SplitLM head that
+    ``head_forces`` takes: its W moves and is read, besides the head, by no module or by one plain
+    embedding call per row; ``(set(), None)`` otherwise (the head then goes with the other tensors, per example)."""
+    if not isinstance(fn, SplitLM) or fn.weight not in names or factors.head is None:
+        return set(), None
+    users = [i for i, (_, own, _) in enumerate(found) if fn.weight in own.values() and factors.records.get(i) is not None]
+    tied = None
+    if users:
+        m, own, _ = found[users[0]]
+        local = next(k for k, v in own.items() if v == fn.weight)
+        rec = factors.records[users[0]]
+        if len(users) > 1 or type(m) is not nn.Embedding or not own_rule(m, local) or not usable(rec, factors.rows, factors.outputs) \
+                or rec["args"][0].shape[0] != factors.rows:  # fmt: skip
+            return set(), None
+        tied = users[0]
+    return {fn.weight} | ({fn.bias} if fn.bias in names else set()), tied
+
+
 def head_forces(probe: Factors, train: Factors, params: dict, direction: torch.Tensor, factor: torch.Tensor, n_dirs: int,
                 scale: dict[str, torch.Tensor] | None, *, embedding: tuple[int, int] | None = None, bias: bool = True,
                 elements: int) -> tuple[torch.Tensor, torch.Tensor, set[str]]:  # fmt: skip
@@ -244,7 +263,7 @@ def head_forces(probe: Factors, train: Factors, params: dict, direction: torch.T
         v1 = min(v0 + step, n_vocab)
         w_c = w[v0:v1]
         bias_c = b_head[v0:v1] if b_head is not None else None
-        pi2 = _chunk_probs(h2_raw, w_c, bias_c, st2.lse)  # (M, c)
+        pi2 = head_probs(h2_raw, w_c, bias_c, st2.lse)  # (M, c), from the model-dtype logits as the lse
         r2 = -pi2 * a2.unsqueeze(-1)  # a (e_y' − π') over the chunk
         inside = (y2 >= v0) & (y2 < v1)
         r2[inside.nonzero()[:, 0], y2[inside] - v0] += a2[inside]
@@ -256,7 +275,7 @@ def head_forces(probe: Factors, train: Factors, params: dict, direction: torch.T
             v.view(-1, hid).index_add_(0, emb[5][sel] * (v1 - v0) + emb[3][sel] - v0, emb[4][sel])
         if p_w is not None:
             v *= p_w[v0:v1].to(v)
-        pi = probe.probs[:, v0:v1].to(dtype) if probe.probs is not None else _chunk_probs(h_raw, w_c, bias_c, st.lse)  # (N, c)
+        pi = probe.probs[:, v0:v1].to(dtype) if probe.probs is not None else head_probs(h_raw, w_c, bias_c, st.lse)  # (N, c)
         pi_pad = pi.new_zeros(b, h_pad.shape[1], v1 - v0)
         pi_pad[row, slot] = pi
         big = (torch.bmm(pi_pad.transpose(1, 2), h_pad).view(b, -1) @ v.view(n_dirs, -1).T).double()  # ⟨Π_b, V_d⟩ (B, D)
@@ -270,8 +289,9 @@ def head_forces(probe: Factors, train: Factors, params: dict, direction: torch.T
         if bias and lm.bias:  # b's share: V_d,b = P_b ⊙ Σ_m a_m (e_y' − π'_m); C[b, d] += Σ_t (V_d,b[y_t] − π_tᵀ V_d,b)
             vb = torch.zeros(n_dirs, v1 - v0, dtype=dtype, device=dev).index_add_(0, dir2, r2)
             vb = vb * p_b[v0:v1].to(vb) if p_b is not None else vb
-            c -= (pi_pad.sum(1) @ vb.T).double()
-            c_star -= (pi_pad.sum(1) @ vb.T).double()
+            mean = (pi_pad.sum(1) @ vb.T).double()  # Σ_t π_tᵀ V_d,b (B, D)
+            c -= mean
+            c_star -= mean
             for out, ys in ((c, y), (c_star, st.argmax)):
                 at = ((ys >= v0) & (ys < v1)).nonzero()[:, 0]
                 out.index_add_(0, row[at], vb[:, ys[at] - v0].T.double())
@@ -286,11 +306,3 @@ def _gathered(out: torch.Tensor, v: torch.Tensor, ids: torch.Tensor, x: torch.Te
         sel = at[i : i + pieces]
         out.index_add_(0, rows[sel], torch.einsum("dnh,nh->nd", v[:, ids[sel] - v0], x[sel]).double())
 
-
-def _chunk_probs(h: torch.Tensor, w_c: torch.Tensor, bias_c: torch.Tensor | None, lse: torch.Tensor) -> torch.Tensor:
-    """π over one vocabulary chunk, exp(h W_cᵀ + b_c − lse): (N, c), the logits in the model's dtype and then
-    widened, as ``head.head_probs`` and the lse they are normalised by."""
-    z = wide(h @ w_c.T)
-    if bias_c is not None:
-        z = z + wide(bias_c)
-    return torch.exp(z - lse.to(z).unsqueeze(-1))
