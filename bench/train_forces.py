@@ -34,7 +34,8 @@ from ckptforce.model import bind
 from ckptforce.probes import load_probe_set, make_batch, tokenize
 from ckptforce.budget import batched_elements, default_memory_gb, head_chunks, rows_budget
 from ckptforce.forces.approx import approximate_forces
-from ckptforce.forces.attribution import example_forces, preconditioner
+from ckptforce.forces.attribution import example_forces
+from ckptforce.forces.precondition import preconditioner
 from ckptforce.forces.head import SplitLM
 from ckptforce.training_forces import interval_lr
 what, run_dir, probes, device, rows, n_ex = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]), int(sys.argv[6])

@@ -483,14 +483,13 @@ def plan(p: Prepared, intervals: int) -> str:
         one = (time.perf_counter() - start) * len(p.batch) / max(1, len(rows))
     n = forwards_per_interval(p.config.by_tensor, p.config.nodes)
     budget = p.config.memory_gb or (default_memory_gb(p.device) if not p.config.chunk_size else None)
-    extra = ""
+    extra, train = "", 0.0
     if p.training is not None:
         train = _training_forwards(p)
         extra = f" + ~{train:.0f} for the forces of {len(p.training.tset)} training examples"
-        n += train
     memory = f"chunks of {p.chunk_size} rows" + (f" (memory budget {budget:.1f} GiB)" if budget else "")
-    return (f"estimate: {intervals} interval(s) × ~{n:.0f} forwards of {len(p.batch)} probe rows{extra} "
-            f"(one forward ≈ {one:.1f} s here): about {duration(intervals * n * one)}; {memory}")
+    return (f"estimate: {intervals} interval(s) × (~{n:.0f} forwards of {len(p.batch)} probe rows{extra}) "
+            f"(one forward ≈ {one:.1f} s here): about {duration(intervals * (n + train) * one)}; {memory}")
 
 
 def _training_forwards(p: Prepared) -> float:

@@ -22,9 +22,9 @@ from .errors import CkptforceError
 from .forces.approx import approximate_forces, relative_error
 from .forces.observe import chunks
 from .budget import batched_elements
-from .forces.attribution import (ExampleForces, LoraFactor, direction_force, example_forces, example_gradient, lora_preconditioner, preconditioner,
-                                 summed_tokens)  # fmt: skip
+from .forces.attribution import ExampleForces, direction_force, example_forces, example_gradient, summed_tokens
 from .forces.kernels import Projection, class_forces, gradient_kernel
+from .forces.precondition import LoraFactor, lora_preconditioner, preconditioner
 from .forces.objectives import DEFAULT_BETA, GRPO_DEFAULT_LOSS, NEEDS_REFERENCE, PREFERENCE, advantages, g_statistics, kd_loss, margin, response_weights
 from .forces.objectives import loss as objective_loss
 from .probes import TokenBatch, boundary_note, load_tokenizer, make_batch, tokenize
@@ -255,13 +255,15 @@ def _coefficients(pt: PreparedTraining, lr: float, step_from: int, step_to: int,
 
 
 def _half(rows: int | None) -> int | None:
-    """Probe rows per chunk when the training rows are held beside them: half of the rows' budget (a quarter for
-    the training rows, ``_quarter``; a quarter for the batched layers, ``budget.BATCHED_SHARE``)."""
+    """Probe rows per chunk when a block of training rows is held beside them: half of the rows' budget."""
     return None if rows is None else max(1, rows // 2)
 
 
-def _quarter(rows: int | None) -> int | None:
-    return None if rows is None else max(1, rows // 4)
+def _block(rows: int | None) -> int | None:
+    """Training rows per block of the batched forces: three quarters of the rows' budget at the block's capture,
+    whose factors (about half of that peak) then stay beside each chunk of probe rows (``_half``) — the blocks
+    are the outer loop, each probe row's G is formed once per block, so they are as large as the budget allows."""
+    return None if rows is None else max(1, 3 * rows // 4)
 
 
 def training_part(p, pt: PreparedTraining, k: int, before: dict, after: dict, dlogp_lin: torch.Tensor, dlogp_lin_star: torch.Tensor, grid,
@@ -280,6 +282,7 @@ def training_part(p, pt: PreparedTraining, k: int, before: dict, after: dict, dl
         pre = preconditioner(before, start=start, end=end, lr=lr, n_steps=n_steps)
     else:
         pre = lora_preconditioner(before, trained, start=start, end=end, lr=lr, n_steps=n_steps)
+    del start, end  # the two optimizer states (mapped, but resident once read: Adam's are 2 × |θ| each) are not needed again
     tset, n_ex = pt.tset, len(pt.tset)
     row_logp, stats = training_rows_at(p, pt, before)
     logp, weights = _weights(p, pt, before, row_logp)
@@ -292,7 +295,7 @@ def training_part(p, pt: PreparedTraining, k: int, before: dict, after: dict, dl
     else:
         forces = example_forces(p.fn or p.model.logits, before, p.batch, pt.batch, pt.owners, weights.flatten(), coeff, pre,
                                 teacher_logits=pt.teacher_logits, method=config.method, chunk_size=_half(p.chunk_size), module=p.model.module,
-                                own=pairs or groups, train_chunk=_quarter(pt.chunk_size), elements=batched_elements(p.rows_gb, before),
+                                own=pairs or groups, train_chunk=_block(pt.chunk_size), elements=batched_elements(p.rows_gb, before),
                                 progress=progress)  # fmt: skip
     fn = p.fn or p.model.logits
     mom, mom_star = direction_force(fn, before, p.batch, pre.momentum, method=config.method, chunk_size=p.chunk_size)
@@ -384,7 +387,7 @@ def approximate_part(p, pt: PreparedTraining, before: dict, weights: torch.Tenso
     used = [u for u in range(len(coeff)) if float(coeff[u]) != 0][:APPROX_CHECK]
     rows = [i for i, o in enumerate(pt.owners) if o in used]
     exact = example_forces(fn, before, p.batch, pt.batch.select(rows), [used.index(pt.owners[i]) for i in rows], weights[rows], coeff[used], pre,
-                           method=p.config.method, chunk_size=_half(p.chunk_size), module=module, train_chunk=_quarter(pt.chunk_size),
+                           method=p.config.method, chunk_size=_half(p.chunk_size), module=module, train_chunk=_block(pt.chunk_size),
                            elements=batched_elements(p.rows_gb, before))  # fmt: skip
     error = relative_error((pos + neg)[used], exact.total) if used else math.nan
     method = f"approximate: Adafactor-style rank-one P on {len(fitted)} matrices, ghost products"

@@ -47,7 +47,8 @@ from ckptforce.forces import (
     observe,
 )
 from ckptforce.forces.head import SplitLM
-from ckptforce.forces.attribution import Preconditioner, example_forces, lora_preconditioner, preconditioner
+from ckptforce.forces.attribution import example_forces
+from ckptforce.forces.precondition import Preconditioner, lora_preconditioner, preconditioner
 from ckptforce.forces.objectives import response_weights
 from ckptforce.model import BoundModel, bind, keep_float64
 from fixtures.arch_runs import LORA_TARGETS, MATRIX, VOCAB, train_rows, write_arch_run

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from ckptforce.forces import delta_lin, observe
-from ckptforce.forces.attribution import Preconditioner, direction_force, example_forces, preconditioner
+from ckptforce.forces.attribution import direction_force, example_forces
+from ckptforce.forces.precondition import Preconditioner, preconditioner
 from ckptforce.forces.objectives import loss, residual, response_weights
 from ckptforce.probes import load_probe_set, make_batch, tokenize
 from test_forces import _gpt2, _params, batch  # noqa: F401 - the probe-batch fixture

@@ -70,7 +70,7 @@ def test_analyze_says_what_it_will_cost_before_it_starts(runs, tmp_path):
     assert r.exit_code == 0, r.output
     line = next(x for x in r.output.splitlines() if x.startswith("estimate: "))
     n = len(runs["hf"].steps) - 1
-    assert re.match(rf"estimate: {n} interval\(s\) × ~{forwards_per_interval(True, 2):.0f} forwards of 1 probe rows "
+    assert re.match(rf"estimate: {n} interval\(s\) × \(~{forwards_per_interval(True, 2):.0f} forwards of 1 probe rows\) "
                     r"\(one forward ≈ [0-9.]+ s here\): about [0-9]+ s; chunks of \d+ rows \(memory budget 1.0 GiB\)$", line), line
     assert forwards_per_interval(False, 0) < forwards_per_interval(False, 2) < forwards_per_interval(True, 2)
 
@@ -94,8 +94,8 @@ def test_the_estimate_and_the_progress_count_the_training_examples_forces(runs, 
     lines, seen = [], []
     analyze(config, tmp_path / "cube.h5", notify=lines.append, progress=lambda done, n: seen.append(done / n))
     extra = training_forwards(len(examples))
-    assert re.search(rf"× ~{forwards_per_interval(False, 0) + extra:.0f} forwards of 1 probe rows \+ ~{extra:.0f} for the forces of "
-                     rf"{len(examples)} training examples", lines[0]), lines  # fmt: skip
+    assert re.search(rf"× \(~{forwards_per_interval(False, 0):.0f} forwards of 1 probe rows \+ ~{extra:.0f} for the forces of "
+                     rf"{len(examples)} training examples\)", lines[0]), lines  # fmt: skip
     share = forwards_per_interval(False, 0) / (forwards_per_interval(False, 0) + extra) / (len(runs["trl"].steps) - 1)
     assert seen == sorted(seen) and seen[-1] == 1.0
     assert any(share < f < 1 / (len(runs["trl"].steps) - 1) for f in seen), seen  # within the first interval, in its examples

@@ -21,7 +21,8 @@ import torch
 
 from ckptforce.cube import open_cube
 from ckptforce.forces import delta_lin
-from ckptforce.forces.attribution import Preconditioner, example_forces
+from ckptforce.forces.attribution import example_forces
+from ckptforce.forces.precondition import Preconditioner
 from ckptforce.forces.objectives import response_weights
 from ckptforce.numerics import keep_float64
 from ckptforce.ranks import average_ranks, spearman, topk_overlap

@@ -22,7 +22,8 @@ import numpy as np
 import pytest
 import torch
 
-from ckptforce.forces.attribution import Preconditioner, example_forces, token_forces
+from ckptforce.forces.attribution import example_forces, token_forces
+from ckptforce.forces.precondition import Preconditioner
 from ckptforce.forces.nthr import nthr_scores
 from ckptforce.forces.objectives import advantages, loss, response_weights
 from ckptforce.training_forces import _coefficients, clip_factors

@@ -43,167 +43,12 @@ from .factored import owners as module_owners
 from .linear import delta_lin
 from .observe import Fn, _wide, chunks
 from .objectives import kd_loss
+from .precondition import Preconditioner
 
 
 #: Numbers held at once by the batched linear layers (the directions' δW and a chunk of rows' gradients of one
 #: module) when the caller gives no budget: 2^27 float32 = 512 MiB.
 DEFAULT_ELEMENTS = 2**27
-
-
-@dataclass
-class Preconditioner:
-    """The optimizer's view of one interval: P (per tensor, elementwise; None = identity) and extra directions."""
-
-    kind: str  # sgd | sgd-momentum | adam | rmsprop
-    scale: dict[str, torch.Tensor] | None  # P_t per tensor (elementwise), or None for the identity
-    momentum: dict[str, torch.Tensor] | None  # the carry-over direction (already × −η …), or None
-    decay: dict[str, torch.Tensor] | None  # the weight-decay direction, or None
-    note: str = ""
-    lora: dict[str, "LoraFactor"] | None = None  # adapted weights, stepped through their factors
-
-    @property
-    def frozen(self) -> set[str]:
-        """Tensors P leaves where they are (all-zero scale, not stepped through LoRA factors): no step, no force."""
-        return {n for n, t in (self.scale or {}).items() if n not in (self.lora or {}) and not bool(t.any())}
-
-    def apply(self, grad: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        out = grad if self.scale is None else {n: g * self.scale[n] if n in self.scale else g for n, g in grad.items()}
-        if self.lora:
-            out = {n: self.lora[n].precondition(g) if n in self.lora else g for n, g in out.items()}
-        return out
-
-
-@dataclass
-class LoraFactor:
-    """An adapted weight W = W_base + s · left @ right at θ_t (left (m, r), right (r, n), in W's orientation),
-    with the optimizer's names of its factors (stored transposed when ``transposed``: PEFT's fan_in_fan_out)
-    and, once the optimizer state is read, their elementwise preconditioners P_left, P_right (W's orientation)."""
-
-    left: torch.Tensor
-    right: torch.Tensor
-    scale: float
-    left_name: str
-    right_name: str
-    transposed: bool = False
-    p_left: torch.Tensor | None = None
-    p_right: torch.Tensor | None = None
-
-    def stored(self, t: torch.Tensor) -> torch.Tensor:
-        """A factor-shaped tensor between W's orientation and the optimizer's (a transpose, or nothing)."""
-        return t.T if self.transposed else t
-
-    def to_weight(self, d_left: torch.Tensor, d_right: torch.Tensor) -> torch.Tensor:
-        """δW = s (δL R + L δR) (m, n): a step of the factors, to first order, as a step of W."""
-        return self.scale * (d_left @ self.right + self.left @ d_right)
-
-    def precondition(self, grad_w: torch.Tensor) -> torch.Tensor:
-        """P_W ∇_W = s (P_L ⊙ s ∇_W Rᵀ) R + s L (P_R ⊙ s Lᵀ ∇_W): the factors' P seen from W (m, n)."""
-        g_left, g_right = self.scale * grad_w @ self.right.T, self.scale * self.left.T @ grad_w
-        return self.to_weight(g_left * self.p_left, g_right * self.p_right)
-
-
-def _state_tensor(state: dict, key: str, like: torch.Tensor) -> torch.Tensor | None:
-    """The saved state tensor shaped as ``like``, in float32 at least (Adam's v ≈ 1e-9 underflows float16)."""
-    t = state.get(key)
-    dtype = like.dtype if like.dtype in (torch.float32, torch.float64) else torch.float32
-    return None if t is None else torch.as_tensor(t).to(device=like.device, dtype=dtype).reshape(like.shape)
-
-
-def preconditioner(params: dict, *, start=None, end=None, lr: float, n_steps: int = 1) -> Preconditioner:
-    """The preconditioner and carry-over directions of an interval from the optimizer states saved at its
-    start and end checkpoints (``OptimizerState`` or None). ``lr`` is the mean learning rate over the
-    interval's ``n_steps`` optimizer steps. Without a saved end state: plain SGD (P = I), and a note.
-
-    P and v̂ come from the END state (what the last step used: exact for a one-step interval); momentum needs
-    the START state's first moment (m = 0 at step 0).
-    """
-    if end is None or end.kind in ("stateless", "unknown"):
-        note = "no optimizer state at the end of the interval: plain SGD assumed (P = I)" if end is None else f"optimizer state of kind {end.kind}: plain SGD assumed"
-        return Preconditioner("sgd", None, None, None, note)
-    group_of = {n: g for g in end.groups for n in g.get("names", [])}
-    scale, momentum, decay = {}, {}, {}
-    notes, frozen = [], []
-    key = {"adam": "exp_avg_sq", "rmsprop": "square_avg"}.get(end.kind)
-    for name, p in params.items():
-        state, group = end.per_param.get(name), group_of.get(name, {})
-        if not state or (key and state.get(key) is None):
-            # not in the optimizer (frozen, a buffer) or never given a gradient: the optimizer did not move it
-            frozen.append(name)
-            scale[name] = torch.zeros_like(p)
-            continue
-        prior = start.per_param.get(name) if start is not None else None
-        wd = float(group.get("weight_decay", 0.0) or 0.0)
-        if end.kind == "adam":
-            b1, b2 = (float(b) for b in group.get("betas", (0.9, 0.999)))
-            eps, t = float(group.get("eps", 1e-8)), float(torch.as_tensor(state.get("step", 1)))
-            v_hat = _state_tensor(state, "exp_avg_sq", p) / (1 - b2**t)
-            denom = v_hat.sqrt() + eps
-            scale[name] = (1 - b1) / (1 - b1**t) / denom
-            m0 = _state_tensor(prior, "exp_avg", p) if prior is not None else None
-            if m0 is not None:
-                geometric = sum(b1**j for j in range(1, n_steps + 1))
-                momentum[name] = -lr * geometric * m0 / (1 - b1**t) / denom
-            if wd:
-                decay[name] = -lr * n_steps * wd * p
-        elif end.kind == "rmsprop":
-            eps = float(group.get("eps", 1e-8))
-            scale[name] = 1 / (_state_tensor(state, "square_avg", p).sqrt() + eps)
-            if wd:
-                decay[name] = -lr * n_steps * wd * p * scale[name]
-        elif end.kind == "sgd-momentum":
-            mu = float(group.get("momentum", 0.0) or 0.0)
-            b0 = _state_tensor(prior, "momentum_buffer", p) if prior is not None else None
-            if b0 is not None and mu:
-                momentum[name] = -lr * sum(mu**j for j in range(1, n_steps + 1)) * b0
-            if wd:
-                decay[name] = -lr * n_steps * wd * p
-    if len(frozen) == len(params):
-        return Preconditioner("sgd", None, None, None, "the optimizer state names none of the model's tensors: plain SGD assumed (P = I)")
-    if frozen:
-        notes.append(f"{len(frozen)} tensors have no optimizer state (e.g. {frozen[0]}): taken as not moved by the optimizer")
-    if start is None and end.kind in ("adam", "sgd-momentum") and not _first_step(end):
-        notes.append("no optimizer state at the start of the interval: the momentum carry-over is left in 'unexplained'")
-    if end.kind == "adam" and any(float(g.get("weight_decay", 0) or 0) for g in end.groups):
-        notes.append("weight decay taken as decoupled (AdamW); torch.optim.Adam's coupled L2 would land in 'unexplained'")
-    return Preconditioner(end.kind, scale or None, momentum or None, decay or None, "; ".join(notes))
-
-
-def lora_preconditioner(params: dict, trained: dict[str, LoraFactor | None], *, start=None, end=None, lr: float, n_steps: int = 1) -> Preconditioner:
-    """``preconditioner`` for an adapter run: the optimizer state (over the factors' names) read for the factors
-    of each adapted weight in ``trained`` and mapped to W (module docstring); tensors trained whole (``None``
-    in ``trained``: modules_to_save) as usual; every other tensor of ``params`` (the base) frozen. Without a
-    saved state, SGD on the factors (P_L = P_R = 1)."""
-    stored: dict[str, torch.Tensor] = {}
-    for name, f in trained.items():
-        if f is None:
-            stored[name] = params[name]
-        else:
-            stored[f.left_name], stored[f.right_name] = f.stored(f.left), f.stored(f.right)
-    inner = preconditioner(stored, start=start, end=end, lr=lr, n_steps=n_steps)
-    scale = {n: torch.zeros_like(p) for n, p in params.items() if n not in trained}
-    lora, momentum, decay = {}, {}, {}
-    for name, f in trained.items():
-        if f is None:
-            scale[name] = inner.scale[name] if inner.scale else torch.ones_like(params[name])
-            for src, dst in ((inner.momentum, momentum), (inner.decay, decay)):
-                if src and name in src:
-                    dst[name] = src[name]
-            continue
-        p_left, p_right = (f.stored(inner.scale[k]) if inner.scale else torch.ones_like(t) for k, t in ((f.left_name, f.left), (f.right_name, f.right)))
-        lora[name] = f = LoraFactor(f.left, f.right, f.scale, f.left_name, f.right_name, f.transposed, p_left, p_right)
-        for src, dst in ((inner.momentum, momentum), (inner.decay, decay)):
-            if src and (f.left_name in src or f.right_name in src):
-                d_left, d_right = (f.stored(src[k]) if k in src else torch.zeros_like(t) for k, t in ((f.left_name, f.left), (f.right_name, f.right)))
-                dst[name] = f.to_weight(d_left, d_right)
-    note = "; ".join(x for x in [inner.note, "LoRA: the optimizer's steps on the factors A, B mapped to W = W_base + s·BA to first order "
-                                 "(δW = s(δB·A + B·δA); the second-order s·δB·δA is in 'unexplained')"] if x)  # fmt: skip
-    return Preconditioner(f"{inner.kind} on LoRA factors", scale, momentum or None, decay or None, note, lora)
-
-
-def _first_step(state) -> bool:
-    """True when the end state is after the optimizer's first step (so the start's moments were zero)."""
-    steps = [float(torch.as_tensor(s.get("step", 0))) for s in state.per_param.values() if s and "step" in s]
-    return bool(steps) and max(steps) <= 1
 
 
 def _row_losses(fn: Fn, params: dict, batch, teacher_logits: torch.Tensor | None) -> torch.Tensor:
@@ -356,9 +201,15 @@ def batched_example_forces(
     (``batched.linear_forces``: one per-row gradient per probe row serves all the block's directions) and the
     other tensors (norms, embeddings, the LM head) per example, their gradients read from the block's capture
     (``batched.rest_gradients``; one backward for tensors without a rule), contracted with ``Factors.contract``.
-    ``train_chunk``: training rows per captured block (default: all); ``elements``: numbers the linear layers hold
-    at once; ``progress(done, total)`` after each example. The first example is checked against the JVP of its
-    step by backprop (rel 1e-4); None when it disagrees, or when no module qualifies (the per-example path then).
+    ``train_chunk``: training rows per captured block (default: all); ``chunk_size``: probe rows per captured
+    chunk; ``elements``: numbers the linear layers hold at once; ``progress(done, total)`` after each example and
+    chunk. The first example is checked against the JVP of its step by backprop (rel 1e-4); None when it
+    disagrees, or when no module qualifies (the per-example path then).
+
+    The blocks of training rows are the outer loop: each is captured once, and the chunks of probe rows are
+    captured again for every block (once in all when they fit one chunk). The per-row G of the probe rows is
+    formed once per block, so the work goes as blocks × probe rows and the blocks should be as large as the
+    memory allows; the training rows (longer, more of them) are the side not to capture twice.
 
     The per-token split is one JVP per sign along Σ_u δθ_u, from one gradient of Σ_r c_u w_r (−log π_r)."""
     n_ex, n_probe = len(coeff), len(probes)
@@ -372,98 +223,118 @@ def batched_example_forces(
     rows_of = {u: [i for i, o in enumerate(owners) if o == u] for u in live}
     out = {k: torch.zeros(n_ex, n_probe, dtype=torch.float64) for k in ("pos", "neg", "pos_star", "neg_star")}
     own_pos, own_neg = (torch.zeros(n_ex, len(owners) // max(1, n_ex), dtype=torch.float64) for _ in range(2))
-    start, checked = 0, False
+    pieces, start = [], 0
     for sub in chunks(probes, chunk_size):
-        at = slice(start, start + len(sub))
+        pieces.append((slice(start, start + len(sub)), sub))
         start += len(sub)
-        factors = capture(fn, found, params, sub)
-        if at.start == 0:  # the modules called once, plainly, by every row: the batched ones; the rest per example
-            fast = {i: k for i, k in fast.items() if usable(factors.records.get(i), len(sub), factors.outputs)}
-            if not fast:
+    kept = capture(fn, found, params, pieces[0][1])  # the first chunk's factors; all of them when one chunk holds every row
+    # the modules called once, plainly, by every row: the batched ones; the rest per example
+    fast = {i: k for i, k in fast.items() if usable(kept.records.get(i), len(pieces[0][1]), kept.outputs)}
+    if not fast:
+        return None
+    order = sorted(fast)
+    fast_names = {n for i in fast for n in found[i][1].values()}
+    head_names, tied = batched_head(fn, found, kept, set(names))
+    fast_names |= head_names
+    rest = [n for n in names if n not in fast_names]
+    rules, leftover = _rest_rules(fn, found, kept, rest)
+    rule_order = sorted({i for i, _ in rules})
+    extra = [tied] if tied is not None else []
+    hooked = [found[i] for i in order + rule_order + extra]  # the training rows' capture hooks these only
+    modules = {i: (j, fast[i]) for j, i in enumerate(order)}
+    where = {i: len(order) + j for j, i in enumerate(rule_order + extra)}
+    rules = [(where[i], n) for i, n in rules]
+    biggest = max(found[i][0].weight.numel() for i in fast)
+    per_block = max(1, (train_chunk or len(owners)) // max(len(r) for r in rows_of.values()))
+    signs = 1 + any(float(weights[r]) > 0 for r in range(len(owners))) * any(float(weights[r]) < 0 for r in range(len(owners)))
+    per_block = min(per_block, max(1, elements // (2 * signs * biggest)))  # the blocks' δW: at most half of ``elements``
+    if len(pieces) > 1:
+        kept = None  # not held beside the first block's capture: each chunk is captured again for every block
+    checked, broken_checked, done = False, False, 0
+    for b0 in range(0, len(live), per_block):
+        block = live[b0 : b0 + per_block]
+        key = {(u, float(weights[r]) < 0) for u in block for r in rows_of[u] if float(weights[r]) != 0}  # the directions that exist
+        column = {k: i for i, k in enumerate(sorted(key))}
+        live_rows = [(u, r) for u in block for r in rows_of[u] if float(weights[r]) != 0]
+        rows = [r for _, r in live_rows]
+        direction = torch.tensor([column[(u, float(weights[r]) < 0)] for u, r in live_rows], dtype=torch.long)
+        factor = torch.tensor([float(coeff[u]) * float(weights[r]) for u, r in live_rows], dtype=torch.float64)
+        train = capture(fn, hooked, params, train_rows.select(rows), star=False) if rows else None
+        if train is not None and not broken_checked:  # a rule whose module left no usable record: that tensor by backprop
+            broken_checked = True
+            broken = {n for j, n in rules if not usable(train.records.get(j), train.rows, 1)}
+            rules, leftover = [r for r in rules if r[1] not in broken], sorted(set(leftover) | broken)
+            if tied is not None and not usable(train.records.get(where[tied]), train.rows, 1):
                 return None
-            order = sorted(fast)
-            fast_names = {n for i in fast for n in found[i][1].values()}
-            head_names, tied = batched_head(fn, found, factors, set(names))
-            fast_names |= head_names
-            rest = [n for n in names if n not in fast_names]
-            rules, leftover = _rest_rules(fn, found, factors, rest)
-            rule_order = sorted({i for i, _ in rules})
-            extra = [tied] if tied is not None else []
-            hooked = [found[i] for i in order + rule_order + extra]  # the training rows' capture hooks these only
-            modules = {i: (j, fast[i]) for j, i in enumerate(order)}
-            where = {i: len(order) + j for j, i in enumerate(rule_order + extra)}
-            rules = [(where[i], n) for i, n in rules]
-            biggest = max(found[i][0].weight.numel() for i in fast)
-            per_block = max(1, (train_chunk or len(owners)) // max(len(r) for r in rows_of.values()))
-            signs = 1 + any(float(weights[r]) > 0 for r in range(len(owners))) * any(float(weights[r]) < 0 for r in range(len(owners)))
-            per_block = min(per_block, max(1, elements // (2 * signs * biggest)))  # the blocks' δW: at most half of ``elements``
-        for b0 in range(0, len(live), per_block):
-            block = live[b0 : b0 + per_block]
-            key = {(u, float(weights[r]) < 0) for u in block for r in rows_of[u] if float(weights[r]) != 0}  # the directions that exist
-            column = {k: i for i, k in enumerate(sorted(key))}
-            live_rows = [(u, r) for u in block for r in rows_of[u] if float(weights[r]) != 0]
-            rows = [r for _, r in live_rows]
-            direction = torch.tensor([column[(u, float(weights[r]) < 0)] for u, r in live_rows], dtype=torch.long)
-            factor = torch.tensor([float(coeff[u]) * float(weights[r]) for u, r in live_rows], dtype=torch.float64)
-            train = None
-            if rows:
-                train = capture(fn, hooked, params, train_rows.select(rows), star=False)
+        in_block = {r: k for k, r in enumerate(rows)}
+        for ci, (at, sub) in enumerate(pieces):
+            factors = kept if kept is not None else capture(fn, found, params, sub)
+            if train is not None:
                 c, c_star, covered = linear_forces(factors, train, modules, direction, factor, len(column), precond.scale, elements=elements)
-                if b0 == 0 and at.start == 0:  # a rule whose module left no usable record: that tensor by backprop
-                    broken = {n for j, n in rules if not usable(train.records.get(j), train.rows, 1)}
-                    rules, leftover = [r for r in rules if r[1] not in broken], sorted(set(leftover) | broken)
-                    if tied is not None and not usable(train.records.get(where[tied]), train.rows, 1):
-                        return None
                 if head_names:  # the LM head (and the embedding tied to it) for all the block's directions at once
-                    ch, ch_star, done = head_forces(factors, train, params, direction, factor, len(column), precond.scale, bias=fn.bias in head_names,
-                                                    embedding=None if tied is None else (tied, where[tied]), elements=elements)  # fmt: skip
-                    c, c_star, covered = c + ch, c_star + ch_star, covered | done
+                    ch, ch_star, head_done = head_forces(factors, train, params, direction, factor, len(column), precond.scale,
+                                                         bias=fn.bias in head_names, embedding=None if tied is None else (tied, where[tied]),
+                                                         elements=elements)  # fmt: skip
+                    c, c_star, covered = c + ch, c_star + ch_star, covered | head_done
             else:  # every weight of the block is zero: no force
                 c = c_star = torch.zeros(len(sub), 0, dtype=torch.float64, device=factors.device)
                 covered = fast_names
             if covered != fast_names:
                 return None
-            in_block = {r: k for k, r in enumerate(rows)}
-            for j, u in enumerate(block):
-                r_u = rows_of[u]
-                full = example_gradient(fn, params, train_rows.select(r_u), weights[r_u]) if own or not checked or train is None else None
-                parts = full if own or train is None else _rest_parts(fn, params, train, rules, leftover, train_rows, r_u, weights, in_block,
-                                                                      head=not head_names)  # fmt: skip
-                to_step = lambda g: None if g is None else {n: -float(coeff[u]) * d for n, d in precond.apply(g).items() if n not in frozen}  # noqa: E731
-                steps = [to_step(g) for g in parts]
-                whole = steps if full is parts else [to_step(g) for g in full] if full is not None else None  # the check's steps, by backprop
-                for s, (step, key) in enumerate(zip(steps, ("pos", "neg"))):
-                    if step is None:
-                        continue
-                    i = column.get((u, s == 1))
-                    zero = torch.zeros_like(c[:, 0])
-                    total, star = (c[:, i], c_star[:, i]) if i is not None else (zero, zero)
-                    part = {n: step[n] for n in rest if n in step}
-                    if part:
-                        cr, cr_star, ok = factors.contract(params, part, list(part))
-                        total, star = total + cr.sum(1).to(total), star + cr_star.sum(1).to(star)
-                        left = {n: d for n, d in part.items() if n not in ok}
-                        if left:
-                            extra = delta_lin(fn, params, sub, left, method=method, chunk_size=chunk_size)
-                            total, star = total + extra.total.to(total), star + extra.argmax.to(star)
-                    if not checked:  # once per call: the batched sums and the rules equal the JVP of the step by backprop
-                        jvp, checked = delta_lin(fn, params, sub, whole[s], method=method, chunk_size=chunk_size), True
-                        if not torch.allclose(total, jvp.total.to(total), rtol=1e-4, atol=1e-6 * float(jvp.total.abs().max())):
-                            return None
-                    out[key][u, at], out[key + "_star"][u, at] = total.cpu(), star.cpu()
-                if own and at.start == 0:
-                    own_pos[u], own_neg[u] = own_self_forces(fn, params, train_rows.select(r_u), weights[r_u], parts, steps, method=method,
-                                                             chunk_size=chunk_size)  # fmt: skip
-                if progress:  # examples done over all chunks of probe rows
-                    progress(at.start * len(live) + len(sub) * (b0 + j + 1), n_probe * len(live))
-            del train
-            release_memory()
+            for u in block:
+                checked = _block_example(fn, params, factors, sub, at, c, c_star, u, rows_of[u], column, rest, frozen, precond, coeff, weights,
+                                         train, train_rows, rules, leftover, in_block, head_names, out, own and ci == 0, own_pos, own_neg,
+                                         checked, method=method, chunk_size=chunk_size)  # fmt: skip
+                if checked is None:
+                    return None
+                done += len(sub)
+                if progress:  # examples × probe rows done
+                    progress(done, n_probe * len(live))
+            del factors
+        del train
+        release_memory()
     tok = summed_tokens(fn, params, probes, train_rows, owners, weights, coeff, precond, names, method=method, chunk_size=chunk_size,
                         train_chunk=train_chunk)  # fmt: skip
     result = ExampleForces(out["pos"], out["neg"], out["pos_star"], out["neg_star"], tok[1], tok[-1], "factors (batched)")
     if own:
         result.own_pos, result.own_neg = own_pos, own_neg
     return result
+
+
+def _block_example(fn: Fn, params: dict, factors, sub, at: slice, c, c_star, u: int, r_u: list[int], column: dict, rest: list[str], frozen,
+                   precond: Preconditioner, coeff, weights, train, train_rows, rules, leftover, in_block, head_names, out: dict, own: bool,
+                   own_pos, own_neg, checked: bool, *, method: str, chunk_size: int | None) -> bool | None:  # fmt: skip
+    """Example u's forces on the probe rows ``at`` of one chunk: its columns of the block's batched sums C, C*
+    plus its other tensors contracted with the chunk's ``factors``, into ``out``; with ``own`` its forces on its
+    own responses too. Returns whether the check against the JVP has run (None: it failed)."""
+    full = example_gradient(fn, params, train_rows.select(r_u), weights[r_u]) if own or not checked or train is None else None
+    parts = full if own or train is None else _rest_parts(fn, params, train, rules, leftover, train_rows, r_u, weights, in_block,
+                                                          head=not head_names)  # fmt: skip
+    to_step = lambda g: None if g is None else {n: -float(coeff[u]) * d for n, d in precond.apply(g).items() if n not in frozen}  # noqa: E731
+    steps = [to_step(g) for g in parts]
+    whole = steps if full is parts else [to_step(g) for g in full] if full is not None else None  # the check's steps, by backprop
+    for s, (step, key) in enumerate(zip(steps, ("pos", "neg"))):
+        if step is None:
+            continue
+        i = column.get((u, s == 1))
+        zero = torch.zeros_like(c[:, 0]) if c.shape[1] else torch.zeros(len(sub), dtype=torch.float64, device=c.device)
+        total, star = (c[:, i], c_star[:, i]) if i is not None else (zero, zero)
+        part = {n: step[n] for n in rest if n in step}
+        if part:
+            cr, cr_star, ok = factors.contract(params, part, list(part))
+            total, star = total + cr.sum(1).to(total), star + cr_star.sum(1).to(star)
+            left = {n: d for n, d in part.items() if n not in ok}
+            if left:
+                extra = delta_lin(fn, params, sub, left, method=method, chunk_size=chunk_size)
+                total, star = total + extra.total.to(total), star + extra.argmax.to(star)
+        if not checked:  # once per call: the batched sums and the rules equal the JVP of the step by backprop
+            jvp, checked = delta_lin(fn, params, sub, whole[s], method=method, chunk_size=chunk_size), True
+            if not torch.allclose(total, jvp.total.to(total), rtol=1e-4, atol=1e-6 * float(jvp.total.abs().max())):
+                return None
+        out[key][u, at], out[key + "_star"][u, at] = total.cpu(), star.cpu()
+    if own:
+        own_pos[u], own_neg[u] = own_self_forces(fn, params, train_rows.select(r_u), weights[r_u], parts, steps, method=method, chunk_size=chunk_size)
+    return checked
 
 
 def _rest_rules(fn: Fn, found: list, factors, rest: list[str]) -> tuple[list[tuple[int, str]], list[str]]:
