@@ -260,10 +260,11 @@ def _half(rows: int | None) -> int | None:
 
 
 def _block(rows: int | None) -> int | None:
-    """Training rows per block of the batched forces: three quarters of the rows' budget at the block's capture,
-    whose factors (about half of that peak) then stay beside each chunk of probe rows (``_half``) — the blocks
-    are the outer loop, each probe row's G is formed once per block, so they are as large as the budget allows."""
-    return None if rows is None else max(1, 3 * rows // 4)
+    """Training rows per block of the batched forces: the whole rows' budget at the block's capture, whose factors
+    (about half of that peak) then stay beside each chunk of probe rows (``_half``). Each probe row's G and each
+    direction's δW are formed once per (block, chunk), so the work beside the fixed product goes as 1/block +
+    1/chunk: both are as large as the budget allows (a larger ``--memory`` is faster)."""
+    return rows
 
 
 def training_part(p, pt: PreparedTraining, k: int, before: dict, after: dict, dlogp_lin: torch.Tensor, dlogp_lin_star: torch.Tensor, grid,

@@ -455,6 +455,29 @@ def test_example_forces_from_captured_factors_equal_one_jvp_per_example(case, ob
     assert float(slow.neg.abs().max()) > 0 and float(slow.pos.abs().max()) > 0
 
 
+@pytest.mark.parametrize("chunk", [None, 5])
+def test_batched_forces_capture_each_training_row_once(case, chunk, tmp_path, monkeypatch):
+    """The blocks of training rows are the outer loop: every training row is captured once, in its block, and the
+    probe rows once per block (once in all when one chunk holds them, plus the first chunk read for the set-up)."""
+    import ckptforce.forces.attribution as attribution
+
+    theta = case.thetas[1]
+    train, owners = _three_examples("dpo", tmp_path)
+    weights = torch.tensor([0.7, -0.4, 1.1, -0.9, 0.5, -1.3], dtype=torch.float64)
+    pre = Preconditioner("sgd", None, None, None)
+    coeff = torch.tensor([1e-3, 2e-3, 0.5e-3], dtype=torch.float64)
+    seen, real = [], attribution.capture
+    monkeypatch.setattr(attribution, "capture", lambda fn, found, params, sub, **kw: seen.append((kw.get("star", True), len(sub))) or real(fn, found, params, sub, **kw))
+    forces = example_forces(case.model.logits, theta, case.probes, train, owners, weights, coeff, pre, module=case.model.module, chunk_size=chunk,
+                            train_chunk=4)  # fmt: skip
+    assert forces.method == "factors (batched)"
+    blocks, pieces = 3 * 2 // 4 + 1, -(-len(case.probes) // (chunk or len(case.probes)))  # two pairs, then one
+    assert [n for star, n in seen if not star] == [4, 2]  # each training row once
+    probe = [n for star, n in seen if star]
+    assert len(probe) == (1 if pieces == 1 else 1 + blocks * pieces) and sum(probe[1:]) == (0 if pieces == 1 else blocks * len(case.probes)), probe
+    assert pieces > 1 or chunk is None
+
+
 def test_approximate_forces_are_exact_for_a_rank_one_preconditioner(case, tmp_path):
     """forces/approx.py: with P = r cᵀ on every matrix (any P on vectors) the ghost products with scaled factors
     equal one JVP per example (1e-9), totals and y*; with a general P they are an approximation whose error is

@@ -251,6 +251,43 @@ def batched_example_forces(
     if len(pieces) > 1:
         kept = None  # not held beside the first block's capture: each chunk is captured again for every block
     checked, broken_checked, done = False, False, 0
+    train, in_block, column = None, {}, {}  # the block's capture, its rows' places in it, its directions' columns (set per block)
+
+    def example(u: int, factors, sub, at: slice, c: torch.Tensor, c_star: torch.Tensor, *, with_own: bool) -> bool:
+        """Example u's forces on the probe rows ``at`` of one chunk, into ``out``: its columns of the block's
+        batched sums C, C* plus its other tensors contracted with the chunk's ``factors``; ``with_own``: its forces
+        on its own responses too. False when the check against the JVP fails."""
+        nonlocal checked
+        r_u = rows_of[u]
+        full = example_gradient(fn, params, train_rows.select(r_u), weights[r_u]) if own or not checked or train is None else None
+        parts = full if own or train is None else _rest_parts(fn, params, train, rules, leftover, train_rows, r_u, weights, in_block,
+                                                              head=not head_names)  # fmt: skip
+        to_step = lambda g: None if g is None else {n: -float(coeff[u]) * d for n, d in precond.apply(g).items() if n not in frozen}  # noqa: E731
+        steps = [to_step(g) for g in parts]
+        whole = steps if full is parts else [to_step(g) for g in full] if full is not None else None  # the check's steps, by backprop
+        for s, (step, key) in enumerate(zip(steps, ("pos", "neg"))):
+            if step is None:
+                continue
+            i = column.get((u, s == 1))
+            total, star = (c[:, i], c_star[:, i]) if i is not None else (torch.zeros(len(sub), dtype=torch.float64, device=c.device),) * 2
+            part = {n: step[n] for n in rest if n in step}
+            if part:
+                cr, cr_star, ok = factors.contract(params, part, list(part))
+                total, star = total + cr.sum(1).to(total), star + cr_star.sum(1).to(star)
+                left = {n: d for n, d in part.items() if n not in ok}
+                if left:
+                    extra = delta_lin(fn, params, sub, left, method=method, chunk_size=chunk_size)
+                    total, star = total + extra.total.to(total), star + extra.argmax.to(star)
+            if not checked:  # once per call: the batched sums and the rules equal the JVP of the step by backprop
+                jvp, checked = delta_lin(fn, params, sub, whole[s], method=method, chunk_size=chunk_size), True
+                if not torch.allclose(total, jvp.total.to(total), rtol=1e-4, atol=1e-6 * float(jvp.total.abs().max())):
+                    return False
+            out[key][u, at], out[key + "_star"][u, at] = total.cpu(), star.cpu()
+        if with_own:
+            own_pos[u], own_neg[u] = own_self_forces(fn, params, train_rows.select(r_u), weights[r_u], parts, steps, method=method,
+                                                     chunk_size=chunk_size)  # fmt: skip
+        return True
+
     for b0 in range(0, len(live), per_block):
         block = live[b0 : b0 + per_block]
         key = {(u, float(weights[r]) < 0) for u in block for r in rows_of[u] if float(weights[r]) != 0}  # the directions that exist
@@ -282,16 +319,13 @@ def batched_example_forces(
             if covered != fast_names:
                 return None
             for u in block:
-                checked = _block_example(fn, params, factors, sub, at, c, c_star, u, rows_of[u], column, rest, frozen, precond, coeff, weights,
-                                         train, train_rows, rules, leftover, in_block, head_names, out, own and ci == 0, own_pos, own_neg,
-                                         checked, method=method, chunk_size=chunk_size)  # fmt: skip
-                if checked is None:
+                if not example(u, factors, sub, at, c, c_star, with_own=own and ci == 0):
                     return None
                 done += len(sub)
                 if progress:  # examples × probe rows done
                     progress(done, n_probe * len(live))
             del factors
-        del train
+        train = None
         release_memory()
     tok = summed_tokens(fn, params, probes, train_rows, owners, weights, coeff, precond, names, method=method, chunk_size=chunk_size,
                         train_chunk=train_chunk)  # fmt: skip
@@ -299,42 +333,6 @@ def batched_example_forces(
     if own:
         result.own_pos, result.own_neg = own_pos, own_neg
     return result
-
-
-def _block_example(fn: Fn, params: dict, factors, sub, at: slice, c, c_star, u: int, r_u: list[int], column: dict, rest: list[str], frozen,
-                   precond: Preconditioner, coeff, weights, train, train_rows, rules, leftover, in_block, head_names, out: dict, own: bool,
-                   own_pos, own_neg, checked: bool, *, method: str, chunk_size: int | None) -> bool | None:  # fmt: skip
-    """Example u's forces on the probe rows ``at`` of one chunk: its columns of the block's batched sums C, C*
-    plus its other tensors contracted with the chunk's ``factors``, into ``out``; with ``own`` its forces on its
-    own responses too. Returns whether the check against the JVP has run (None: it failed)."""
-    full = example_gradient(fn, params, train_rows.select(r_u), weights[r_u]) if own or not checked or train is None else None
-    parts = full if own or train is None else _rest_parts(fn, params, train, rules, leftover, train_rows, r_u, weights, in_block,
-                                                          head=not head_names)  # fmt: skip
-    to_step = lambda g: None if g is None else {n: -float(coeff[u]) * d for n, d in precond.apply(g).items() if n not in frozen}  # noqa: E731
-    steps = [to_step(g) for g in parts]
-    whole = steps if full is parts else [to_step(g) for g in full] if full is not None else None  # the check's steps, by backprop
-    for s, (step, key) in enumerate(zip(steps, ("pos", "neg"))):
-        if step is None:
-            continue
-        i = column.get((u, s == 1))
-        zero = torch.zeros_like(c[:, 0]) if c.shape[1] else torch.zeros(len(sub), dtype=torch.float64, device=c.device)
-        total, star = (c[:, i], c_star[:, i]) if i is not None else (zero, zero)
-        part = {n: step[n] for n in rest if n in step}
-        if part:
-            cr, cr_star, ok = factors.contract(params, part, list(part))
-            total, star = total + cr.sum(1).to(total), star + cr_star.sum(1).to(star)
-            left = {n: d for n, d in part.items() if n not in ok}
-            if left:
-                extra = delta_lin(fn, params, sub, left, method=method, chunk_size=chunk_size)
-                total, star = total + extra.total.to(total), star + extra.argmax.to(star)
-        if not checked:  # once per call: the batched sums and the rules equal the JVP of the step by backprop
-            jvp, checked = delta_lin(fn, params, sub, whole[s], method=method, chunk_size=chunk_size), True
-            if not torch.allclose(total, jvp.total.to(total), rtol=1e-4, atol=1e-6 * float(jvp.total.abs().max())):
-                return None
-        out[key][u, at], out[key + "_star"][u, at] = total.cpu(), star.cpu()
-    if own:
-        own_pos[u], own_neg[u] = own_self_forces(fn, params, train_rows.select(r_u), weights[r_u], parts, steps, method=method, chunk_size=chunk_size)
-    return checked
 
 
 def _rest_rules(fn: Fn, found: list, factors, rest: list[str]) -> tuple[list[tuple[int, str]], list[str]]:

@@ -81,7 +81,7 @@ def linear_forces(probe: Factors, train: Factors, modules: dict[int, tuple[int, 
     direction = direction.to(dev)
     biggest = max((probe.found[i][0].weight.numel() for i in modules), default=0)
     dtype = wide(torch.empty(0, dtype=probe.dtype)).dtype
-    rows_buf = torch.empty(max(biggest, elements // 2), dtype=dtype, device=dev)  # a chunk of rows' G, reused
+    rows_buf = torch.empty(max(probe.outputs * biggest, elements // 2), dtype=dtype, device=dev)  # a chunk of rows' G (y and y*), reused
     dirs_buf = torch.empty(n_dirs * biggest, dtype=dtype, device=dev)  # the directions' δW, reused
     for i, (j, kind) in modules.items():
         rec, trec = probe.records.get(i), train.records.get(j)
@@ -100,10 +100,15 @@ def linear_forces(probe: Factors, train: Factors, modules: dict[int, tuple[int, 
         if p is not None:
             v *= p.to(v)
         flat = v.view(n_dirs, size).T  # (size, D)
-        for r0 in range(0, b, step):
-            for out, grads in zip((c, c_star), rec["grads"]):
-                g = _row_grads(x[r0 : r0 + step], grads[r0 : r0 + step], kind, rows_buf)
-                out[r0 : r0 + step] += (g.view(g.shape[0], size) @ flat).double()
+        scores = len(rec["grads"])
+        per = max(1, rows_buf.numel() // (size * scores))  # probe rows per product: G of y and of y* stacked, one GEMM
+        for r0 in range(0, b, per):
+            n = min(per, b - r0)
+            for k, grads in enumerate(rec["grads"]):
+                _row_grads(x[r0 : r0 + n], grads[r0 : r0 + n], kind, rows_buf[k * n * size :])
+            cc = (rows_buf[: scores * n * size].view(scores * n, size) @ flat).double()  # (scores · n, D)
+            for k, out in zip(range(scores), (c, c_star)):
+                out[r0 : r0 + n] += cc[k * n : (k + 1) * n]
         covered.add(own["weight"])
         if "bias" in own:
             vb = torch.zeros(n_dirs, m.bias.shape[0], dtype=v.dtype, device=dev)
