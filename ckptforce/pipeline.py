@@ -135,6 +135,7 @@ def prepare(config: AnalysisConfig, device: str = "cpu") -> Prepared:
         train_convention = Convention(config.special_tokens, config.train_eos, template)
         prepared.training = prepare_training(config, run, model, tokenizer, device, dtype, convention=train_convention)
         prepared.training.chunk_size = _chunk_rows(config, model, prepared.training.batch, dtype, device)
+        prepared.training.logits_chunk_size = _chunk_rows(config, model, prepared.training.batch, dtype, device, full_logits=True)
         tokenizer = tokenizer or prepared.training.tokenizer
         train_kinds = kinds(prepared.training.tset.examples)
     seen = probe_set.columns | (prepared.training.tset.columns if prepared.training else set())
@@ -223,6 +224,7 @@ def _prepare_classifier(config: AnalysisConfig, run: Run, model: BoundModel, dev
     if config.train:
         prepared.training = prepare_training(config, run, model, None, device, dtype)
         prepared.training.chunk_size = _chunk_rows(config, model, prepared.training.batch, dtype, device)
+        prepared.training.logits_chunk_size = _chunk_rows(config, model, prepared.training.batch, dtype, device, full_logits=True)
     prepared.chunk_size = _chunk_rows(config, model, batch, dtype, device)
     prepared.logits_chunk_size = _chunk_rows(config, model, batch, dtype, device, full_logits=True)
     _prepare_features(prepared, dtype)

@@ -59,6 +59,7 @@ class PreparedTraining:
     token_norm: torch.Tensor | None = None  # (U,) GRPO dapo / bnpo: each group's share of its step's completion tokens
     advantages: torch.Tensor | None = None  # (U, n) GRPO: Â of every completion, scaled as the trainer did (scale_rewards)
     chunk_size: int | None = None  # training rows per forward / backward within the memory budget (set by the pipeline)
+    logits_chunk_size: int | None = None  # the same where their full (rows, T, V) logits are formed
 
     @property
     def sources(self) -> list[str]:
@@ -259,6 +260,13 @@ def _half(rows: int | None) -> int | None:
     return None if rows is None else max(1, rows // 2)
 
 
+def _full_logits_rows(p, pt: PreparedTraining) -> int | None:
+    """Rows per chunk on either side where probe and training rows both form their full logits (the kernels, the
+    approximation): the smaller of the two chunks, so that the longer rows stay within the budget too."""
+    sizes = [n for n in (p.logits_chunk_size, pt.logits_chunk_size) if n]
+    return min(sizes) if sizes else None
+
+
 def _block(rows: int | None) -> int | None:
     """Training rows per block of the batched forces: the whole rows' budget at the block's capture, whose factors
     (about half of that peak) then stay beside each chunk of probe rows (``_half``). Each probe row's G and each
@@ -382,7 +390,7 @@ def approximate_part(p, pt: PreparedTraining, before: dict, weights: torch.Tenso
     frozen = pre.frozen
     names = [n for n, t in before.items() if t.is_floating_point() and n not in frozen]
     pos, neg, pos_star, neg_star, fitted = approximate_forces(p.model.logits, before, p.batch, pt.batch, pt.owners, weights, coeff, pre.scale,
-                                                              module=module, names=names, chunk_size=p.logits_chunk_size)  # fmt: skip
+                                                              module=module, names=names, chunk_size=_full_logits_rows(p, pt))  # fmt: skip
     tok = summed_tokens(fn, before, p.batch, pt.batch, pt.owners, weights, coeff, pre, names, method=p.config.method, chunk_size=p.chunk_size,
                         train_chunk=pt.chunk_size)  # fmt: skip
     used = [u for u in range(len(coeff)) if float(coeff[u]) != 0][:APPROX_CHECK]
@@ -406,7 +414,7 @@ def probe_kernel(p, pt: PreparedTraining, params: dict, weights: torch.Tensor) -
     weights = weights.flatten()  # (U·R,) one weight per training row
     projection = Projection(config.kernel_projection) if config.kernel_projection else None
     kern = gradient_kernel(p.model.logits, params, probes, pt.batch, module=p.model.module, train_loss=weights.to(torch.float64),
-                           chunk_size=p.logits_chunk_size, projection=projection)  # fmt: skip
+                           chunk_size=_full_logits_rows(p, pt), projection=projection)  # fmt: skip
     n_ex = len(pt.tset)
     owners = torch.tensor(pt.owners, device=kern.k.device)
     k = torch.zeros(kern.k.shape[0], n_ex, dtype=torch.float64).index_add_(1, owners.cpu(), kern.k.double().cpu())
@@ -454,10 +462,10 @@ def class_matrices(p, pt: PreparedTraining, params: dict) -> tuple[dict[str, np.
 
 def training_rows_at(p, pt: PreparedTraining, params: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(log π(y_r|x_r) (rows,) float64, the G statistics per row: ``objectives.g_statistics``) of the training rows
-    at ``params``, ``p.logits_chunk_size`` rows at a time: the (rows, T, V) logits of one chunk at most."""
+    at ``params``, ``pt.logits_chunk_size`` rows at a time: the (rows, T, V) logits of one chunk at most."""
     logp, stats = [], []
     with torch.no_grad():
-        for sub in chunks(pt.batch, p.logits_chunk_size):
+        for sub in chunks(pt.batch, pt.logits_chunk_size):
             logits = p.model.logits(params, sub)
             logp.append(_row_logp(logits, sub).cpu())
             stats.append({k: v.double().cpu() for k, v in g_statistics(logits, sub.targets, sub.target_mask).items()})

@@ -79,6 +79,7 @@ def linear_forces(probe: Factors, train: Factors, modules: dict[int, tuple[int, 
     c_star = torch.zeros_like(c)
     covered: set[str] = set()
     direction = direction.to(dev)
+    one_to_one = train.rows == n_dirs and bool((direction == torch.arange(n_dirs, device=dev)).all())
     biggest = max((probe.found[i][0].weight.numel() for i in modules), default=0)
     dtype = wide(torch.empty(0, dtype=probe.dtype)).dtype
     rows_buf = torch.empty(max(probe.outputs * biggest, elements // 2), dtype=dtype, device=dev)  # a chunk of rows' G (y and y*), reused
@@ -90,12 +91,16 @@ def linear_forces(probe: Factors, train: Factors, modules: dict[int, tuple[int, 
         m, own, _ = probe.found[i]
         size = m.weight.numel()
         x, xt, dt = rec["args"][0], trec["args"][0], trec["grads"][0]
-        step = max(1, rows_buf.numel() // size)  # rows per chunk of G (and of the training rows' gradients)
+        step = max(1, rows_buf.numel() // size)  # training rows per chunk of their gradients
         shape = (m.weight.shape[0], m.weight.shape[1])
-        v = dirs_buf[: n_dirs * size].view(n_dirs, *shape).zero_()
-        for r0 in range(0, train.rows, step):
-            scaled = dt[r0 : r0 + step] * factor[r0 : r0 + step].to(dt.device, wide(dt).dtype).view(-1, *[1] * (dt.dim() - 1))
-            v.index_add_(0, direction[r0 : r0 + step], _row_grads(xt[r0 : r0 + step], scaled, kind, rows_buf).view(-1, *shape))
+        v = dirs_buf[: n_dirs * size].view(n_dirs, *shape)
+        scaled = dt * factor.to(dt.device, wide(dt).dtype).view(-1, *[1] * (dt.dim() - 1))
+        if one_to_one:  # each direction is one row, in order (SFT, preference pairs): the rows' gradients are V
+            _row_grads(xt, scaled, kind, dirs_buf)
+        else:
+            v.zero_()
+            for r0 in range(0, train.rows, step):
+                v.index_add_(0, direction[r0 : r0 + step], _row_grads(xt[r0 : r0 + step], scaled[r0 : r0 + step], kind, rows_buf).view(-1, *shape))
         p = scale.get(own["weight"]) if scale else None
         if p is not None:
             v *= p.to(v)

@@ -162,10 +162,12 @@ def gradient_kernel(
     p_parts = [row_grads(fn, params, sub, probe_score, **opts) for sub in chunks(probes, chunk_size)]
     p_sketches = [sketch(g, projection) for g in p_parts] if projection else []
     approximate = any(s[2] for s in p_sketches)
-    blocks, totals, t_norm2, seen = [], [], [], list(p_parts)
+    blocks, totals, t_norm2 = [], [], []
+    ghost_names, per_row = {n for g in p_parts for n in g.factors}, {n for g in p_parts for n in g.dense}  # names, not the chunks' factors
     for sub in _train_chunks(train, train_loss, chunk_size):
         g = row_grads(fn, params, sub, _train_loss_fn(train_loss), **opts)
-        seen.append(g)
+        ghost_names |= set(g.factors)
+        per_row |= set(g.dense)
         if projection:
             x, where, approx = sketch(g, projection)
             approximate |= approx
@@ -177,12 +179,12 @@ def gradient_kernel(
         if by_param:
             blocks.append({n: _cat([b[n] for b in per]) for n in per[0]})
         totals.append(_cat([_summed(b.values(), fresh=not by_param) for b in per]))
+        del g, per  # one training chunk's factors at a time
     if projection:
         p_norm2 = _cat([p.pow(2).sum(1) for p, _, _ in p_sketches])
     else:
         p_norm2 = _cat([_summed(sq_norms(g, products).values()) for g in p_parts])
-    ghost_names = sorted({n for g in seen for n in g.factors})
-    per_row = sorted({n for g in seen for n in g.dense})
+    ghost_names, per_row = sorted(ghost_names), sorted(per_row)
     method = (f"projection {projection.kind} dim={projection.dim} seed={projection.seed}" if projection
               else f"exact: ghost {len(ghost_names)} tensors, per-row {len(per_row)} tensors")  # fmt: skip
     by = {n: _cat([b[n] for b in blocks], 1) for n in blocks[0]} if by_param else None  # name -> (O, U)
