@@ -128,12 +128,12 @@ def forwards_per_interval(by_tensor: bool, nodes: int) -> float:
 
 
 #: The training examples' forces (``--train``) in the same unit: per interval a fixed part (the first example checked
-#: against its JVP, the per-token split's two JVPs, the captures: three JVPs and a split) and a part per example
-#: (bench/train_forces.py, GPT-2 small, 64 SFT examples, 2 cores: 1.18 forwards per example with the fixed part).
-#: ``--forces approximate`` measured 0.39 forwards per example against 0.76 for the exact path (stop 23, 256 examples,
-#: the bench's blocks of 64); analyze's smaller blocks are not measured per example, so both keep COST_EXAMPLE, an
-#: upper bound.
-COST_TRAIN_FIXED, COST_EXAMPLE = 3 * COST_JVP + COST_SPLIT, 1.0
+#: against its JVP, the per-token split's two JVPs, the captures: three JVPs and a split) and a part per example.
+#: Measured in ``analyze`` (bench/scale.py --train 256, GPT-2 small, 288 probe rows, 2 cores, stop 24): 191.7
+#: forwards for the interval with 256 SFT examples, 0.62 per example beyond the probe rows' work and this fixed part.
+#: ``--forces approximate`` measured about half the exact path's time per example in bench/train_forces.py (stop 23);
+#: it keeps the exact path's figure, an upper bound.
+COST_TRAIN_FIXED, COST_EXAMPLE = 3 * COST_JVP + COST_SPLIT, 0.7
 COST_EXAMPLE_APPROX = COST_EXAMPLE
 
 

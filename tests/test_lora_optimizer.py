@@ -39,7 +39,7 @@ def test_forces_on_a_lora_run_use_the_factor_preconditioner(tmp_path, monkeypatc
     from click.testing import CliRunner
 
     from ckptforce.cli import main
-    from ckptforce.forces import attribution
+    from ckptforce.forces import precondition
     from fixtures.arch_runs import SEQ, VOCAB, write_arch_run
     from fixtures.trainers import SEED, _TokenDataset
     from test_model import _id_probes
@@ -64,7 +64,7 @@ def test_forces_on_a_lora_run_use_the_factor_preconditioner(tmp_path, monkeypatc
     ratio, kind, warnings = unexplained(tmp_path / "lora.h5")
     assert kind == "adam on LoRA factors" and any("starts at the base model" in w for w in warnings), warnings
     monkeypatch.setattr("ckptforce.training_forces.adapter_factors", lambda ckpt, params: None)  # the dense path
-    monkeypatch.setattr(attribution, "_first_step", lambda state: True)
+    monkeypatch.setattr(precondition, "_first_step", lambda state: True)
     dense, dense_kind, _ = unexplained(tmp_path / "dense.h5")
     assert dense_kind == "sgd"
     assert ratio < 0.05 and dense > 0.5, (ratio, dense)  # measured: 2e-5, 0.025, 0.012 per interval; dense 0.97, 0.98, 0.90
