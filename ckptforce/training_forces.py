@@ -256,7 +256,10 @@ def _coefficients(pt: PreparedTraining, lr: float, step_from: int, step_to: int,
 
 
 def _half(rows: int | None) -> int | None:
-    """Probe rows per chunk when a block of training rows is held beside them: half of the rows' budget."""
+    """Probe rows per chunk when a block of training rows is held beside them: half of the rows' budget. The block
+    takes the whole budget at its capture (``pt.chunk_size``); its factors, about half of that peak, then stay beside
+    each probe chunk. Each probe row's G and each direction's δW are formed once per (block, chunk), so both are as
+    large as the budget allows (a larger ``--memory`` is faster)."""
     return None if rows is None else max(1, rows // 2)
 
 
@@ -265,14 +268,6 @@ def _full_logits_rows(p, pt: PreparedTraining) -> int | None:
     approximation): the smaller of the two chunks, so that the longer rows stay within the budget too."""
     sizes = [n for n in (p.logits_chunk_size, pt.logits_chunk_size) if n]
     return min(sizes) if sizes else None
-
-
-def _block(rows: int | None) -> int | None:
-    """Training rows per block of the batched forces: the whole rows' budget at the block's capture, whose factors
-    (about half of that peak) then stay beside each chunk of probe rows (``_half``). Each probe row's G and each
-    direction's δW are formed once per (block, chunk), so the work beside the fixed product goes as 1/block +
-    1/chunk: both are as large as the budget allows (a larger ``--memory`` is faster)."""
-    return rows
 
 
 def training_part(p, pt: PreparedTraining, k: int, before: dict, after: dict, dlogp_lin: torch.Tensor, dlogp_lin_star: torch.Tensor, grid,
@@ -304,7 +299,7 @@ def training_part(p, pt: PreparedTraining, k: int, before: dict, after: dict, dl
     else:
         forces = example_forces(p.fn or p.model.logits, before, p.batch, pt.batch, pt.owners, weights.flatten(), coeff, pre,
                                 teacher_logits=pt.teacher_logits, method=config.method, chunk_size=_half(p.chunk_size), module=p.model.module,
-                                own=pairs or groups, train_chunk=_block(pt.chunk_size), elements=batched_elements(p.rows_gb, before),
+                                own=pairs or groups, train_chunk=pt.chunk_size, elements=batched_elements(p.rows_gb, before),
                                 progress=progress)  # fmt: skip
     fn = p.fn or p.model.logits
     mom, mom_star = direction_force(fn, before, p.batch, pre.momentum, method=config.method, chunk_size=p.chunk_size)
@@ -396,7 +391,7 @@ def approximate_part(p, pt: PreparedTraining, before: dict, weights: torch.Tenso
     used = [u for u in range(len(coeff)) if float(coeff[u]) != 0][:APPROX_CHECK]
     rows = [i for i, o in enumerate(pt.owners) if o in used]
     exact = example_forces(fn, before, p.batch, pt.batch.select(rows), [used.index(pt.owners[i]) for i in rows], weights[rows], coeff[used], pre,
-                           method=p.config.method, chunk_size=_half(p.chunk_size), module=module, train_chunk=_block(pt.chunk_size),
+                           method=p.config.method, chunk_size=_half(p.chunk_size), module=module, train_chunk=pt.chunk_size,
                            elements=batched_elements(p.rows_gb, before))  # fmt: skip
     error = relative_error((pos + neg)[used], exact.total) if used else math.nan
     method = f"approximate: Adafactor-style rank-one P on {len(fitted)} matrices, ghost products"
