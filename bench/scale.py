@@ -20,6 +20,7 @@ writes a probe file of token ids (48 probes × 6 responses of 10–18 tokens = 2
     python bench/scale.py --intervals 1 --long-nodes 0 --no-split   # the shortest run that gives every peak RSS
     python bench/scale.py --per-row        # also time the per-row split on 16 rows (what 'today' means)
     python bench/scale.py --long 0 --no-split --train 256 --intervals 1   # also analyze --train with 256 SFT examples
+    python bench/scale.py --long 0 --no-split --train 256 --train-only --forces approximate   # the approximation alone
     python bench/scale.py --device cuda    # on a GPU
 """
 
@@ -144,6 +145,8 @@ def main() -> None:
     ap.add_argument("--no-split", action="store_true", help="do not time the split by tensor alone")
     ap.add_argument("--train", type=int, default=0, metavar="U", help="also analyze the first interval with --train: U SFT examples "
                     "(the run's 16 rows, then random ones), default settings otherwise (0: skip)")
+    ap.add_argument("--forces", choices=("exact", "approximate"), default="exact", help="--forces of the --train analysis")
+    ap.add_argument("--train-only", action="store_true", help="with --train: skip the analyses without training examples")
     args = ap.parse_args()
     exe = shutil.which("ckptforce") or sys.exit("install ckptforce first: pip install -e .")
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -183,14 +186,26 @@ def main() -> None:
     if args.train:
         train = args.workdir / f"train{args.train}.jsonl"
         write_train(train, args.train)
-        wall, peak = analyze(exe, first, probes, args, ["--train", str(train), "--no-train-eos"])
-        print(f"[analyze --train, {args.train} SFT examples, 1 interval]  {wall:.0f} s = {wall / fwd:.1f} forwards (with start-up), "
-              f"peak RSS {peak / 1024:.2f} GiB")  # fmt: skip
+        wall, peak = analyze(exe, first, probes, args, ["--train", str(train), "--no-train-eos", "--forces", args.forces])
+        print(f"[analyze --train, {args.train} SFT examples, --forces {args.forces}, 1 interval]  {wall:.0f} s = {wall / fwd:.1f} forwards "
+              f"(with start-up), peak RSS {peak / 1024:.2f} GiB{_approx_error(args.workdir / 'cube.h5')}")  # fmt: skip
+        if args.train_only:
+            return
     for label, extra in (("default (split by tensor, 2 nodes)", []), ("--no-by-tensor", ["--no-by-tensor"])):
         wall, peak = analyze(exe, run if args.intervals == 2 else first, probes, args, extra)
         per = wall / args.intervals
         print(f"[analyze {label}]  {wall:.0f} s for {args.intervals} interval(s) = {per / fwd:.1f} forwards per interval (with start-up), "
               f"peak RSS {peak / 1024:.2f} GiB")  # fmt: skip
+
+
+def _approx_error(cube: Path) -> str:
+    """', error of the approximation E' (force_approx_error, stored in the cube), or '' for exact forces."""
+    import h5py
+    import numpy as np
+
+    with h5py.File(cube, "r") as f:
+        err = np.asarray(f["force_approx_error"][()]) if "force_approx_error" in f else np.array([np.nan])
+    return "" if np.isnan(err).all() else f"; ‖approx − exact‖ / ‖exact‖ over the first examples {float(np.nanmax(err)):.3f}"
 
 
 def analyze(exe: str, run: Path, probes: Path, args, extra: list[str]) -> tuple[float, float]:

@@ -295,7 +295,7 @@ def training_part(p, pt: PreparedTraining, k: int, before: dict, after: dict, dl
     pairs, groups = tset.objective in PREFERENCE, tset.objective == "grpo"
     approx_error = math.nan
     if config.forces == "approximate" and tset.objective != "kd" and pre.lora is None:
-        forces, approx_error = approximate_part(p, pt, before, weights.flatten(), coeff, pre)
+        forces, approx_error = approximate_part(p, pt, before, weights.flatten(), coeff, pre, progress=progress)
     else:
         forces = example_forces(p.fn or p.model.logits, before, p.batch, pt.batch, pt.owners, weights.flatten(), coeff, pre,
                                 teacher_logits=pt.teacher_logits, method=config.method, chunk_size=_half(p.chunk_size), module=p.model.module,
@@ -377,15 +377,17 @@ def training_part(p, pt: PreparedTraining, k: int, before: dict, after: dict, dl
 APPROX_CHECK = 8
 
 
-def approximate_part(p, pt: PreparedTraining, before: dict, weights: torch.Tensor, coeff: torch.Tensor, pre) -> tuple:
+def approximate_part(p, pt: PreparedTraining, before: dict, weights: torch.Tensor, coeff: torch.Tensor, pre, progress=None) -> tuple:
     """(ExampleForces, relative error): ``forces/approx.py``'s rank-one P with ghost products for every example;
     the per-token split exact (one backward per sign over all training rows, one JVP each); the error of the
-    first APPROX_CHECK used examples against their exact forces."""
+    first APPROX_CHECK used examples against their exact forces. The probe rows' factors are held while they take
+    at most half of the rows' budget, else captured again for each block of training rows."""
     fn, module = p.fn or p.model.logits, p.model.module
     frozen = pre.frozen
     names = [n for n, t in before.items() if t.is_floating_point() and n not in frozen]
     pos, neg, pos_star, neg_star, fitted = approximate_forces(p.model.logits, before, p.batch, pt.batch, pt.owners, weights, coeff, pre.scale,
-                                                              module=module, names=names, chunk_size=_full_logits_rows(p, pt))  # fmt: skip
+                                                              module=module, names=names, chunk_size=_full_logits_rows(p, pt),
+                                                              held_bytes=p.rows_gb * 2**30 / 2, progress=progress)  # fmt: skip
     tok = summed_tokens(fn, before, p.batch, pt.batch, pt.owners, weights, coeff, pre, names, method=p.config.method, chunk_size=p.chunk_size,
                         train_chunk=pt.chunk_size)  # fmt: skip
     used = [u for u in range(len(coeff)) if float(coeff[u]) != 0][:APPROX_CHECK]

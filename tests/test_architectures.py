@@ -507,6 +507,14 @@ def test_approximate_forces_are_exact_for_a_rank_one_preconditioner(case, tmp_pa
         if rank_one:
             for got, want in ((pos, exact.pos), (neg, exact.neg), (pos_star, exact.pos_argmax), (neg_star, exact.neg_argmax)):
                 torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12 * float(want.abs().max()), msg=lambda m: f"{case.arch}: {m}")
+            # in chunks: the probe rows' factors held (blocks of 1 training row), or captured again for every block of 3
+            for held_bytes, blocks in ((None, 6), (0, 2)):
+                seen = []
+                chunked = approximate_forces(fn, theta, case.probes, train, owners, weights, coeff, {n: scale[n] for n in names}, module=module,
+                                             names=names, chunk_size=3, held_bytes=held_bytes, progress=lambda done, total: seen.append(done))  # fmt: skip
+                assert seen == [6 // blocks * (i + 1) for i in range(blocks)], (held_bytes, seen)
+                for got, want in zip(chunked[:4], (pos, neg, pos_star, neg_star)):
+                    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-13 * float(want.abs().max()))
         else:
             err = relative_error(pos + neg, exact.total)
             assert 0 < err < 10, (case.arch, err)

@@ -236,6 +236,11 @@ def test_ghost_factors_form_the_loops_per_example_gradients(batch):
     rows = batch.select([0, 2, 3])
     grads = row_grads(model.logits, params, rows, logp_rows, module=model.module)
     assert len(grads.factors["transformer.wte.weight"]) == 2  # the embedding use and the lm_head use
+    # positions of zero δ are dropped: the head keeps the longest response (3 tokens of the 5 padded positions),
+    # a layer every position but a row's last (4 for the 5-token row)
+    assert rows.targets.shape[1] == 5
+    assert [v.shape[1] for _, v in grads.factors["transformer.wte.weight"]] == [4, 3]  # (embedding δ, head input)
+    assert grads.factors["transformer.h.0.mlp.c_fc.weight"][0][0].shape[1] == 4
     loop = _example_grads(model.logits, params, rows, _row(logp_rows))
     for name in grads.factors:
         want = torch.stack([g[name].flatten() for g in loop])

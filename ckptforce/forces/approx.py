@@ -82,38 +82,66 @@ def precondition_rows(grads: RowGrads, scale: dict[str, Tensor]) -> tuple[RowGra
 
 
 def approximate_forces(fn, params: dict, probes, train_rows, owners: list[int], weights: Tensor, coeff: Tensor, scale: dict[str, Tensor] | None,
-                       *, module, names: list[str], chunk_size: int | None = 64) -> tuple[Tensor, Tensor, Tensor, Tensor, list[str]]:  # fmt: skip
+                       *, module, names: list[str], chunk_size: int | None = 64, held_bytes: float | None = None,
+                       progress=None) -> tuple[Tensor, Tensor, Tensor, Tensor, list[str]]:  # fmt: skip
     """(pos, neg, pos*, neg* — each (U, B) — and the names fitted rank-one): Δ̃_u(o) = −c_u Σ_{r of u, sign}
-    ⟨G_o, P̃ ⊙ ∇(w_r · (−log π_r))⟩ over the tensors ``names``; ``scale`` = P (None: SGD, P = I)."""
+    ⟨G_o, P̃ ⊙ ∇(w_r · (−log π_r))⟩ over the tensors ``names``; ``scale`` = P (None: SGD, P = I).
+
+    Memory: the probe rows' factors (of log π(y) and of log π(y*)) are captured once and held when all of them
+    take at most ``held_bytes`` (estimated from the first chunk; None: always); the training rows then go in
+    blocks of half ``chunk_size`` beside them. Otherwise the training rows go in blocks of ``chunk_size``, each
+    captured once, and the probe rows, in chunks of half ``chunk_size``, are captured again for every block.
+    ``progress(done, total)`` after each block, in training rows."""
     n_ex, n_probe = len(coeff), len(probes)
     out = {key: torch.zeros(n_ex, n_probe, dtype=torch.float64) for key in ("pos", "neg", "pos*", "neg*")}
-    probe_sides = {"": [], "*": []}
-    for suffix, score in (("", logp_rows), ("*", _max_logp_rows)):
-        for sub in chunks(probes, chunk_size):
-            probe_sides[suffix].append(row_grads(fn, params, sub, score, module=module, names=names))
+    half = max(1, chunk_size // 2) if chunk_size else None
+    pieces, start = [], 0
+    for sub in chunks(probes, half):
+        pieces.append((slice(start, start + len(sub)), sub))
+        start += len(sub)
+
+    def probe_sides(sub) -> dict[str, RowGrads]:
+        sides = {}
+        for suffix, score in (("", logp_rows), ("*", _max_logp_rows)):
+            sides[suffix] = row_grads(fn, params, sub, score, module=module, names=names)
             release_memory()  # the pass's activations, handed back before the next
+        return sides
+
+    first = probe_sides(pieces[0][1])
+    per_row = sum(_nbytes(g) for g in first.values()) / len(pieces[0][1])
+    held = [first] + [probe_sides(sub) for _, sub in pieces[1:]] if held_bytes is None or per_row * n_probe <= held_bytes else None
+    del first
     owner = torch.tensor(owners)
     c_row = coeff.double()[owner]  # (rows,)
     fitted: list[str] = []
-    start = 0
-    for sub in _train_chunks(train_rows, weights.to(torch.float64), chunk_size):  # w rides with each row (per-row paths)
+    start, total = 0, len(train_rows)
+    for sub in _train_chunks(train_rows, weights.to(torch.float64), half if held is not None else chunk_size):  # w rides with each row
         rows = slice(start, start + len(sub.targets))
         start += len(sub.targets)
-        w = sub.loss_weight
+        w = sub.loss_weight.double().cpu()
         g = row_grads(fn, params, sub, nll_rows, module=module, names=names)  # row r: w_r ∇(−log π_r)
         if scale is not None:
             g, fitted = precondition_rows(g, scale)
-        for suffix, sides in probe_sides.items():
-            k = torch.cat([sum(kernel_between(p, g).values()) for p in sides]).double().cpu()  # (B, rows in chunk)
-            contrib = -(k * c_row[rows][None, :])  # (B, r)
-            for j in range(rows.stop - rows.start):
-                u = owners[rows.start + j]
-                key = ("pos" if float(w[j]) > 0 else "neg") + suffix
-                if float(w[j]) != 0:
-                    out[key][u] += contrib[:, j]
+        who = owner[rows]
+        for i, (at, probe_sub) in enumerate(pieces):
+            sides = held[i] if held is not None else probe_sides(probe_sub)
+            for suffix, side in sides.items():
+                k = sum(kernel_between(side, g).values()).double().cpu()  # (probe rows of the chunk, training rows of the block)
+                contrib = -(k * c_row[rows][None, :]).T  # (r, b)
+                for key, sign in (("pos", w > 0), ("neg", w < 0)):
+                    out[key + suffix][:, at].index_add_(0, who[sign], contrib[sign])
+            del sides
         del g
-        release_memory()  # the chunk's factors
+        release_memory()  # the block's factors
+        if progress is not None:
+            progress(start, total)
     return out["pos"], out["neg"], out["pos*"], out["neg*"], fitted
+
+
+def _nbytes(grads: RowGrads) -> int:
+    """Bytes held by a batch's ghost factors and dense per-row gradients."""
+    factors = sum(t.numel() * t.element_size() for uses in grads.factors.values() for use in uses for t in use if t is not None)
+    return factors + sum(t.numel() * t.element_size() for t in grads.dense.values())
 
 
 def relative_error(approx: Tensor, exact: Tensor) -> float:

@@ -226,14 +226,29 @@ def _ghost_pass(fn, params, batch, score, names, sites, norms=None) -> tuple[int
             ids = x.reshape(rows, -1)  # (B, T)
             if m.padding_idx is not None:
                 d = d * (ids != m.padding_idx).unsqueeze(-1).to(d)
+            d, ids = _compact(d, ids)
             factors[site["weight"]].append((ids, d))
             continue
-        a = _wide(x.detach()).reshape(rows, -1, x.shape[-1])  # (B, T, in)
+        d, a = _compact(d, _wide(x.detach()).reshape(rows, -1, x.shape[-1]))  # (B, T', out), (B, T', in)
         if "weight" in site:
             factors[site["weight"]].append((a, d) if type(m) is conv1d else (d, a))
         if "bias" in site:
             factors[site["bias"]].append((d, None))
     return rows, {n: uses for n, uses in factors.items() if n not in failed}, {n: g for n, g in dense.items() if n not in failed}
+
+
+def _compact(d: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+    """(δ, x) with each row's positions of zero δ dropped: (B, T', ·), T' = the most positions of non-zero δ in
+    a row (a shorter row keeps some of its zero positions). A position whose δ is zero adds nothing to any product
+    of the factors, and many are: the LM head's δ is zero outside the response, every layer's at padding and at a
+    row's last position. Returned as given when no position can go."""
+    keep = d.ne(0).any(-1)  # (B, T)
+    width = int(keep.sum(1).max()) if keep.numel() else 0
+    if width == d.shape[1]:
+        return d, x
+    order = torch.sort(keep.to(torch.int8), dim=1, descending=True, stable=True).indices[:, :width]  # non-zero positions first
+    pick = lambda t: torch.gather(t, 1, order if t.dim() == 2 else order.unsqueeze(-1).expand(-1, -1, t.shape[-1]))  # noqa: E731
+    return pick(d), pick(x)
 
 
 def _per_row_grads(fn, params, batch, score, names) -> dict[str, Tensor]:
