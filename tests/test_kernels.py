@@ -247,6 +247,29 @@ def test_ghost_factors_form_the_loops_per_example_gradients(batch):
         torch.testing.assert_close(materialise(grads, name), want, rtol=1e-9, atol=1e-12, msg=name)
 
 
+def test_factors_of_several_scores_from_one_forward_equal_separate_passes(batch):
+    """log π(y) and log π(y*) of the same rows: one forward and a backward each give every tensor's per-row
+    gradients (ghost factors, closed-form norms and the vmap'd rest) equal to a pass per score."""
+    from ckptforce.forces.approx import _max_logp_rows
+    from ckptforce.forces.ghost import materialise, row_grads, row_grads_each
+
+    model = _gpt2()
+    params = _params(model)
+    rows = batch.select([0, 2, 3])
+    calls = []
+    fn = lambda p, b: calls.append(1) or model.logits(p, b)  # noqa: E731
+    both = row_grads_each(fn, params, rows, [logp_rows, _max_logp_rows], module=model.module)
+    assert len(calls) == 1
+    for got, score in zip(both, (logp_rows, _max_logp_rows)):
+        want = row_grads(model.logits, params, rows, score, module=model.module)
+        assert (set(got.factors), set(got.dense), got.n) == (set(want.factors), set(want.dense), want.n) and got.factors
+        for name in want.factors:
+            torch.testing.assert_close(materialise(got, name), materialise(want, name), rtol=1e-12, atol=1e-14, msg=name)
+        for name in want.dense:
+            torch.testing.assert_close(got.dense[name], want.dense[name], rtol=1e-12, atol=1e-14, msg=name)
+    assert not torch.allclose(materialise(both[0], "transformer.h.0.mlp.c_fc.weight"), materialise(both[1], "transformer.h.0.mlp.c_fc.weight"))
+
+
 def test_per_row_fallback_without_vmap_agrees(batch, monkeypatch):
     """A model vmap cannot trace takes the batched backward for its per-row tensors; the numbers are the same."""
     import torch.func

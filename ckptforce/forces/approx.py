@@ -24,9 +24,10 @@ import torch
 from torch import Tensor
 
 from ..numerics import release_memory
-from .ghost import RowGrads, kernel_between, row_grads
+from .ghost import RowGrads, kernel_between, row_grads, row_grads_each
 from .kernels import _train_chunks, logp_rows, nll_rows
-from .observe import _wide, chunks
+from .observe import _wide
+from .observe import pieces as probe_pieces
 
 
 def rank_one(p: Tensor) -> tuple[Tensor, Tensor] | None:
@@ -95,17 +96,12 @@ def approximate_forces(fn, params: dict, probes, train_rows, owners: list[int], 
     n_ex, n_probe = len(coeff), len(probes)
     out = {key: torch.zeros(n_ex, n_probe, dtype=torch.float64) for key in ("pos", "neg", "pos*", "neg*")}
     half = max(1, chunk_size // 2) if chunk_size else None
-    pieces, start = [], 0
-    for sub in chunks(probes, half):
-        pieces.append((slice(start, start + len(sub)), sub))
-        start += len(sub)
+    pieces = probe_pieces(probes, half)
 
-    def probe_sides(sub) -> dict[str, RowGrads]:
-        sides = {}
-        for suffix, score in (("", logp_rows), ("*", _max_logp_rows)):
-            sides[suffix] = row_grads(fn, params, sub, score, module=module, names=names)
-            release_memory()  # the pass's activations, handed back before the next
-        return sides
+    def probe_sides(sub) -> dict[str, RowGrads]:  # log π(y) and log π(y*): one forward, a backward each
+        y, y_star = row_grads_each(fn, params, sub, [logp_rows, _max_logp_rows], module=module, names=names)
+        release_memory()  # the pass's activations, handed back
+        return {"": y, "*": y_star}
 
     first = probe_sides(pieces[0][1])
     per_row = sum(_nbytes(g) for g in first.values()) / len(pieces[0][1])

@@ -41,7 +41,8 @@ from .factored import capture
 from .head import SplitLM
 from .factored import owners as module_owners
 from .linear import delta_lin
-from .observe import Fn, _wide, chunks
+from .observe import Fn, _wide
+from .observe import pieces as probe_pieces
 from .objectives import kd_loss
 from .precondition import Preconditioner
 
@@ -134,11 +135,9 @@ def example_forces(
     n_resp = len(owners) // max(1, n_ex)
     own_pos, own_neg = (torch.zeros(n_ex, n_resp, dtype=torch.float64) for _ in range(2))
     frozen = precond.frozen
-    factored, verified, start = module is not None, False, 0
+    factored, verified = module is not None, False
     names = [n for n, p in params.items() if p.is_floating_point() and n not in frozen]
-    for sub in chunks(probes, chunk_size if factored else None):  # the JVP path chunks inside delta_lin
-        at = slice(start, start + len(sub))
-        start += len(sub)
+    for at, sub in probe_pieces(probes, chunk_size if factored else None):  # the JVP path chunks inside delta_lin
         factors = capture(fn, module_owners(module, params, names), params, sub) if factored else None
         summed: dict[int, dict] = {1: {}, -1: {}}
         for u in range(n_ex):
@@ -223,10 +222,7 @@ def batched_example_forces(
     rows_of = {u: [i for i, o in enumerate(owners) if o == u] for u in live}
     out = {k: torch.zeros(n_ex, n_probe, dtype=torch.float64) for k in ("pos", "neg", "pos_star", "neg_star")}
     own_pos, own_neg = (torch.zeros(n_ex, len(owners) // max(1, n_ex), dtype=torch.float64) for _ in range(2))
-    pieces, start = [], 0
-    for sub in chunks(probes, chunk_size):
-        pieces.append((slice(start, start + len(sub)), sub))
-        start += len(sub)
+    pieces = probe_pieces(probes, chunk_size)
     kept = capture(fn, found, params, pieces[0][1])  # the first chunk's factors; all of them when one chunk holds every row
     # the modules called once, plainly, by every row: the batched ones; the rest per example
     fast = {i: k for i, k in fast.items() if usable(kept.records.get(i), len(pieces[0][1]), kept.outputs)}

@@ -95,17 +95,25 @@ def ghost_sites(module: nn.Module, names: list[str]) -> dict[nn.Module, dict[str
 def row_grads(fn, params: dict, batch, score, *, module: nn.Module | None = None, names=None, ghost: bool = True) -> RowGrads:
     """Per-row gradients of ``score(fn(θ, batch), batch)`` (B,) w.r.t. the tensors ``names``: ghost factors
     for the layers of ``module`` that the rule covers, vmap'd per-row gradients for the rest."""
+    return row_grads_each(fn, params, batch, [score], module=module, names=names, ghost=ghost)[0]
+
+
+def row_grads_each(fn, params: dict, batch, scores, *, module: nn.Module | None = None, names=None, ghost: bool = True) -> list[RowGrads]:
+    """``row_grads`` for each of several scores of the same batch (e.g. log π(y) and log π(y*)): the ghost
+    factors of all of them from one forward and one backward per score, equal to separate calls."""
     names = list(names or [n for n, p in params.items() if p.is_floating_point()])
     sites = ghost_sites(module, names) if module is not None and ghost else {}
     first = params[names[0]]
-    out = RowGrads(0, _wide(first[:0]).dtype, first.device, shapes={n: tuple(params[n].shape) for n in names})
+    outs = [RowGrads(0, _wide(first[:0]).dtype, first.device, shapes={n: tuple(params[n].shape) for n in names}) for _ in scores]
     if sites:
-        out.n, out.factors, out.dense = _ghost_pass(fn, params, batch, score, names, sites, norm_sites(module, names))
-    rest = [n for n in names if n not in out.factors and n not in out.dense]
-    if rest:
-        out.dense.update(_per_row_grads(fn, params, batch, score, rest))
-        out.n = next(iter(out.dense.values())).shape[0]
-    return out
+        for out, (n, factors, dense) in zip(outs, _ghost_pass(fn, params, batch, scores, names, sites, norm_sites(module, names))):
+            out.n, out.factors, out.dense = n, factors, dense
+    for out, score in zip(outs, scores):
+        rest = [n for n in names if n not in out.factors and n not in out.dense]
+        if rest:
+            out.dense.update(_per_row_grads(fn, params, batch, score, rest))
+            out.n = next(iter(out.dense.values())).shape[0]
+    return outs
 
 
 def norm_sites(module: nn.Module, names: list[str]) -> dict[nn.Module, dict[str, str]]:
@@ -162,10 +170,11 @@ def _norm_rows(m: nn.Module, site: dict[str, str], params: dict, x: Tensor, out:
         return grads
 
 
-def _ghost_pass(fn, params, batch, score, names, sites, norms=None) -> tuple[int, dict[str, list[Use]], dict[str, Tensor]]:
-    """(rows, ghost factors of ``sites``, per-row gradients (B, size) of ``norms`` in closed form): one forward and
-    one backward of Σ_b score_b. An embedding called with ids shared by the rows (GPT-2's (1, T) position ids) is
-    given a copy of its output per row, so that its δ, and its ghost factors, stay per row."""
+def _ghost_pass(fn, params, batch, scores, names, sites, norms=None) -> list[tuple[int, dict[str, list[Use]], dict[str, Tensor]]]:
+    """For each score of ``scores``: (rows, ghost factors of ``sites``, per-row gradients (B, size) of ``norms``
+    in closed form), from one forward and one backward of Σ_b score_b per score. An embedding called with ids
+    shared by the rows (GPT-2's (1, T) position ids) is given a copy of its output per row, so that its δ, and
+    its ghost factors, stay per row."""
     calls = []
     n_rows = batch.targets.shape[0]
 
@@ -183,7 +192,9 @@ def _ghost_pass(fn, params, batch, score, names, sites, norms=None) -> tuple[int
     try:
         with torch.enable_grad():
             leaves = {n: params[n].detach().requires_grad_(True) for n in names}
-            scores = score(fn({**params, **leaves}, batch), batch)  # (B,)
+            logits = fn({**params, **leaves}, batch)
+            values = [score(logits, batch) for score in scores]  # each (B,)
+            del logits
     finally:
         for h in handles:
             h.remove()
@@ -197,8 +208,16 @@ def _ghost_pass(fn, params, batch, score, names, sites, norms=None) -> tuple[int
             failed.update(norms[m].values())
         elif out._version != version:
             raise ValueError(f"ghost kernels: the output of {type(m).__name__} is modified in place after the layer; pass ghost=False")
-    deltas = torch.autograd.grad(scores.sum(), [c[2] for c in live], allow_unused=True)
-    rows = scores.shape[0]
+    results = []
+    for i, value in enumerate(values):
+        deltas = torch.autograd.grad(value.sum(), [c[2] for c in live], allow_unused=True, retain_graph=i + 1 < len(values))
+        results.append(_factors(live, deltas, value.shape[0], params, leaves, sites, norms, set(failed)))
+        del deltas
+    return results
+
+
+def _factors(live, deltas, rows, params, leaves, sites, norms, failed) -> tuple[int, dict[str, list[Use]], dict[str, Tensor]]:
+    """(rows, ghost factors, closed-form per-row gradients) from the recorded calls and their output gradients."""
     factors: dict[str, list[Use]] = {n: [] for site in sites.values() for n in site.values()}
     dense: dict[str, Tensor] = {}
     conv1d = _conv1d_type()

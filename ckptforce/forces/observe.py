@@ -115,3 +115,9 @@ def chunks(batch, chunk_size: int | None):
     step = chunk_size or n
     for start in range(0, n, step):
         yield batch if step >= n else batch.select(slice(start, min(start + step, n)))
+
+
+def pieces(batch, chunk_size: int | None) -> list[tuple[slice, object]]:
+    """[(rows of the batch, sub-batch)] for the chunks of ``chunks``: where each chunk's results go."""
+    step = chunk_size or len(batch)
+    return [(slice(start, min(start + step, len(batch))), sub) for start, sub in zip(range(0, len(batch), step), chunks(batch, chunk_size))]
