@@ -19,6 +19,7 @@ writes a probe file of token ids (48 probes × 6 responses of 10–18 tokens = 2
     python bench/scale.py --long 0         # without the long-response case (~20 min)
     python bench/scale.py --intervals 1 --long-nodes 0 --no-split   # the shortest run that gives every peak RSS
     python bench/scale.py --per-row        # also time the per-row split on 16 rows (what 'today' means)
+    python bench/scale.py --long 0 --no-split --skip-analyze --sides 32   # the approximation's probe factors: y and y* together
     python bench/scale.py --long 0 --no-split --train 256 --intervals 1   # also analyze --train with 256 SFT examples
     python bench/scale.py --long 0 --no-split --train 256 --train-only --forces approximate   # the approximation alone
     python bench/scale.py --device cuda    # on a GPU
@@ -49,13 +50,17 @@ from pipeline import measure  # noqa: E402  (wall seconds, peak RSS of a process
 REPO = Path(__file__).resolve().parents[1]
 GPT2_SMALL = {"n_layer": 12, "n_head": 12, "n_embd": 768, "vocab_size": 50257, "n_positions": 1024}
 #: --model: (transformers config class, its arguments). llama-1b has Llama 3.2 1B's shapes (GQA 32/8 heads, RMSNorm,
-#: RoPE θ 500k, a 128k vocabulary, tied head: 1.24B parameters); llama-tiny the same architecture in miniature,
-#: to check the path on a CPU before a GPU run.
+#: RoPE θ 500k, a 128k vocabulary, tied head: 1.24B parameters); llama-143m Llama 3's 128k vocabulary with an untied
+#: head on a small body (4 layers of 512, GQA 8/2: 143M parameters, 131M of them in the embedding and head), the
+#: size a CPU can analyze with long responses; llama-tiny the architecture in miniature, to check the path.
 MODELS = {
     "gpt2-small": ("GPT2Config", {**GPT2_SMALL, "resid_pdrop": 0, "embd_pdrop": 0, "attn_pdrop": 0}),
     "llama-1b": ("LlamaConfig", {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
                                  "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 2048, "rope_theta": 500000.0,
                                  "tie_word_embeddings": True}),
+    "llama-143m": ("LlamaConfig", {"hidden_size": 512, "intermediate_size": 1408, "num_hidden_layers": 4, "num_attention_heads": 8,
+                                   "num_key_value_heads": 2, "vocab_size": 128256, "max_position_embeddings": 2048, "rope_theta": 500000.0,
+                                   "tie_word_embeddings": False}),
     "llama-tiny": ("LlamaConfig", {"hidden_size": 64, "intermediate_size": 176, "num_hidden_layers": 2, "num_attention_heads": 4,
                                    "num_key_value_heads": 2, "vocab_size": 2000, "max_position_embeddings": 1024, "tie_word_embeddings": False}),
 }  # fmt: skip
@@ -151,6 +156,16 @@ elif what == "factored":  # the head streamed as analyze streams it (chunks of t
     positions, vocab = head_chunks(budget, vocab=model.vocab_size, dtype_bytes=dtype.itemsize)
     fn = SplitLM(model.logits, model.body, *model.head(), positions=positions, vocab=vocab)
     out = timed(lambda: contributions_by_tensor(fn, theta, batch, step, module=model.module, factored_chunk=64), 1)
+elif what == "sides":  # --forces approximate's probe factors of log π(y) and log π(y*), on `rows` rows
+    from ckptforce.forces.approx import _max_logp_rows
+    from ckptforce.forces.ghost import row_grads, row_grads_each, sq_norms
+    from ckptforce.forces.kernels import logp_rows
+    scores, kw = [logp_rows, _max_logp_rows], {"module": model.module, "names": [n for n, t in theta.items() if t.is_floating_point()]}
+    norms = lambda sides: [float(sum(sq_norms(g).values()).sum()) for g in sides]  # noqa: E731
+    apart = timed(lambda: [row_grads(model.logits, theta, batch, sc, **kw) for sc in scores], 2)
+    joint = timed(lambda: row_grads_each(model.logits, theta, batch, scores, **kw), 2)
+    a, j = norms([row_grads(model.logits, theta, batch, sc, **kw) for sc in scores]), norms(row_grads_each(model.logits, theta, batch, scores, **kw))
+    out = {"apart": apart, "joint": joint, "rel": max(abs(x - y) / abs(x) for x, y in zip(a, j))}
 else:
     out = timed(lambda: contributions_by_tensor(model.logits, theta, batch, step, chunk_size=8), 1)
 print(json.dumps({"seconds": out, "forward": fwd, "rows": len(batch)}))
@@ -174,6 +189,8 @@ def main() -> None:
     ap.add_argument("--long-split", action="store_true", help="analyze the long case with the split by tensor (default settings) "
                     "instead of --no-by-tensor")
     ap.add_argument("--per-row", action="store_true", help="also time the per-row split (16 rows; slow, ~10 GB)")
+    ap.add_argument("--sides", type=int, default=0, metavar="ROWS", help="also time --forces approximate's probe factors of y "
+                    "and y* on ROWS rows: a pass per score against one forward with a backward per score (0: skip)")
     ap.add_argument("--skip-analyze", action="store_true", help="time the split only")
     ap.add_argument("--long", type=int, default=480, metavar="TOKENS", help="response length of the long case (0: skip it)")
     ap.add_argument("--long-rows", type=int, default=48, metavar="ROWS", help="rows of the long case")
@@ -219,6 +236,12 @@ def main() -> None:
     if not args.no_split:
         f = inner("factored", run, probes, args)
         print(f"[split, factored]  {f['seconds']:.1f} s = {f['seconds'] / f['forward']:.1f} forwards ({f['rows']} rows)")
+    if args.sides:
+        sd = inner("sides", run, probes, args, rows=args.sides)
+        t = sd["seconds"]
+        print(f"[approximate: probe factors of y and y*, {sd['rows']} rows]  a pass each {t['apart']:.1f} s = {t['apart'] / sd['forward']:.1f} "
+              f"forwards, one forward and two backwards {t['joint']:.1f} s = {t['joint'] / sd['forward']:.1f} forwards: "
+              f"{t['apart'] / t['joint']:.2f}× faster; squared norms equal to {t['rel']:.1e}")  # fmt: skip
     if args.per_row:
         p16 = inner("per-row", run, probes, args, rows=16)
         f16 = inner("factored", run, probes, args, rows=16)
