@@ -22,7 +22,6 @@ writes a probe file of token ids (48 probes × 6 responses of 10–18 tokens = 2
     python bench/scale.py --long 0 --no-split --skip-analyze --sides 32   # the approximation's probe factors: y and y* together
     python bench/scale.py --long 0 --no-split --train 256 --intervals 1   # also analyze --train with 256 SFT examples
     python bench/scale.py --long 0 --no-split --train 256 --train-only --forces approximate   # the approximation alone
-    python bench/scale.py --long 0 --no-split --train 256 --train-only --forces approximate --force-projection 64   # sketched
     python bench/scale.py --device cuda    # on a GPU
     python bench/scale.py --model llama-tiny --long 64 --long-rows 8 --long-split --intervals 1 --no-split   # the Llama path in
         # miniature (GQA, RMSNorm, RoPE, untied head; ~2 min on a CPU): check it before a GPU run
@@ -202,8 +201,6 @@ def main() -> None:
     ap.add_argument("--train", type=int, default=0, metavar="U", help="also analyze the first interval with --train: U SFT examples "
                     "(the run's 16 rows, then random ones), default settings otherwise (0: skip)")
     ap.add_argument("--forces", choices=("exact", "approximate"), default="exact", help="--forces of the --train analysis")
-    ap.add_argument("--force-projection", type=int, default=0, metavar="K", help="with --forces approximate: analyze "
-                    "--force-projection K (Kronecker sketches of K×K per matrix; 0: none)")
     ap.add_argument("--train-only", action="store_true", help="with --train: skip the analyses without training examples")
     args = ap.parse_args()
     exe = shutil.which("ckptforce") or sys.exit("install ckptforce first: pip install -e .")
@@ -255,9 +252,8 @@ def main() -> None:
     if args.train:
         train = args.workdir / f"train{args.train}.jsonl"
         write_train(train, args.train, vocab)
-        sketch = ["--force-projection", str(args.force_projection)] if args.force_projection else []
-        wall, peak = analyze(exe, first, probes, args, ["--train", str(train), "--no-train-eos", "--forces", args.forces, *sketch])
-        print(f"[analyze --train, {args.train} SFT examples, --forces {args.forces}{' '.join(['', *sketch])}, 1 interval]  {wall:.0f} s = {wall / fwd:.1f} forwards "
+        wall, peak = analyze(exe, first, probes, args, ["--train", str(train), "--no-train-eos", "--forces", args.forces])
+        print(f"[analyze --train, {args.train} SFT examples, --forces {args.forces}, 1 interval]  {wall:.0f} s = {wall / fwd:.1f} forwards "
               f"(with start-up), peak RSS {peak / 1024:.2f} GiB{args.gpu_peak}{_approx_error(args.workdir / 'cube.h5')}")  # fmt: skip
         if args.train_only:
             return

@@ -1,5 +1,5 @@
 """The training-example forces at 124M: one JVP per example ('today'), the per-example contraction of captured
-factors, the batched linear layers (the default), and ``--forces approximate`` (with and without a sketch), on the GPT-2 small (124M) Trainer run
+factors, the batched linear layers (the default), and ``--forces approximate``, on the GPT-2 small (124M) Trainer run
 of ``bench/scale.py``; every time a ratio to a plain forward over the same probe rows measured in the same process.
 
 U SFT examples (random token rows of 32 tokens, the Trainer's causal-LM loss), the run's AdamW preconditioner from
@@ -13,9 +13,6 @@ memory (separate processes: peak RSS, or peak CUDA memory).
     python bench/train_forces.py                        # U = 256, 48 rows: ~25 min on 2 cores (+ the run, built once)
     python bench/train_forces.py --examples 64 --baseline-examples 8
     python bench/train_forces.py --device cuda
-    python bench/train_forces.py --skip jvp factors --sketch 64   # the exact batched forces against both approximations
-
-``sketch`` is ``--forces approximate --force-projection K``: the rank-one P with Kronecker sketches of K×K per matrix.
 """
 
 from __future__ import annotations
@@ -71,13 +68,10 @@ with torch.no_grad():
     model.logits(theta, batch); sync()
     t0 = time.perf_counter(); model.logits(theta, batch); sync(); fwd = time.perf_counter() - t0
 t0 = time.perf_counter()
-if what in ("approx", "sketch"):
-    from ckptforce.forces.sketch import KronSketch
+if what == "approx":
     names = [n for n, t in theta.items() if t.is_floating_point()]
-    sketch = KronSketch(int(sys.argv[8])) if what == "sketch" else None
-    pos = approximate_forces(model.logits, theta, batch, train, list(range(n_ex)), weights, coeff, pre.scale, module=model.module, names=names,
-                             sketch=sketch)[0]
-    method = "approximate" + (f", Kronecker sketch {sketch.dim}×{sketch.dim}" if sketch else "")
+    pos = approximate_forces(model.logits, theta, batch, train, list(range(n_ex)), weights, coeff, pre.scale, module=model.module, names=names)[0]
+    method = "approximate"
 else:
     kw = {"jvp": {}, "factors": dict(module=model.module, batched=False)}.get(what, dict(module=model.module, train_chunk=64,
           elements=batched_elements(budget, theta)))
@@ -90,13 +84,10 @@ print(json.dumps({"seconds": secs, "forward": fwd, "rows": len(batch), "method":
 """
 
 
-def inner(what: str, run: Path, probes: Path, device: str, rows: int, examples: int, out: Path, sketch: int = 0) -> dict:
-    done = subprocess.run([sys.executable, "-c", _INNER, what, str(run), str(probes), device, str(rows), str(examples), str(out), str(sketch)],
+def inner(what: str, run: Path, probes: Path, device: str, rows: int, examples: int, out: Path) -> dict:
+    done = subprocess.run([sys.executable, "-c", _INNER, what, str(run), str(probes), device, str(rows), str(examples), str(out)],
                           check=True, capture_output=True, text=True)  # fmt: skip
     return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-PATHS = ("jvp", "factors", "batched", "approx", "sketch")
 
 
 def main() -> None:
@@ -106,8 +97,7 @@ def main() -> None:
     ap.add_argument("--examples", type=int, default=256, help="training examples U of the batched and approximate paths (default 256)")
     ap.add_argument("--baseline-examples", type=int, default=16, help="examples of the two per-example paths (default 16)")
     ap.add_argument("--rows", type=int, default=48, help="probe rows (default 48)")
-    ap.add_argument("--skip", nargs="*", default=[], choices=PATHS, help="paths not to run")
-    ap.add_argument("--sketch", type=int, default=64, metavar="K", help="the sketch path's K (--force-projection K; default 64)")
+    ap.add_argument("--skip", nargs="*", default=[], choices=("jvp", "factors", "batched", "approx"), help="paths not to run")
     args = ap.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     run, probes = args.workdir / "run", args.workdir / "probes.jsonl"
@@ -115,11 +105,11 @@ def main() -> None:
     write_probes(probes)
     print(f"[run] {run}: GPT-2 small (124M); {args.examples} SFT examples × {args.rows} probe rows; {os.cpu_count()} cores, {args.device}")
     res = {}
-    for what in PATHS:
+    for what in ("jvp", "factors", "batched", "approx"):
         if what in args.skip:
             continue
         n = args.baseline_examples if what in ("jvp", "factors") else args.examples
-        res[what] = r = inner(what, run, probes, args.device, args.rows, n, args.workdir / f"forces-{what}.pt", args.sketch)
+        res[what] = r = inner(what, run, probes, args.device, args.rows, n, args.workdir / f"forces-{what}.pt")
         r["per_example"] = r["seconds"] / r["forward"] / n
         print(f"[{what}]  {n} examples: {r['seconds']:.1f} s = {r['seconds'] / r['forward']:.1f} forwards, {r['per_example']:.3f} per example "
               f"(forward {r['forward']:.2f} s), peak {r['peak_gib']:.2f} GiB, method {r['method']}")  # fmt: skip
@@ -133,12 +123,11 @@ def main() -> None:
             diff = float((pos[w][:shared] - ref[:shared]).abs().max()) / float(ref[:shared].abs().max())
             print(f"[{w} vs one JVP per example]  {res['jvp']['per_example'] / res[w]['per_example']:.1f}× faster per example, "
                   f"largest difference {diff:.1e} of the largest force ({shared} examples)")  # fmt: skip
-    for w in ("approx", "sketch"):
-        if w in res and "batched" in res:
-            err = float(torch.linalg.vector_norm(pos[w] - pos["batched"]) / torch.linalg.vector_norm(pos["batched"]))
-            print(f"[{w} vs batched exact]  {res['batched']['seconds'] / res[w]['seconds']:.1f}× faster"
-                  + (f" ({res['jvp']['per_example'] / res[w]['per_example']:.0f}× one JVP per example)" if "jvp" in res else "")
-                  + f", error ‖{w} − exact‖/‖exact‖ = {err:.3f} over {args.examples} examples")  # fmt: skip
+    if "approx" in res and "batched" in res:
+        err = float(torch.linalg.vector_norm(pos["approx"] - pos["batched"]) / torch.linalg.vector_norm(pos["batched"]))
+        print(f"[approx vs batched exact]  {res['batched']['seconds'] / res['approx']['seconds']:.1f}× faster"
+              + (f" ({res['jvp']['per_example'] / res['approx']['per_example']:.0f}× one JVP per example)" if "jvp" in res else "")
+              + f", error ‖approx − exact‖/‖exact‖ = {err:.3f} over {args.examples} examples")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -14,11 +14,8 @@ with v = (κ/P)² (κ = P's bias-correction numerator, which cancels), R = Σ_j 
 
 Vectors (biases, norms) and tensors without ghost factors keep P exactly. Every training row is one ghost
 product against every probe row, so U examples cost two backward passes over the training rows in chunks and
-no JVP per example. With ``sketch`` (``--force-projection K``, sketch.py) every per-row gradient, preconditioned
-on the training side, is replaced by its Kronecker sketch S G Tᵀ (K×K per matrix, unbiased): the probe rows'
-sketches are small enough to hold, and each block of training rows costs its forward, backward and one product.
-The approximation's error is measured on the run itself: the exact forces of a few examples (``exact_forces``
-on a subset) against the approximate ones, stored beside them.
+no JVP per example. The approximation's error is measured on the run itself: the exact forces of a few
+examples (``exact_forces`` on a subset) against the approximate ones, stored beside them.
 """
 
 from __future__ import annotations
