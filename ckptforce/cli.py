@@ -120,11 +120,6 @@ def _analysis_options(f):
                      help="Training-example forces: exact (one contraction per example), or approximate for large training sets "
                           "(Adam's P fitted rank-one per matrix, ghost products; its error against the exact forces of 8 examples "
                           "is stored as force_approx_error)."),
-        click.option("--force-projection", type=click.IntRange(1), metavar="K",
-                     help="With --forces approximate: sketch each matrix's per-example gradient to K×K by a seeded Kronecker "
-                          "projection (S G Tᵀ, unbiased; vectors and matrices of at most K² numbers kept), so the probe rows' "
-                          "sketches stay in memory and each training example costs about its forward and backward; adds sampling "
-                          "error, measured with the rest (force_approx_error). For very large training sets; try K = 64."),
         click.option("--max-grad-norm", type=click.FloatRange(min=0), default=1.0, show_default=True, metavar="X",
                      help="The trainer's gradient clipping (TrainingArguments.max_grad_norm; 0 for none): each step's examples are "
                           "scaled by min(1, X / grad_norm) with the grad_norm the trainer logged for that step."),
@@ -170,7 +165,7 @@ def _analysis_options(f):
     return f
 
 
-def _run_analysis(run_dir, out, *, probes, train, objective, feature_layer, topk, forces_mode, force_projection, max_grad_norm, kernel_projection, init, layout, trust_pickles, model, base_model, tokenizer, chat_template, probe_eos, train_eos, special_tokens, device, dtype, nodes, no_by_tensor, split_by, method, chunk_size, memory_gb, workers, scheduler, quiet, **column_options) -> Path:
+def _run_analysis(run_dir, out, *, probes, train, objective, feature_layer, topk, forces_mode, max_grad_norm, kernel_projection, init, layout, trust_pickles, model, base_model, tokenizer, chat_template, probe_eos, train_eos, special_tokens, device, dtype, nodes, no_by_tensor, split_by, method, chunk_size, memory_gb, workers, scheduler, quiet, **column_options) -> Path:
     import shlex
 
     from .forces import DEFAULT_NODES
@@ -179,15 +174,13 @@ def _run_analysis(run_dir, out, *, probes, train, objective, feature_layer, topk
 
     if no_by_tensor and split_by != "tensor":
         raise CkptforceError(f"--split-by {split_by} and --no-by-tensor: the split is what --no-by-tensor skips; drop one of them")
-    if force_projection and forces_mode != "approximate":
-        raise CkptforceError(f"--force-projection {force_projection} sketches the approximate forces: add --forces approximate, or drop it")
     if workers and scheduler:
         raise CkptforceError(f"--workers {workers} and --scheduler {scheduler}: both given; give --workers N for a local "
                              "cluster or --scheduler ADDRESS to join one, not both")  # fmt: skip
     config = AnalysisConfig.for_run(
         run_dir, probes, init=init, model=model, base_model=base_model, tokenizer=tokenizer, layout=layout,
         nodes=DEFAULT_NODES if nodes is None else nodes, by_tensor=not no_by_tensor, split_by=split_by, method=method, dtype=dtype,
-        chunk_size=chunk_size, memory_gb=memory_gb, trust_pickles=trust_pickles, train=train, objective=objective, forces=forces_mode, force_projection=force_projection, max_grad_norm=max_grad_norm, kernel_projection=kernel_projection,
+        chunk_size=chunk_size, memory_gb=memory_gb, trust_pickles=trust_pickles, train=train, objective=objective, forces=forces_mode, max_grad_norm=max_grad_norm, kernel_projection=kernel_projection,
         feature_layer=feature_layer, topk=topk, chat_template=chat_template, probe_eos=probe_eos, train_eos=train_eos, special_tokens=special_tokens,
         columns={c: column_options[f"{c}_column"] for c in COLUMNS},
     )  # fmt: skip

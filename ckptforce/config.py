@@ -48,7 +48,6 @@ class AnalysisConfig:
     feature_layer: str | None = dataclasses.field(default=None, metadata={"help": "submodule whose output is tracked (--feature-layer)"})
     topk: int = dataclasses.field(default=0, metadata={"help": "next-token distribution kept per response token and checkpoint: its top k (--topk; 0: none)"})
     forces: str = dataclasses.field(default="exact", metadata={"help": "training-example forces: exact, or approximate (--forces)"})
-    force_projection: int | None = dataclasses.field(default=None, metadata={"help": "Kronecker sketch size K of the approximate forces (--force-projection; None: no sketch)"})
     max_grad_norm: float = dataclasses.field(default=1.0, metadata={"help": "the trainer's gradient clipping (--max-grad-norm; 0: none)"})
     kernel_projection: int | None = dataclasses.field(default=None, metadata={"help": "sketch size of the approximate kernels (--kernel-projection; None: exact)"})
     special_tokens: bool = dataclasses.field(default=True, metadata={"help": "add the tokenizer's special tokens (BOS) to text, as the trainer did"})

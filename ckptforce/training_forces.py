@@ -20,7 +20,6 @@ import torch
 
 from .errors import CkptforceError
 from .forces.approx import approximate_forces, relative_error
-from .forces.sketch import KronSketch
 from .forces.observe import chunks
 from .budget import batched_elements
 from .forces.attribution import ExampleForces, direction_force, example_forces, example_gradient, summed_tokens
@@ -386,11 +385,9 @@ def approximate_part(p, pt: PreparedTraining, before: dict, weights: torch.Tenso
     fn, module = p.fn or p.model.logits, p.model.module
     frozen = pre.frozen
     names = [n for n, t in before.items() if t.is_floating_point() and n not in frozen]
-    k = p.config.force_projection
     pos, neg, pos_star, neg_star, fitted = approximate_forces(p.model.logits, before, p.batch, pt.batch, pt.owners, weights, coeff, pre.scale,
                                                               module=module, names=names, chunk_size=_full_logits_rows(p, pt),
-                                                              held_bytes=p.rows_gb * 2**30 / 2, progress=progress,
-                                                              sketch=KronSketch(k) if k else None)  # fmt: skip
+                                                              held_bytes=p.rows_gb * 2**30 / 2, progress=progress)  # fmt: skip
     tok = summed_tokens(fn, before, p.batch, pt.batch, pt.owners, weights, coeff, pre, names, method=p.config.method, chunk_size=p.chunk_size,
                         train_chunk=pt.chunk_size)  # fmt: skip
     used = [u for u in range(len(coeff)) if float(coeff[u]) != 0][:APPROX_CHECK]
@@ -399,8 +396,7 @@ def approximate_part(p, pt: PreparedTraining, before: dict, weights: torch.Tenso
                            method=p.config.method, chunk_size=_half(p.chunk_size), module=module, train_chunk=pt.chunk_size,
                            elements=batched_elements(p.rows_gb, before))  # fmt: skip
     error = relative_error((pos + neg)[used], exact.total) if used else math.nan
-    products = f"a Kronecker sketch of {k}×{k} per matrix (seed 0)" if k else "ghost products"
-    method = f"approximate: Adafactor-style rank-one P on {len(fitted)} matrices, {products}"
+    method = f"approximate: Adafactor-style rank-one P on {len(fitted)} matrices, ghost products"
     return ExampleForces(pos, neg, pos_star, neg_star, tok[1], tok[-1], method), error
 
 

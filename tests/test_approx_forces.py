@@ -56,24 +56,3 @@ def test_approximate_forces_are_labelled_and_their_error_is_measured(run, tmp_pa
         np.testing.assert_allclose(approx["force"].sel(source=source).values, exact["force"].sel(source=source).values, rtol=1e-5, atol=1e-9)
     budget = approx["force"].sum("source") + approx["dlogp_unexplained"]
     np.testing.assert_allclose(budget.values, approx["dlogp_lin"].values, rtol=1e-5, atol=1e-7)
-
-
-def test_sketched_approximate_forces_are_labelled_measured_and_need_the_approximation(run, tmp_path):
-    """--force-projection K: the sketch is named in the cube's warnings, its error is measured like the rest (the
-    stored error is the one between the sketched cube and an exact one), and without --forces approximate it is a
-    one-line error."""
-    exact = _analyze(run, tmp_path / "exact.h5")
-    sketched = _analyze(run, tmp_path / "sketched.h5", "--forces", "approximate", "--force-projection", "4")
-    assert any("a Kronecker sketch of 4×4 per matrix" in w for w in json.loads(sketched.attrs["warnings"]))
-    assert json.loads(sketched.attrs["config"])["force_projection"] == 4
-    examples, rows = [f"u{i}" for i in range(4)], [r for r in exact["response"].values if r != ARGMAX]
-    for k, err in enumerate(sketched["force_approx_error"].values):
-        a = sketched["force"].isel(interval=k).sel(source=examples, response=rows).values
-        e = exact["force"].isel(interval=k).sel(source=examples, response=rows).values
-        a, e = a[np.isfinite(e)], e[np.isfinite(e)]
-        assert err > 0 and err == pytest.approx(np.linalg.norm(a - e) / np.linalg.norm(e), rel=1e-4), k
-    root, probes, train = run
-    result = CliRunner().invoke(main, ["analyze", str(root), "--probes", str(probes), "--train", str(train), "-o", str(tmp_path / "x.h5"),
-                                       "--force-projection", "4"])  # fmt: skip
-    assert result.exit_code != 0 and "add --forces approximate" in result.output and "Traceback" not in result.output
-    assert not (tmp_path / "x.h5").exists()

@@ -270,42 +270,6 @@ def test_factors_of_several_scores_from_one_forward_equal_separate_passes(batch)
     assert not torch.allclose(materialise(both[0], "transformer.h.0.mlp.c_fc.weight"), materialise(both[1], "transformer.h.0.mlp.c_fc.weight"))
 
 
-def test_kronecker_sketch_from_factors_is_s_g_t_of_the_formed_gradient_and_unbiased(batch):
-    """forces/sketch.py: from the ghost factors, each matrix's sketch is S G Tᵀ of the loop's per-row gradient
-    (the tied wte / lm_head with both uses, Conv1D in its own layout); a dense matrix lands in the same
-    coordinates; small tensors are kept; and ⟨sk(G_i), sk(G_j)⟩ averages to ⟨G_i, G_j⟩ over seeds."""
-    from ckptforce.forces.ghost import RowGrads, row_grads
-    from ckptforce.forces.sketch import KronSketch
-
-    model = _gpt2()
-    params = _params(model)
-    rows = batch.select([0, 2, 3])
-    grads = row_grads(model.logits, params, rows, logp_rows, module=model.module)
-    loop = _example_grads(model.logits, params, rows, _row(logp_rows))
-    sk = KronSketch(4, seed=3)
-    at = 0
-    for name in sorted(grads.shapes):
-        got, shape = sk.tensor(grads, name), grads.shapes[name]
-        formed = torch.stack([g[name] for g in loop])  # (B, *shape)
-        if formed[0].numel() <= 16 or len(shape) == 1:  # kept: vectors and small tensors
-            want = formed.flatten(1)
-        else:
-            assert len(shape) == 2, name
-            s, t = sk._map(name, "rows", shape[0], formed), sk._map(name, "cols", shape[1], formed)
-            want = torch.einsum("kr,brc,lc->bkl", s, formed, t).flatten(1)
-            dense = RowGrads(grads.n, grads.dtype, grads.device, dense={name: formed.flatten(1)}, shapes={name: shape})
-            torch.testing.assert_close(sk.tensor(dense, name), want, rtol=1e-10, atol=1e-12, msg=name)
-        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12, msg=name)
-        at += got.shape[1]
-    assert sk.rows(grads).shape == (3, at) and "transformer.wte.weight" in grads.factors
-    # unbiased: the mean over seeds of the sketched inner products of two rows' c_fc gradients
-    name = "transformer.h.0.mlp.c_fc.weight"
-    g = torch.stack([g[name] for g in loop])
-    want = float((g[0] * g[1]).sum())
-    draws = torch.tensor([float((lambda x: x[0] @ x[1])(KronSketch(8, seed=k).tensor(grads, name))) for k in range(400)], dtype=torch.float64)
-    assert abs(float(draws.mean()) - want) < 4 * float(draws.std()) / 20 and float(draws.std()) > 0, (float(draws.mean()), want)
-
-
 def test_per_row_fallback_without_vmap_agrees(batch, monkeypatch):
     """A model vmap cannot trace takes the batched backward for its per-row tensors; the numbers are the same."""
     import torch.func

@@ -27,7 +27,6 @@ from ..numerics import release_memory
 from .ghost import RowGrads, kernel_between, row_grads, row_grads_each
 from .kernels import _train_chunks, logp_rows, nll_rows
 from .observe import _wide
-from .sketch import KronSketch
 from .observe import pieces as probe_pieces
 
 
@@ -85,7 +84,7 @@ def precondition_rows(grads: RowGrads, scale: dict[str, Tensor]) -> tuple[RowGra
 
 def approximate_forces(fn, params: dict, probes, train_rows, owners: list[int], weights: Tensor, coeff: Tensor, scale: dict[str, Tensor] | None,
                        *, module, names: list[str], chunk_size: int | None = 64, held_bytes: float | None = None,
-                       progress=None, sketch: KronSketch | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor, list[str]]:  # fmt: skip
+                       progress=None) -> tuple[Tensor, Tensor, Tensor, Tensor, list[str]]:  # fmt: skip
     """(pos, neg, pos*, neg* — each (U, B) — and the names fitted rank-one): Δ̃_u(o) = −c_u Σ_{r of u, sign}
     ⟨G_o, P̃ ⊙ ∇(w_r · (−log π_r))⟩ over the tensors ``names``; ``scale`` = P (None: SGD, P = I).
 
@@ -93,47 +92,37 @@ def approximate_forces(fn, params: dict, probes, train_rows, owners: list[int], 
     take at most ``held_bytes`` (estimated from the first chunk; None: always); the training rows then go in
     blocks of half ``chunk_size`` beside them. Otherwise the training rows go in blocks of ``chunk_size``, each
     captured once, and the probe rows, in chunks of half ``chunk_size``, are captured again for every block.
-    ``progress(done, total)`` after each block, in training rows.
-
-    ``sketch`` (``--force-projection``): every per-row gradient is replaced by its Kronecker sketch (sketch.py),
-    unbiased, with sampling error; the probe rows' sketches are always held (K² numbers per matrix and row), each
-    training block is captured once in blocks of ``chunk_size``, and the products are one matrix product."""
+    ``progress(done, total)`` after each block, in training rows."""
     n_ex, n_probe = len(coeff), len(probes)
     out = {key: torch.zeros(n_ex, n_probe, dtype=torch.float64) for key in ("pos", "neg", "pos*", "neg*")}
     half = max(1, chunk_size // 2) if chunk_size else None
     pieces = probe_pieces(probes, half)
 
-    def probe_sides(sub) -> dict[str, RowGrads | Tensor]:  # log π(y) and log π(y*): one forward, a backward each
+    def probe_sides(sub) -> dict[str, RowGrads]:  # log π(y) and log π(y*): one forward, a backward each
         y, y_star = row_grads_each(fn, params, sub, [logp_rows, _max_logp_rows], module=module, names=names)
-        sides = {"": y, "*": y_star} if sketch is None else {"": sketch.rows(y), "*": sketch.rows(y_star)}
-        del y, y_star
         release_memory()  # the pass's activations, handed back
-        return sides
+        return {"": y, "*": y_star}
 
     first = probe_sides(pieces[0][1])
     per_row = sum(_nbytes(g) for g in first.values()) / len(pieces[0][1])
-    fits = held_bytes is None or per_row * n_probe <= held_bytes or sketch is not None
-    held = [first] + [probe_sides(sub) for _, sub in pieces[1:]] if fits else None
+    held = [first] + [probe_sides(sub) for _, sub in pieces[1:]] if held_bytes is None or per_row * n_probe <= held_bytes else None
     del first
     owner = torch.tensor(owners)
     c_row = coeff.double()[owner]  # (rows,)
     fitted: list[str] = []
     start, total = 0, len(train_rows)
-    block = chunk_size if held is None or sketch is not None else half
-    for sub in _train_chunks(train_rows, weights.to(torch.float64), block):  # w rides with each row
+    for sub in _train_chunks(train_rows, weights.to(torch.float64), half if held is not None else chunk_size):  # w rides with each row
         rows = slice(start, start + len(sub.targets))
         start += len(sub.targets)
         w = sub.loss_weight.double().cpu()
         g = row_grads(fn, params, sub, nll_rows, module=module, names=names)  # row r: w_r ∇(−log π_r)
         if scale is not None:
             g, fitted = precondition_rows(g, scale)
-        if sketch is not None:
-            g = sketch.rows(g)  # (rows, D)
         who = owner[rows]
         for i, (at, probe_sub) in enumerate(pieces):
             sides = held[i] if held is not None else probe_sides(probe_sub)
             for suffix, side in sides.items():
-                k = (side @ g.T if sketch is not None else sum(kernel_between(side, g).values())).double().cpu()  # (probe rows, block rows)
+                k = sum(kernel_between(side, g).values()).double().cpu()  # (probe rows of the chunk, training rows of the block)
                 contrib = -(k * c_row[rows][None, :]).T  # (r, b)
                 for key, sign in (("pos", w > 0), ("neg", w < 0)):
                     out[key + suffix][:, at].index_add_(0, who[sign], contrib[sign])
@@ -145,10 +134,8 @@ def approximate_forces(fn, params: dict, probes, train_rows, owners: list[int], 
     return out["pos"], out["neg"], out["pos*"], out["neg*"], fitted
 
 
-def _nbytes(grads: RowGrads | Tensor) -> int:
-    """Bytes held by a batch's ghost factors and dense per-row gradients (or its sketch)."""
-    if isinstance(grads, Tensor):
-        return grads.numel() * grads.element_size()
+def _nbytes(grads: RowGrads) -> int:
+    """Bytes held by a batch's ghost factors and dense per-row gradients."""
     factors = sum(t.numel() * t.element_size() for uses in grads.factors.values() for use in uses for t in use if t is not None)
     return factors + sum(t.numel() * t.element_size() for t in grads.dense.values())
 
