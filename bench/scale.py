@@ -183,7 +183,7 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=REPO / "bench" / "out" / "scale")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--model", choices=sorted(MODELS), default="gpt2-small", help="the run's architecture (random init)")
-    ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                     help="the run's weights and analyze --dtype (half precision: for a GPU)")
     ap.add_argument("--probes", type=int, default=48, metavar="N", help="probes of the main case (6 responses each)")
     ap.add_argument("--long-split", action="store_true", help="analyze the long case with the split by tensor (default settings) "
@@ -292,17 +292,24 @@ class GpuPeak:
 
     def __init__(self, device: str):
         self.on = device.startswith("cuda") and shutil.which("nvidia-smi") is not None
-        self.index = device.partition(":")[2] or "0"
+        index = int(device.partition(":")[2] or 0)
+        visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+        self.index = visible[index].strip() if index < len(visible) else str(index)  # nvidia-smi numbers every GPU
         self.peak = self.base = 0
         self._stop = threading.Event()
 
     def _used(self) -> int:
+        """MiB in use on the GPU; turns the sampler off (and reports nothing) when nvidia-smi gives no number."""
         out = subprocess.run(["nvidia-smi", "-i", self.index, "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
                              capture_output=True, text=True)  # fmt: skip
-        return int(out.stdout.strip() or 0)  # MiB
+        try:
+            return int(out.stdout.strip().splitlines()[0])
+        except (ValueError, IndexError):  # "[N/A]" (MIG), an NVML error
+            self.on = False
+            return 0
 
     def _sample(self) -> None:
-        while not self._stop.wait(0.2):
+        while self.on and not self._stop.wait(0.2):
             self.peak = max(self.peak, self._used())
 
     def __enter__(self) -> "GpuPeak":
@@ -313,7 +320,7 @@ class GpuPeak:
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.on:
+        if hasattr(self, "_thread"):
             self._stop.set()
             self._thread.join()
 

@@ -193,8 +193,6 @@ def _ghost_pass(fn, params, batch, scores, names, sites, norms=None) -> list[tup
         with torch.enable_grad():
             leaves = {n: params[n].detach().requires_grad_(True) for n in names}
             logits = fn({**params, **leaves}, batch)
-            values = [score(logits, batch) for score in scores]  # each (B,)
-            del logits
     finally:
         for h in handles:
             h.remove()
@@ -209,10 +207,14 @@ def _ghost_pass(fn, params, batch, scores, names, sites, norms=None) -> list[tup
         elif out._version != version:
             raise ValueError(f"ghost kernels: the output of {type(m).__name__} is modified in place after the layer; pass ghost=False")
     results = []
-    for i, value in enumerate(values):
-        deltas = torch.autograd.grad(value.sum(), [c[2] for c in live], allow_unused=True, retain_graph=i + 1 < len(values))
+    for i, score in enumerate(scores):  # each score's branch built, and freed, in turn: one (B, T, V) at a time
+        with torch.enable_grad():
+            value = score(logits, batch)  # (B,)
+        if i + 1 == len(scores):
+            del logits  # what the last backward needs is in its graph
+        deltas = torch.autograd.grad(value.sum(), [c[2] for c in live], allow_unused=True, retain_graph=i + 1 < len(scores))
         results.append(_factors(live, deltas, value.shape[0], params, leaves, sites, norms, set(failed)))
-        del deltas
+        del value, deltas
     return results
 
 
