@@ -9,12 +9,15 @@ same numbers as the full (B, T, V) logits. Float64 oracles:
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ckptforce.budget import HEAD_COPIES, HEAD_SHARE, MIN_HEAD_POSITIONS, RESIDENT_COPIES, RUNTIME_GB, head_chunks, rows_budget, rows_per_chunk
 from ckptforce.forces import contributions_by_tensor, delta_lin, delta_path, interval_forces, observe
+from ckptforce.forces import head as head_mod
 from ckptforce.forces.head import SplitLM, head_stats
 from ckptforce.model import bind_hf
 from fixtures.archs import ARCHS
@@ -153,8 +156,16 @@ def test_split_delta_lin_equals_the_full_jvp(lm, method):
 def test_split_factored_split_equals_the_full_one_per_tensor(lm):
     arch, model, theta, v, batch, split = lm
     names, want, want_star = contributions_by_tensor(model.logits, theta, batch, v, module=model.module)
-    names_s, got, got_star = contributions_by_tensor(split, theta, batch, v, module=model.module, factored_chunk=4)
+    passes = []
+    real = head_mod.head_stats
+    head_mod.head_stats = lambda *a, **k: passes.append(k.get("tangent") is not None) or real(*a, **k)  # noqa: E731
+    try:
+        names_s, got, got_star = contributions_by_tensor(split, theta, batch, v, module=model.module, factored_chunk=4)
+    finally:
+        head_mod.head_stats = real
     assert names_s == names
+    # one streamed pass over the head per chunk of rows: the capture's, which also takes δ log π along δW
+    assert passes == [True] * math.ceil(len(batch) / 4), passes
     for k, name in enumerate(names):
         if float(want[:, k].abs().max()) > 0:
             _close(got[:, k], want[:, k], 1e-9, f"{arch} {name}")

@@ -67,7 +67,7 @@ def factored_contributions(fn: Fn, module: nn.Module, params: dict, batch, direc
     covered: set[str] = set()
     rows, rows_star = [], []
     for sub in chunks(batch, chunk_size):
-        c, c_star, ok = capture(fn, found, params, sub, star=star).contract(params, direction, names)
+        c, c_star, ok = capture(fn, found, params, sub, star=star, direction=direction).contract(params, direction, names)
         release_memory()  # the chunk's factors, freed
         covered |= ok
         rows.append(c)
@@ -90,6 +90,7 @@ class Factors:
     device: torch.device
     head: tuple | None = None  # a SplitLM's (lm, h at the N response positions (N, H), targets (N,), row of each (N,), HeadStats)
     probs: torch.Tensor | None = None  # π (N, V) at the response positions, kept by the first contraction when it fits
+    direction: dict | None = None  # the direction whose head column the capture's pass already holds (HeadStats.dlogp)
 
     def contract(self, params: dict, direction: dict, names: list[str]) -> tuple[torch.Tensor, torch.Tensor, set[str]]:
         """(C (b, K), C* (b, K), names covered) for ``direction`` over ``names`` (the columns, in order)."""
@@ -122,6 +123,12 @@ class Factors:
         """A SplitLM's head, never called as a module: C[b, W] = Σ_{m ∈ b} (δz_m[y_m] − π_mᵀ δz_m) with δz = h δWᵀ
         (and δb for the bias), streamed over the vocabulary; a tied W adds this to its embedding's share."""
         lm, h, targets, row, st0 = self.head
+        if direction is self.direction and st0.dlogp is not None and lm.weight in col:  # the capture's pass moved W alone: its δ log π
+            c[:, col[lm.weight]] += torch.zeros_like(c[:, 0]).index_add(0, row, st0.dlogp.to(c.dtype))
+            if self.outputs > 1:
+                c_star[:, col[lm.weight]] += torch.zeros_like(c[:, 0]).index_add(0, row, st0.dlogp_max.to(c.dtype))
+            ok.add(lm.weight)
+            return
         if self.probs is None and h.shape[0] * params[lm.weight].shape[0] <= KEEP_PROBS_CHUNKS * (lm.positions or h.shape[0]) * (lm.vocab or params[lm.weight].shape[0]):
             self.probs = head_probs(h, params[lm.weight], params[lm.bias] if lm.bias else None, st0.lse, positions=lm.positions)
         for name in (lm.weight, lm.bias):
@@ -139,8 +146,12 @@ class Factors:
             ok.add(name)
 
 
-def capture(fn: Fn, found: list, params: dict, sub, *, star: bool = True) -> Factors:
-    """One forward of ``sub`` with hooks on the modules in ``found`` (``owners``), and one backward per score."""
+def capture(fn: Fn, found: list, params: dict, sub, *, star: bool = True, direction: dict | None = None) -> Factors:
+    """One forward of ``sub`` with hooks on the modules in ``found`` (``owners``), and one backward per score.
+
+    ``direction``: the one direction ``contract`` will be given (an interval's Δθ). When it moves a SplitLM's W and
+    not its bias, the head's streamed pass also takes δ log π along δW, which is then the head's column: one pass
+    over positions × vocabulary instead of two."""
     from .linear import _row_scores
 
     records: dict[int, dict] = {}
@@ -177,7 +188,8 @@ def capture(fn: Fn, found: list, params: dict, sub, *, star: bool = True) -> Fac
                 mask = sub.target_mask
                 h = at_responses(fn.hidden(fixed, sub), mask)  # (N, H)
                 targets, row = sub.targets[mask], mask.nonzero()[:, 0]
-                st = fn.stats(fixed, h.detach(), targets, grad=True)
+                head_only = direction is not None and fn.weight in direction and not (fn.bias and fn.bias in direction)
+                st = fn.stats(fixed, h.detach(), targets, grad=True, direction={fn.weight: direction[fn.weight]} if head_only else None)
                 for j, g in enumerate((st.grad, st.grad_max)[:outputs]):
                     if h.requires_grad:
                         h.backward(g.to(h.dtype), retain_graph=j + 1 < outputs)
@@ -192,7 +204,7 @@ def capture(fn: Fn, found: list, params: dict, sub, *, star: bool = True) -> Fac
     finally:
         for handle in handles:
             handle.remove()
-    return Factors(found, records, len(sub), outputs, dtype, device, head)
+    return Factors(found, records, len(sub), outputs, dtype, device, head, direction=direction if head is not None and head[4].dlogp is not None else None)
 
 
 def is_conv1d(m: nn.Module) -> bool:
