@@ -157,14 +157,13 @@ def _stats_chunk(h, weight, bias, y, tangent, grad: bool, vocab: int | None) -> 
 
 def _head_tangent(h, dh, w_c, dw, db, v0: int, v1: int, like: torch.Tensor) -> torch.Tensor:
     """δz of one vocabulary chunk: δh W_cᵀ + h δW_cᵀ + δb_c, (P, V_c) in ``like``'s dtype (0 without a tangent)."""
-    dz = torch.zeros_like(like)
-    if dh is not None:
-        dz = dz + _wide(dh @ w_c.T)
-    if dw is not None:
-        dz = dz + _wide(h @ dw[v0:v1].T)
+    dz = None  # summed as the parts come: no zero (P, V_c) to add them to
+    for part in (None if dh is None else dh @ w_c.T, None if dw is None else h @ dw[v0:v1].T):
+        if part is not None:
+            dz = _wide(part) if dz is None else dz.add_(_wide(part))
     if db is not None:
-        dz = dz + _wide(db[v0:v1]).to(like.dtype)
-    return dz
+        dz = _wide(db[v0:v1]).to(like.dtype).expand_as(like) if dz is None else dz.add_(_wide(db[v0:v1]))
+    return torch.zeros_like(like) if dz is None else dz.to(like.dtype)
 
 
 def head_probs(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lse: torch.Tensor, *, positions: int | None = None) -> torch.Tensor:
