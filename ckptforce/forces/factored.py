@@ -123,18 +123,15 @@ class Factors:
         """A SplitLM's head, never called as a module: C[b, W] = Σ_{m ∈ b} (δz_m[y_m] − π_mᵀ δz_m) with δz = h δWᵀ
         (and δb for the bias), streamed over the vocabulary; a tied W adds this to its embedding's share."""
         lm, h, targets, row, st0 = self.head
-        if direction is self.direction and st0.dlogp is not None and lm.weight in col:  # the capture's pass moved W alone: its δ log π
-            c[:, col[lm.weight]] += torch.zeros_like(c[:, 0]).index_add(0, row, st0.dlogp.to(c.dtype))
-            if self.outputs > 1:
-                c_star[:, col[lm.weight]] += torch.zeros_like(c[:, 0]).index_add(0, row, st0.dlogp_max.to(c.dtype))
-            ok.add(lm.weight)
-            return
-        if self.probs is None and h.shape[0] * params[lm.weight].shape[0] <= KEEP_PROBS_CHUNKS * (lm.positions or h.shape[0]) * (lm.vocab or params[lm.weight].shape[0]):
+        held = direction is self.direction and st0.dlogp is not None  # the capture's pass moved W alone: its δ log π
+        if not held and self.probs is None and h.shape[0] * params[lm.weight].shape[0] <= KEEP_PROBS_CHUNKS * (lm.positions or h.shape[0]) * (lm.vocab or params[lm.weight].shape[0]):
             self.probs = head_probs(h, params[lm.weight], params[lm.bias] if lm.bias else None, st0.lse, positions=lm.positions)
         for name in (lm.weight, lm.bias):
             if name is None or name not in col or name not in direction:
                 continue
-            if self.probs is not None:  # π kept: one product per direction
+            if held:
+                dlogp, dlogp_max = st0.dlogp, st0.dlogp_max
+            elif self.probs is not None:  # π kept: one product per direction
                 move = {"dw" if name == lm.weight else "db": direction[name].to(params[name])}
                 dlogp, dlogp_max = head_directional(h, self.probs, targets, st0.argmax, positions=lm.positions, **move)
             else:
@@ -204,7 +201,7 @@ def capture(fn: Fn, found: list, params: dict, sub, *, star: bool = True, direct
     finally:
         for handle in handles:
             handle.remove()
-    return Factors(found, records, len(sub), outputs, dtype, device, head, direction=direction if head is not None and head[4].dlogp is not None else None)
+    return Factors(found, records, len(sub), outputs, dtype, device, head, direction=direction)
 
 
 def is_conv1d(m: nn.Module) -> bool:
