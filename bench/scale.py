@@ -196,6 +196,7 @@ def main() -> None:
     ap.add_argument("--long-rows", type=int, default=48, metavar="ROWS", help="rows of the long case")
     ap.add_argument("--long-nodes", type=int, default=2, metavar="N", help="--nodes of the long case (0: observe and the JVP only; "
                     "the path's nodes are JVPs again, so the peak memory is the same)")
+    ap.add_argument("--long-only", action="store_true", help="run the long case only")
     ap.add_argument("--intervals", type=int, choices=(1, 2), default=2, help="intervals analyzed in the 288-row cases")
     ap.add_argument("--no-split", action="store_true", help="do not time the split by tensor alone")
     ap.add_argument("--train", type=int, default=0, metavar="U", help="also analyze the first interval with --train: U SFT examples "
@@ -230,6 +231,8 @@ def main() -> None:
             wall, peak = analyze(exe, first, long_probes, args, flags)
             print(f"[analyze long, {' '.join(flags)}]  {wall:.0f} s for 1 interval = {wall / lf['forward']:.1f} "
                   f"forwards (with start-up), peak RSS {peak / 1024:.2f} GiB{args.gpu_peak}")  # fmt: skip
+    if args.long_only:
+        return
     base = inner("forward", run, probes, args)
     fwd = base["forward"]
     print(f"[forward]  {fwd:.2f} s for {base['rows']} rows: the unit below")

@@ -18,6 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from ckptforce.budget import HEAD_COPIES, HEAD_SHARE, MIN_HEAD_POSITIONS, RESIDENT_COPIES, RUNTIME_GB, head_chunks, rows_budget, rows_per_chunk
 from ckptforce.forces import contributions_by_tensor, delta_lin, delta_path, interval_forces, observe
 from ckptforce.forces import head as head_mod
+from ckptforce.forces.factored import factored_tangent
 from ckptforce.forces.head import SplitLM, head_stats
 from ckptforce.model import bind_hf
 from fixtures.archs import ARCHS
@@ -76,6 +77,15 @@ def test_head_stats_equal_the_explicit_softmax(positions, vocab):
     (g_star,) = torch.autograd.grad(logp.max(-1).values.sum(), leaf)
     _close(got.grad, g_y, 1e-12, "grad")
     _close(got.grad_max, g_star, 1e-12, "grad_max")
+    # the part along δW alone, from the same pass (the head weight's column of a split), for every mix of the rest
+    only_w = _explicit(h, w, b, y, torch.zeros_like(dh), dw, torch.zeros_like(db))
+    for rest in ((dh, db), (dh, None), (None, db), (None, None)):
+        both = head_stats(h, w, b, y, tangent=(rest[0], dw, rest[1]), weight_part=True, positions=positions, vocab=vocab)
+        alone = _explicit(h, w, b, y, *(torch.zeros_like(t) if r is None else r for r, t in ((rest[0], dh), (dw, dw), (rest[1], db))))
+        _close(both.dlogp_w, only_w["dlogp"], 1e-12, f"dlogp_w, rest {[r is not None for r in rest]}")
+        _close(both.dlogp_max_w, only_w["dlogp_max"], 1e-12, f"dlogp_max_w, rest {[r is not None for r in rest]}")
+        _close(both.dlogp, alone["dlogp"], 1e-12, f"dlogp beside dlogp_w, rest {[r is not None for r in rest]}")
+    assert head_stats(h, w, b, y, tangent=(dh, dw, db)).dlogp_w is None  # not asked for: not computed
 
 
 def test_head_stats_take_the_first_maximiser_across_chunks():
@@ -175,6 +185,37 @@ def test_split_factored_split_equals_the_full_one_per_tensor(lm):
     _close(got.sum(1), delta_lin(model.logits, theta, batch, v).total, 1e-9, f"{arch} Σ_k C = Δ_lin")
 
 
+def test_factored_tangent_is_observe_delta_lin_and_the_split_in_one_head_pass(lm):
+    """observe(θ), Δ_lin and the factored split of a SplitLM from one streamed head pass per chunk of rows, equal
+    to the three separate calls on the model's own logits (float64, rel 1e-9)."""
+    arch, model, theta, v, batch, split = lm
+    obs, lin = observe(model.logits, theta, batch), delta_lin(model.logits, theta, batch, v)
+    names, want, want_star = contributions_by_tensor(model.logits, theta, batch, v, module=model.module)
+    passes = []
+    real = head_mod.head_stats
+    head_mod.head_stats = lambda *a, **k: passes.append((k.get("tangent") is not None, k.get("grad"))) or real(*a, **k)  # noqa: E731
+    try:
+        got_obs, got_lin, (names_f, got, got_star), missing = factored_tangent(split, model.module, theta, batch, v, chunk_size=4)
+    finally:
+        head_mod.head_stats = real
+    assert passes == [(True, True)] * math.ceil(len(batch) / 4), passes  # one pass per chunk: tangent and gradient
+    assert names_f == names and not missing and got_lin.method == "jvp"
+    assert torch.equal(got_obs.argmax_ids, obs.argmax_ids)
+    for name in ("logp_tok", "logp", "argmax_logp_tok", "argmax_logp", "entropy", "top1", "peakiness"):
+        _close(getattr(got_obs, name), getattr(obs, name), 1e-9, f"{arch} {name}")
+    for name in ("tok", "total", "argmax_tok", "argmax"):
+        _close(getattr(got_lin, name), getattr(lin, name), 1e-9, f"{arch} Δ_lin {name}")
+    for k, name in enumerate(names):
+        if float(want[:, k].abs().max()) > 0:
+            _close(got[:, k], want[:, k], 1e-9, f"{arch} {name}")
+            _close(got_star[:, k], want_star[:, k], 1e-9, f"{arch} {name} (y*)")
+    _close(got.sum(1), got_lin.total, 1e-9, f"{arch} Σ_k C = Δ_lin (the JVP's)")
+    head_alone = {split.weight: v[split.weight]}  # the head alone moves: no body tangent, the same column
+    _, lin_h, (_, c_h, _), _ = factored_tangent(split, model.module, theta, batch, head_alone)
+    _close(c_h.sum(1), delta_lin(model.logits, theta, batch, head_alone).total, 1e-9, f"{arch} head alone")
+    _close(lin_h.total, c_h.sum(1), 1e-9, f"{arch} head alone, Δ_lin")
+
+
 def test_split_interval_and_path_equal_the_full_ones(lm):
     arch, model, theta, v, batch, split = lm
     after = {n: p + v[n] for n, p in theta.items()}
@@ -182,6 +223,8 @@ def test_split_interval_and_path_equal_the_full_ones(lm):
     got = interval_forces(split, theta, after, batch, nodes=2, by_tensor=True, module=model.module, chunk_size=4)
     for name in ("dlogp_obs", "dlogp_lin", "dlogp_lin_tok", "dlogp_path", "argmax_obs", "argmax_lin", "argmax_path", "lin_by_tensor", "path_by_tensor"):
         _close(getattr(got, name), getattr(want, name), 1e-9, f"{arch} {name}")
+    for name in ("logp_tok", "entropy", "top1", "peakiness"):  # θ_t's observation from the tangent's pass
+        _close(getattr(got.before, name), getattr(want.before, name), 1e-9, f"{arch} before.{name}")
     jvp_path = delta_path(split, theta, batch, v, nodes=2)  # the JVP at each node, no split
     _close(jvp_path.total, want.dlogp_path, 1e-9, f"{arch} Δ_path by JVPs")
 

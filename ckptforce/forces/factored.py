@@ -30,7 +30,8 @@ from torch.func import functional_call, jvp
 
 from ..numerics import keep_float64, release_memory
 from .head import SplitLM, at_responses, head_directional, head_probs
-from .observe import Fn, chunks
+from .linear import LinearChange, _cat_changes, _row_scores, change_from_stats, jvp_logits
+from .observe import Fn, Observed, chunks, observed_from_stats
 
 
 #: A SplitLM's π at the probe rows' response positions is kept (for the contraction of many directions, e.g.
@@ -62,18 +63,52 @@ def factored_contributions(fn: Fn, module: nn.Module, params: dict, batch, direc
 
     Tensors whose module returns something other than one tensor are 'not covered' (their columns are 0): the
     caller computes those by per-row gradients (``linear.contributions_by_tensor``)."""
+    names, c, c_star, missing, _ = _split_chunks(fn, module, params, batch, direction, chunk_size=chunk_size, star=star)
+    return names, c, c_star, missing
+
+
+def factored_tangent(fn: SplitLM, module: nn.Module, params: dict, batch, direction: dict, *, chunk_size: int | None = None,
+                     method: str = "auto") -> tuple[Observed, LinearChange, tuple[list[str], torch.Tensor, torch.Tensor], list[str]]:  # fmt: skip
+    """(observe(θ), Δ_lin = A·J·v, (names, C, C*), names not covered) of a SplitLM, one streamed head pass per chunk.
+
+    ``observe``, ``delta_lin`` and ``factored_contributions`` at the same θ each pass over positions × vocabulary;
+    here the body's JVP gives δh (N, H) first, and the capture's pass takes z, δz = δh Wᵀ + h δWᵀ + δb, π's
+    statistics, ∂ log π/∂h and δz_W's share (the head weight's column) at once: 4 products with W where the three
+    calls make 7 (1 + 3 + 3), and one body forward fewer. Δ_lin comes from the JVP (forward mode) and the split's
+    columns from the backward's factors, so Σ_k C = Δ_lin stays the caller's independent check."""
+    names, c, c_star, missing, heads = _split_chunks(fn, module, params, batch, direction, chunk_size=chunk_size, tangent=method)
+    vocab = params[fn.weight].shape[0]
+    observed = Observed.cat([observed_from_stats(st, sub.target_mask, vocab=vocab) for sub, st, _ in heads], width=batch.targets.shape[1])
+    lin = _cat_changes([change_from_stats(st, sub.target_mask) for sub, st, _ in heads])
+    lin.method = heads[-1][2] if heads else method
+    return observed, lin, (names, c, c_star), missing
+
+
+def _split_chunks(fn: Fn, module: nn.Module, params: dict, batch, direction: dict, *, chunk_size: int | None, star: bool = True,
+                  tangent: str | None = None) -> tuple[list[str], torch.Tensor, torch.Tensor | None, list[str], list]:  # fmt: skip
+    """``factored_contributions``' (names, C, C*, missing) and, with ``tangent`` (a JVP method), each chunk's
+    (sub-batch, the head's statistics along the whole direction, the method used): ``factored_tangent``."""
     names = [n for n in params if n in direction]
     found = owners(module, params, names)
     covered: set[str] = set()
-    rows, rows_star = [], []
+    rows, rows_star, heads = [], [], []
     for sub in chunks(batch, chunk_size):
-        c, c_star, ok = capture(fn, found, params, sub, star=star, direction=direction).contract(params, direction, names)
+        dh = used = None
+        if tangent is not None:
+            _, dh, used = jvp_logits(fn.hidden, params, sub, direction, method=tangent)  # (b, T, H)
+            dh = at_responses(dh, sub.target_mask)
+        factors = capture(fn, found, params, sub, star=star, direction=direction, dh=dh)
+        del dh
+        c, c_star, ok = factors.contract(params, direction, names)
+        if tangent is not None:
+            heads.append((sub, factors.head[-1], used))
+        del factors
         release_memory()  # the chunk's factors, freed
         covered |= ok
         rows.append(c)
         rows_star.append(c_star)
     missing = [n for n in names if n not in covered]
-    return names, torch.cat(rows), torch.cat(rows_star) if star else None, missing
+    return names, torch.cat(rows), torch.cat(rows_star) if star else None, missing, heads
 
 
 @dataclass
@@ -123,15 +158,13 @@ class Factors:
         """A SplitLM's head, never called as a module: C[b, W] = Σ_{m ∈ b} (δz_m[y_m] − π_mᵀ δz_m) with δz = h δWᵀ
         (and δb for the bias), streamed over the vocabulary; a tied W adds this to its embedding's share."""
         lm, h, targets, row, st0 = self.head
-        held = direction is self.direction and st0.dlogp is not None  # the capture's pass moved W alone: its δ log π
-        if not held and self.probs is None and h.shape[0] * params[lm.weight].shape[0] <= KEEP_PROBS_CHUNKS * (lm.positions or h.shape[0]) * (lm.vocab or params[lm.weight].shape[0]):
-            self.probs = head_probs(h, params[lm.weight], params[lm.bias] if lm.bias else None, st0.lse, positions=lm.positions)
+        held = direction is self.direction and st0.dlogp_w is not None  # the capture's pass took δ log π along δW
         for name in (lm.weight, lm.bias):
             if name is None or name not in col or name not in direction:
                 continue
-            if held:
-                dlogp, dlogp_max = st0.dlogp, st0.dlogp_max
-            elif self.probs is not None:  # π kept: one product per direction
+            if held and name == lm.weight:
+                dlogp, dlogp_max = st0.dlogp_w, st0.dlogp_max_w
+            elif self._probs(params) is not None:  # π kept: one product per direction
                 move = {"dw" if name == lm.weight else "db": direction[name].to(params[name])}
                 dlogp, dlogp_max = head_directional(h, self.probs, targets, st0.argmax, positions=lm.positions, **move)
             else:
@@ -143,14 +176,23 @@ class Factors:
             ok.add(name)
 
 
-def capture(fn: Fn, found: list, params: dict, sub, *, star: bool = True, direction: dict | None = None) -> Factors:
+    def _probs(self, params: dict) -> torch.Tensor | None:
+        """π (N, V) of a SplitLM's head at the response positions, computed once when it fits (``KEEP_PROBS_CHUNKS``)."""
+        lm, h, _, _, st0 = self.head
+        vocab = params[lm.weight].shape[0]
+        if self.probs is None and h.shape[0] * vocab <= KEEP_PROBS_CHUNKS * (lm.positions or h.shape[0]) * (lm.vocab or vocab):
+            self.probs = head_probs(h, params[lm.weight], params[lm.bias] if lm.bias else None, st0.lse, positions=lm.positions)
+        return self.probs
+
+
+def capture(fn: Fn, found: list, params: dict, sub, *, star: bool = True, direction: dict | None = None,
+            dh: torch.Tensor | None = None) -> Factors:  # fmt: skip
     """One forward of ``sub`` with hooks on the modules in ``found`` (``owners``), and one backward per score.
 
-    ``direction``: the one direction ``contract`` will be given (an interval's Δθ). When it moves a SplitLM's W and
-    not its bias, the head's streamed pass also takes δ log π along δW, which is then the head's column: one pass
-    over positions × vocabulary instead of two."""
-    from .linear import _row_scores
-
+    ``direction``: the one direction ``contract`` will be given (an interval's Δθ). When it moves a SplitLM's W, the
+    head's streamed pass also takes δ log π along δW, which is then the head's column: one pass over positions ×
+    vocabulary instead of two. ``dh`` (N, H): the body's tangent along ``direction`` at the response positions
+    (``factored_tangent``); the pass then also takes δ log π along the whole direction (``HeadStats.dlogp``)."""
     records: dict[int, dict] = {}
     handles = []
 
@@ -185,8 +227,9 @@ def capture(fn: Fn, found: list, params: dict, sub, *, star: bool = True, direct
                 mask = sub.target_mask
                 h = at_responses(fn.hidden(fixed, sub), mask)  # (N, H)
                 targets, row = sub.targets[mask], mask.nonzero()[:, 0]
-                head_only = direction is not None and fn.weight in direction and not (fn.bias and fn.bias in direction)
-                st = fn.stats(fixed, h.detach(), targets, grad=True, direction={fn.weight: direction[fn.weight]} if head_only else None)
+                moves = [n for n in (fn.weight, fn.bias if dh is not None else None) if n and direction and n in direction]
+                st = fn.stats(fixed, h.detach(), targets, grad=True, dh=dh, direction={n: direction[n] for n in moves} or None,
+                              weight_part=fn.weight in moves)  # fmt: skip
                 for j, g in enumerate((st.grad, st.grad_max)[:outputs]):
                     if h.requires_grad:
                         h.backward(g.to(h.dtype), retain_graph=j + 1 < outputs)

@@ -14,6 +14,7 @@ accumulator rescaled by e^{μ_old − μ_new} when μ grows):
     Σ_v π_v²     = Σ_v e^{2(z_v − μ)} / s²            peakiness ‖A‖_F² = V Σ π² + V − 2
     δz           = δh Wᵀ + h δWᵀ + δb                 (the head's JVP; δh from the body's)
     δ log π(y)   = δz_y − πᵀ δz,  likewise for y*     A = I − 1πᵀ applied analytically (DESIGN §1)
+                   and, on request, its part along δW alone (δz_W = h δWᵀ): the head weight's column of a split
     ∂ log π(y)/∂h = W_y − πᵀ W,  likewise for y*      (the backward of the scores, for the factored split)
 
 Memory: ``budget.HEAD_COPIES`` tensors of (positions per chunk, vocabulary per chunk) at once, whatever T and V.
@@ -47,7 +48,7 @@ class SplitLM:
         return self.logits(params, batch)
 
     def stats(self, params: dict, h: torch.Tensor, targets: torch.Tensor, *, dh: torch.Tensor | None = None,
-              direction: dict | None = None, grad: bool = False) -> "HeadStats":  # fmt: skip
+              direction: dict | None = None, grad: bool = False, weight_part: bool = False) -> "HeadStats":  # fmt: skip
         """``head_stats`` with this head's W, b, chunks, and δW, δb read from ``direction`` (when it moves them)."""
         w = params[self.weight]
         b = params[self.bias] if self.bias else None
@@ -55,7 +56,7 @@ class SplitLM:
         dw = direction[self.weight].to(w) if self.weight in direction else None
         db = direction[self.bias].to(w) if self.bias and self.bias in direction else None
         tangent = (dh, dw, db) if direction or dh is not None else None
-        return head_stats(h, w, b, targets, tangent=tangent, grad=grad, positions=self.positions, vocab=self.vocab)
+        return head_stats(h, w, b, targets, tangent=tangent, grad=grad, weight_part=weight_part, positions=self.positions, vocab=self.vocab)
 
 
 @dataclass
@@ -70,21 +71,25 @@ class HeadStats:
     dlogp_max: torch.Tensor | None = None  # (N,) δ log π(y*)
     grad: torch.Tensor | None = None  # (N, H) ∂ log π(y)/∂h
     grad_max: torch.Tensor | None = None  # (N, H) ∂ log π(y*)/∂h
+    dlogp_w: torch.Tensor | None = None  # (N,) δ log π(y) along δW alone (``weight_part``): the head weight's column
+    dlogp_max_w: torch.Tensor | None = None  # (N,) δ log π(y*) along δW alone
 
 
 def head_stats(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor, *,
-               tangent: tuple | None = None, grad: bool = False, positions: int | None = None,
+               tangent: tuple | None = None, grad: bool = False, weight_part: bool = False, positions: int | None = None,
                vocab: int | None = None) -> HeadStats:  # fmt: skip
     """The module docstring's statistics of z = h Wᵀ + b (h (N, H), W (V, H)), ``positions`` × ``vocab`` at a time.
 
-    ``tangent`` = (δh (N, H) | None, δW (V, H) | None, δb (V,) | None) adds δ log π(y), δ log π(y*); ``grad``
-    adds ∂ log π/∂h for both. Reductions run in float32 at least (float64 stays float64)."""
+    ``tangent`` = (δh (N, H) | None, δW (V, H) | None, δb (V,) | None) adds δ log π(y), δ log π(y*); with
+    ``weight_part`` also their part along δW alone, δz_W = h δWᵀ (``dlogp_w``: the head weight's column of a split
+    by tensor, when the same pass takes the whole tangent). ``grad`` adds ∂ log π/∂h for both. Reductions run in
+    float32 at least (float64 stays float64)."""
     n = h.shape[0]
     step = positions or max(n, 1)
-    parts = [_stats_chunk(h[i : i + step], weight, bias, targets[i : i + step], _rows(tangent, i, i + step), grad, vocab)
+    parts = [_stats_chunk(h[i : i + step], weight, bias, targets[i : i + step], _rows(tangent, i, i + step), grad, weight_part, vocab)
              for i in range(0, n, step)]  # fmt: skip
     if not parts:
-        parts = [_stats_chunk(h, weight, bias, targets, tangent, grad, vocab)]
+        parts = [_stats_chunk(h, weight, bias, targets, tangent, grad, weight_part, vocab)]
     out = {}
     for name in HeadStats.__dataclass_fields__:
         values = [getattr(p, name) for p in parts]
@@ -99,7 +104,7 @@ def _rows(tangent: tuple | None, start: int, stop: int) -> tuple | None:
     return (None if dh is None else dh[start:stop], dw, db)
 
 
-def _stats_chunk(h, weight, bias, y, tangent, grad: bool, vocab: int | None) -> HeadStats:
+def _stats_chunk(h, weight, bias, y, tangent, grad: bool, weight_part: bool, vocab: int | None) -> HeadStats:
     """One chunk of positions (P, H) over the whole vocabulary, ``vocab`` entries at a time (online softmax)."""
     p, V = h.shape[0], weight.shape[0]
     wide = _wide(torch.empty((), dtype=h.dtype)).dtype
@@ -107,10 +112,13 @@ def _stats_chunk(h, weight, bias, y, tangent, grad: bool, vocab: int | None) -> 
     mu = torch.full((p,), float("-inf"), dtype=wide, device=h.device)  # running max of z
     s, u, q, z_y = new(), new(), new(), new()  # Σ e^{z−μ}, Σ e^{z−μ}(z−μ), Σ e^{2(z−μ)}, z_y
     best = torch.zeros(p, dtype=torch.long, device=h.device)
-    w_sum = dz_y = dz_best = None
+    along = along_w = None  # (Σ e^{z−μ} δz, δz_y, δz_{y*}) of the tangent, and of its part along δW alone
+    separate = False  # δz_W apart from the rest of δz: only when there is a rest
     if tangent is not None:
         dh, dw, db = tangent
-        w_sum, dz_y, dz_best = new(), new(), new()  # Σ e^{z−μ} δz, δz_y, δz_{y*}
+        along = (new(), new(), new())
+        separate = weight_part and dw is not None and (dh is not None or db is not None)
+        along_w = (new(), new(), new()) if separate else None
     acc = torch.zeros(p, h.shape[1], dtype=wide, device=h.device) if grad else None  # Σ e^{z−μ} W_v  (P, H)
     step = vocab or V
     for v0 in range(0, V, step):
@@ -125,20 +133,24 @@ def _stats_chunk(h, weight, bias, y, tangent, grad: bool, vocab: int | None) -> 
         d = mu - mu_new  # ≤ 0; −inf on the first chunk, where every accumulator is still 0
         scale = torch.exp(d)
         d = torch.where(torch.isfinite(d), d, torch.zeros_like(d))
-        e = torch.exp(z - mu_new.unsqueeze(-1))  # (P, V_c)
-        u = scale * (u + d * s) + (e * (z - mu_new.unsqueeze(-1))).sum(-1)
-        s = scale * s + e.sum(-1)
-        q = scale.square() * q + e.square().sum(-1)
         take = c_max > mu  # strictly: the first maximiser wins
         best = torch.where(take, c_idx + v0, best)
         inside = (y >= v0) & (y < v1)
         local = (y - v0).clamp(0, v1 - v0 - 1).unsqueeze(-1)
         z_y = torch.where(inside, z.gather(-1, local).squeeze(-1), z_y)
+        shifted = z.sub_(mu_new.unsqueeze(-1))  # z − μ in place: z is not read again
+        e = torch.exp(shifted)  # (P, V_c)
+        u = scale * (u + d * s) + _dot(e, shifted)
+        s = scale * s + e.sum(-1)
+        q = scale.square() * q + _dot(e, e)
         if tangent is not None:
-            dz = _head_tangent(h, dh, w_c, dw, db, v0, v1, z)  # (P, V_c)
-            w_sum = scale * w_sum + (e * dz).sum(-1)
-            dz_y = torch.where(inside, dz.gather(-1, local).squeeze(-1), dz_y)
-            dz_best = torch.where(take, dz.gather(-1, c_idx.unsqueeze(-1)).squeeze(-1), dz_best)
+            if separate:
+                dz_w = _head_tangent(h, None, w_c, dw, None, v0, v1, z)  # (P, V_c)
+                along_w = _accumulate(along_w, dz_w, e, scale, inside, local, take, c_idx)
+                dz = dz_w.add_(_head_tangent(h, dh, w_c, None, db, v0, v1, z))  # δz_W is read: the rest joins it in place
+            else:
+                dz = _head_tangent(h, dh, w_c, dw, db, v0, v1, z)  # (P, V_c)
+            along = _accumulate(along, dz, e, scale, inside, local, take, c_idx)
         if grad:
             acc = scale.unsqueeze(-1) * acc + e @ w_c.to(wide)
         mu = mu_new
@@ -146,13 +158,34 @@ def _stats_chunk(h, weight, bias, y, tangent, grad: bool, vocab: int | None) -> 
     lse = mu + log_s
     out = HeadStats(lse=lse, logp=z_y - lse, argmax=best, logp_max=-log_s, entropy=log_s - u / s, sumsq=q / s.square())
     if tangent is not None:
-        mean_dz = w_sum / s  # πᵀ δz
-        out.dlogp, out.dlogp_max = dz_y - mean_dz, dz_best - mean_dz
+        out.dlogp, out.dlogp_max = _directional(along, s)
+        if weight_part and dw is not None:
+            out.dlogp_w, out.dlogp_max_w = _directional(along_w, s) if separate else (out.dlogp, out.dlogp_max)
     if grad:
         mean_w = acc / s.unsqueeze(-1)  # πᵀ W  (P, H)
         wide_w = weight.to(wide)
         out.grad, out.grad_max = wide_w[y] - mean_w, wide_w[best] - mean_w
     return out
+
+
+def _accumulate(along: tuple, dz: torch.Tensor, e: torch.Tensor, scale: torch.Tensor, inside: torch.Tensor, local: torch.Tensor,
+                take: torch.Tensor, c_idx: torch.Tensor) -> tuple:  # fmt: skip
+    """(Σ e^{z−μ} δz rescaled to the new μ, δz_y, δz_{y*}) after one vocabulary chunk's δz (P, V_c)."""
+    w_sum, dz_y, dz_best = along
+    return (scale * w_sum + _dot(e, dz), torch.where(inside, dz.gather(-1, local).squeeze(-1), dz_y),
+            torch.where(take, dz.gather(-1, c_idx.unsqueeze(-1)).squeeze(-1), dz_best))  # fmt: skip
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Σ_v a[p, v] b[p, v] (P,), as a batched product: no (P, V_c) temporary (3–5× ``(a * b).sum(-1)`` on a CPU)."""
+    return torch.einsum("pv,pv->p", a, b)
+
+
+def _directional(along: tuple, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(δ log π(y), δ log π(y*)) = δz_y − πᵀ δz, δz_{y*} − πᵀ δz, with πᵀ δz = Σ e^{z−μ} δz / s."""
+    w_sum, dz_y, dz_best = along
+    mean_dz = w_sum / s
+    return dz_y - mean_dz, dz_best - mean_dz
 
 
 def _head_tangent(h, dh, w_c, dw, db, v0: int, v1: int, like: torch.Tensor) -> torch.Tensor:

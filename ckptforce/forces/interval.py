@@ -7,6 +7,9 @@ In: the model function, θ_t and θ_{t+1} (dicts over the same names), a batch. 
     Δ_path = Σ_i w_i A·J(θ_t + s_iΔθ)·Δθ                     complete attribution, gap Δ_obs − Δ_path reported
     split of Δ_lin and Δ_path by parameter tensor           (optional; backprop factors, or per-row gradients)
 
+A streamed head (``SplitLM``) with the factored split takes log π(θ_t), Δ_lin and the split at θ_t in one pass
+over positions × vocabulary (``factored.factored_tangent``).
+
 for every row, and the same for the argmax response y* of each row.
 """
 
@@ -17,7 +20,9 @@ from typing import Callable
 
 import torch
 
-from .linear import contributions_by_tensor, delta_lin, delta_path, remainder_ratio
+from .factored import factored_tangent
+from .head import SplitLM
+from .linear import contributions_by_tensor, delta_lin, delta_path, fill_missing, remainder_ratio
 from ..numerics import release_memory
 from .observe import Fn, Observed, observe
 
@@ -127,13 +132,18 @@ def interval_forces(
         return IntervalForces.cat(parts, width=width)
     if step is None:
         step = {n: after[n] - before[n] for n, p in before.items() if p.is_floating_point()}
-    obs_a = observe(fn, before, batch, chunk_size=chunk_size, full=full)
-    obs_b = observe(fn, after, batch, chunk_size=chunk_size, full=full)
-    lin = delta_lin(fn, before, batch, step, method=method, chunk_size=chunk_size)
-    release_memory()
     names, lin_split, star_split = list(step), None, None
+    if by_tensor and module is not None and isinstance(fn, SplitLM) and not full:  # observe, Δ_lin and the split: one head pass
+        obs_a, lin, split, missing = factored_tangent(fn, module, before, batch, step, chunk_size=chunk_size, method=method)
+        names, lin_split, star_split = fill_missing(fn, before, batch, step, split, missing, chunk_size=SPLIT_CHUNK)
+    else:
+        obs_a = observe(fn, before, batch, chunk_size=chunk_size, full=full)
+        lin = delta_lin(fn, before, batch, step, method=method, chunk_size=chunk_size)
+        release_memory()
+        if by_tensor:
+            names, lin_split, star_split = contributions_by_tensor(fn, before, batch, step, chunk_size=SPLIT_CHUNK, module=module, factored_chunk=chunk_size)
+    obs_b = observe(fn, after, batch, chunk_size=chunk_size, full=full)
     if by_tensor:
-        names, lin_split, star_split = contributions_by_tensor(fn, before, batch, step, chunk_size=SPLIT_CHUNK, module=module, factored_chunk=chunk_size)
         if module is not None and not _sums_to(lin_split, lin.total):  # a model the factors misread: the slow twin
             module = None
             names, lin_split, star_split = contributions_by_tensor(fn, before, batch, step, chunk_size=SPLIT_CHUNK)

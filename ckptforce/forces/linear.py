@@ -108,7 +108,11 @@ def dlogp_split(fn: SplitLM, params: dict, batch, h: torch.Tensor, dh: torch.Ten
     """``dlogp_from_dlogits``'s numbers at the response positions only: δz = δh Wᵀ + h δWᵀ + δb streamed over the
     vocabulary (``head.head_stats``) from the body's (h, δh) (B, T, H); no (B, T, V) tensor."""
     mask = batch.target_mask
-    st = fn.stats(params, at_responses(h, mask), batch.targets[mask], dh=at_responses(dh, mask), direction=direction)
+    return change_from_stats(fn.stats(params, at_responses(h, mask), batch.targets[mask], dh=at_responses(dh, mask), direction=direction), mask)
+
+
+def change_from_stats(st, mask: torch.Tensor) -> LinearChange:
+    """A ``LinearChange`` of rows (B, T) from a streamed head's δ log π (N,) at the response positions of ``mask``."""
     tok, argmax_tok = to_rows(st.dlogp, mask), to_rows(st.dlogp_max, mask)  # (B, T)
     return LinearChange(tok, tok.sum(-1), argmax_tok, argmax_tok.sum(-1))
 
@@ -142,11 +146,7 @@ def contributions_by_tensor(fn: Fn, params: dict, batch, direction: dict, *, chu
         from .factored import factored_contributions
 
         names, c, c_star, missing = factored_contributions(fn, module, params, batch, direction, chunk_size=factored_chunk)
-        if missing:
-            rest, c_rest, star_rest = contributions_by_tensor(fn, params, batch, {n: direction[n] for n in missing}, chunk_size=chunk_size)
-            at = [names.index(n) for n in rest]
-            c[:, at], c_star[:, at] = c_rest, star_rest
-        return names, c, c_star
+        return fill_missing(fn, params, batch, direction, (names, c, c_star), missing, chunk_size=chunk_size)
     moving, fixed, tangents = _split(params, direction)
     names = list(moving)
     rows, rows_star = [], []
@@ -159,6 +159,17 @@ def contributions_by_tensor(fn: Fn, params: dict, batch, direction: dict, *, chu
         rows.append(c[:, 0])
         rows_star.append(c[:, 1])
     return names, torch.cat(rows), torch.cat(rows_star)
+
+
+def fill_missing(fn: Fn, params: dict, batch, direction: dict, split: tuple, missing: list[str], *, chunk_size: int | None = 8) -> tuple:
+    """``split`` = (names, C, C*) of the factored split with the columns of ``missing`` (tensors whose module has no
+    factored form) filled from per-row gradients, ``chunk_size`` rows at a time."""
+    names, c, c_star = split
+    if missing:
+        rest, c_rest, star_rest = contributions_by_tensor(fn, params, batch, {n: direction[n] for n in missing}, chunk_size=chunk_size)
+        at = [names.index(n) for n in rest]
+        c[:, at], c_star[:, at] = c_rest, star_rest
+    return names, c, c_star
 
 
 def _row_scores(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

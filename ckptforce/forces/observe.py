@@ -94,7 +94,11 @@ def observe_split(fn: SplitLM, params: dict, batch) -> Observed:
     head streamed in chunks (``head.head_stats``): nothing of size T × V is formed."""
     mask = batch.target_mask  # (B, T)
     st = fn.stats(params, at_responses(fn.hidden(params, batch), mask), batch.targets[mask])  # (N,) each
-    vocab = params[fn.weight].shape[0]
+    return observed_from_stats(st, mask, vocab=params[fn.weight].shape[0])
+
+
+def observed_from_stats(st, mask: torch.Tensor, *, vocab: int) -> Observed:
+    """An ``Observed`` of rows (B, T) from a streamed head's ``HeadStats`` (N,) at the response positions of ``mask``."""
     logp_tok = to_rows(st.logp, mask)  # (B, T)
     top = to_rows(st.logp_max, mask)
     return Observed(
