@@ -77,17 +77,16 @@ def factored_tangent(fn: SplitLM, module: nn.Module, params: dict, batch, direct
     calls make 7 (1 + 3 + 3), and one body forward fewer. Δ_lin comes from the JVP (forward mode) and the split's
     columns from the backward's factors, so Σ_k C = Δ_lin stays the caller's independent check."""
     names, c, c_star, missing, heads = _split_chunks(fn, module, params, batch, direction, chunk_size=chunk_size, tangent=method)
-    vocab = params[fn.weight].shape[0]
-    observed = Observed.cat([observed_from_stats(st, sub.target_mask, vocab=vocab) for sub, st, _ in heads], width=batch.targets.shape[1])
-    lin = _cat_changes([change_from_stats(st, sub.target_mask) for sub, st, _ in heads])
-    lin.method = heads[-1][2] if heads else method
+    observed = Observed.cat([obs for obs, _ in heads], width=batch.targets.shape[1])
+    lin = _cat_changes([change for _, change in heads])
+    lin.method = heads[-1][1].method
     return observed, lin, (names, c, c_star), missing
 
 
 def _split_chunks(fn: Fn, module: nn.Module, params: dict, batch, direction: dict, *, chunk_size: int | None, star: bool = True,
                   tangent: str | None = None) -> tuple[list[str], torch.Tensor, torch.Tensor | None, list[str], list]:  # fmt: skip
     """``factored_contributions``' (names, C, C*, missing) and, with ``tangent`` (a JVP method), each chunk's
-    (sub-batch, the head's statistics along the whole direction, the method used): ``factored_tangent``."""
+    (``Observed``, ``LinearChange`` along the whole direction) read off the head's pass: ``factored_tangent``."""
     names = [n for n in params if n in direction]
     found = owners(module, params, names)
     covered: set[str] = set()
@@ -100,8 +99,10 @@ def _split_chunks(fn: Fn, module: nn.Module, params: dict, batch, direction: dic
         factors = capture(fn, found, params, sub, star=star, direction=direction, dh=dh)
         del dh
         c, c_star, ok = factors.contract(params, direction, names)
-        if tangent is not None:
-            heads.append((sub, factors.head[-1], used))
+        if tangent is not None:  # per row now: the statistics' ∂ log π/∂h (N, H) are not kept past the chunk
+            st = factors.head[-1]
+            heads.append((observed_from_stats(st, sub.target_mask, vocab=params[fn.weight].shape[0]), change_from_stats(st, sub.target_mask)))
+            heads[-1][1].method = used
         del factors
         release_memory()  # the chunk's factors, freed
         covered |= ok
