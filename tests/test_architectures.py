@@ -478,11 +478,13 @@ def test_batched_forces_capture_each_training_row_once(case, chunk, tmp_path, mo
     assert pieces > 1 or chunk is None
 
 
-def test_approximate_forces_are_exact_for_a_rank_one_preconditioner(case, tmp_path):
+def test_approximate_forces_are_exact_for_a_rank_one_preconditioner(case, tmp_path, monkeypatch):
     """forces/approx.py: with P = r cᵀ on every matrix (any P on vectors) the ghost products with scaled factors
     equal one JVP per example (1e-9), totals and y*; with a general P they are an approximation whose error is
     what ``relative_error`` reports (finite, and not 0)."""
+    from ckptforce.forces import approx as approx_mod
     from ckptforce.forces.approx import approximate_forces, relative_error
+    from ckptforce.forces.ghost import row_grads_each
 
     theta = case.thetas[1]
     train, owners = _three_examples("dpo", tmp_path)
@@ -515,6 +517,18 @@ def test_approximate_forces_are_exact_for_a_rank_one_preconditioner(case, tmp_pa
                 assert seen == [6 // blocks * (i + 1) for i in range(blocks)], (held_bytes, seen)
                 for got, want in zip(chunked[:4], (pos, neg, pos_star, neg_star)):
                     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-13 * float(want.abs().max()))
+            # probes not held, but room for two training chunks (sizes counted in rows): one block, so every probe
+            # chunk is captured once for it (plus the first chunk's estimate), not once per training chunk
+            captures = []
+            monkeypatch.setattr(approx_mod, "_nbytes", lambda g: float(g.n))
+            monkeypatch.setattr(approx_mod, "row_grads_each", lambda *a, **k: captures.append(1) or row_grads_each(*a, **k))
+            seen = []
+            gathered = approximate_forces(fn, theta, case.probes, train, owners, weights, coeff, {n: scale[n] for n in names}, module=module,
+                                          names=names, chunk_size=3, held_bytes=len(case.probes) - 0.5, progress=lambda done, total: seen.append(done))  # fmt: skip
+            monkeypatch.undo()
+            assert seen == [6] and len(captures) == 1 + len(case.probes), (seen, len(captures))
+            for got, want in zip(gathered[:4], (pos, neg, pos_star, neg_star)):
+                torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-13 * float(want.abs().max()))
         else:
             err = relative_error(pos + neg, exact.total)
             assert 0 < err < 10, (case.arch, err)

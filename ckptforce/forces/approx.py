@@ -90,9 +90,11 @@ def approximate_forces(fn, params: dict, probes, train_rows, owners: list[int], 
 
     Memory: the probe rows' factors (of log π(y) and of log π(y*)) are captured once and held when all of them
     take at most ``held_bytes`` (estimated from the first chunk; None: always); the training rows then go in
-    blocks of half ``chunk_size`` beside them. Otherwise the training rows go in blocks of ``chunk_size``, each
-    captured once, and the probe rows, in chunks of half ``chunk_size``, are captured again for every block.
-    ``progress(done, total)`` after each block, in training rows."""
+    chunks of half ``chunk_size`` beside them. Otherwise the training rows' factors, captured ``chunk_size`` rows
+    at a time, are gathered into blocks of at most ``held_bytes`` (the room the probe factors would have taken),
+    and the probe rows, in chunks of half ``chunk_size``, are captured again once per block: the fewer blocks, the
+    fewer of those captures, which are most of the work. ``progress(done, total)`` after each block, in training
+    rows."""
     n_ex, n_probe = len(coeff), len(probes)
     out = {key: torch.zeros(n_ex, n_probe, dtype=torch.float64) for key in ("pos", "neg", "pos*", "neg*")}
     half = max(1, chunk_size // 2) if chunk_size else None
@@ -110,27 +112,38 @@ def approximate_forces(fn, params: dict, probes, train_rows, owners: list[int], 
     owner = torch.tensor(owners)
     c_row = coeff.double()[owner]  # (rows,)
     fitted: list[str] = []
-    start, total = 0, len(train_rows)
+    block: list[tuple[slice, Tensor, RowGrads]] = []  # (rows, their loss weights, their preconditioned factors)
+
+    def flush() -> None:  # every probe chunk (held, or captured once for the block) against the block's rows
+        for i, (at, probe_sub) in enumerate(pieces):
+            sides = held[i] if held is not None else probe_sides(probe_sub)
+            for rows, w, g in block:
+                who = owner[rows]
+                for suffix, side in sides.items():
+                    k = sum(kernel_between(side, g).values()).double().cpu()  # (probe rows of the chunk, training rows)
+                    contrib = -(k * c_row[rows][None, :]).T  # (r, b)
+                    for key, sign in (("pos", w > 0), ("neg", w < 0)):
+                        out[key + suffix][:, at].index_add_(0, who[sign], contrib[sign])
+            del sides
+        block.clear()
+        release_memory()  # the block's factors
+
+    start, total, block_bytes = 0, len(train_rows), 0
     for sub in _train_chunks(train_rows, weights.to(torch.float64), half if held is not None else chunk_size):  # w rides with each row
         rows = slice(start, start + len(sub.targets))
         start += len(sub.targets)
-        w = sub.loss_weight.double().cpu()
         g = row_grads(fn, params, sub, nll_rows, module=module, names=names)  # row r: w_r ∇(−log π_r)
         if scale is not None:
             g, fitted = precondition_rows(g, scale)
-        who = owner[rows]
-        for i, (at, probe_sub) in enumerate(pieces):
-            sides = held[i] if held is not None else probe_sides(probe_sub)
-            for suffix, side in sides.items():
-                k = sum(kernel_between(side, g).values()).double().cpu()  # (probe rows of the chunk, training rows of the block)
-                contrib = -(k * c_row[rows][None, :]).T  # (r, b)
-                for key, sign in (("pos", w > 0), ("neg", w < 0)):
-                    out[key + suffix][:, at].index_add_(0, who[sign], contrib[sign])
-            del sides
+        block.append((rows, sub.loss_weight.double().cpu(), g))
+        block_bytes += _nbytes(g)
         del g
-        release_memory()  # the block's factors
-        if progress is not None:
-            progress(start, total)
+        room = held is None and held_bytes is not None and block_bytes * (len(block) + 1) / len(block) <= held_bytes  # one more chunk fits
+        if not room or start == total:
+            flush()
+            block_bytes = 0
+            if progress is not None:
+                progress(start, total)
     return out["pos"], out["neg"], out["pos*"], out["neg*"], fitted
 
 
