@@ -509,15 +509,15 @@ def test_approximate_forces_are_exact_for_a_rank_one_preconditioner(case, tmp_pa
         if rank_one:
             for got, want in ((pos, exact.pos), (neg, exact.neg), (pos_star, exact.pos_argmax), (neg_star, exact.neg_argmax)):
                 torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12 * float(want.abs().max()), msg=lambda m: f"{case.arch}: {m}")
-            # in chunks: the probe rows' factors held (blocks of 1 training row), or captured again for every block of 3
-            for held_bytes, blocks in ((None, 6), (0, 2)):
+            # in chunks of half of 3 rows: the probe rows' factors held, or (no room) captured again for every chunk
+            for held_bytes, blocks in ((None, 6), (0, 6)):
                 seen = []
                 chunked = approximate_forces(fn, theta, case.probes, train, owners, weights, coeff, {n: scale[n] for n in names}, module=module,
                                              names=names, chunk_size=3, held_bytes=held_bytes, progress=lambda done, total: seen.append(done))  # fmt: skip
                 assert seen == [6 // blocks * (i + 1) for i in range(blocks)], (held_bytes, seen)
                 for got, want in zip(chunked[:4], (pos, neg, pos_star, neg_star)):
                     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-13 * float(want.abs().max()))
-            # probes not held, but room for two training chunks (sizes counted in rows): one block, so every probe
+            # probes not held, but room for every training chunk (sizes counted in rows, 12 probe rows): one block, so every probe
             # chunk is captured once for it (plus the first chunk's estimate), not once per training chunk
             captures = []
             monkeypatch.setattr(approx_mod, "_nbytes", lambda g: float(g.n))
@@ -526,7 +526,7 @@ def test_approximate_forces_are_exact_for_a_rank_one_preconditioner(case, tmp_pa
             gathered = approximate_forces(fn, theta, case.probes, train, owners, weights, coeff, {n: scale[n] for n in names}, module=module,
                                           names=names, chunk_size=3, held_bytes=len(case.probes) - 0.5, progress=lambda done, total: seen.append(done))  # fmt: skip
             monkeypatch.undo()
-            assert seen == [6] and len(captures) == 1 + len(case.probes), (seen, len(captures))
+            assert len(case.probes) == 12 and seen == [6] and len(captures) == 1 + len(case.probes), (seen, len(captures))
             for got, want in zip(gathered[:4], (pos, neg, pos_star, neg_star)):
                 torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-13 * float(want.abs().max()))
         else:

@@ -90,8 +90,8 @@ def approximate_forces(fn, params: dict, probes, train_rows, owners: list[int], 
 
     Memory: the probe rows' factors (of log π(y) and of log π(y*)) are captured once and held when all of them
     take at most ``held_bytes`` (estimated from the first chunk; None: always); the training rows then go in
-    chunks of half ``chunk_size`` beside them. Otherwise the training rows' factors, captured ``chunk_size`` rows
-    at a time, are gathered into blocks of at most ``held_bytes`` (the room the probe factors would have taken),
+    chunks of half ``chunk_size`` beside them. Otherwise the training rows' factors, captured half ``chunk_size``
+    rows at a time, are gathered into blocks of at most ``held_bytes`` (the room the probe factors would have taken),
     and the probe rows, in chunks of half ``chunk_size``, are captured again once per block: the fewer blocks, the
     fewer of those captures, which are most of the work. ``progress(done, total)`` after each block, in training
     rows."""
@@ -129,7 +129,7 @@ def approximate_forces(fn, params: dict, probes, train_rows, owners: list[int], 
         release_memory()  # the block's factors
 
     start, total, block_bytes = 0, len(train_rows), 0
-    for sub in _train_chunks(train_rows, weights.to(torch.float64), half if held is not None else chunk_size):  # w rides with each row
+    for sub in _train_chunks(train_rows, weights.to(torch.float64), half):  # w rides with each row; half: beside the held probes or block
         rows = slice(start, start + len(sub.targets))
         start += len(sub.targets)
         g = row_grads(fn, params, sub, nll_rows, module=module, names=names)  # row r: w_r ∇(−log π_r)
@@ -138,7 +138,7 @@ def approximate_forces(fn, params: dict, probes, train_rows, owners: list[int], 
         block.append((rows, sub.loss_weight.double().cpu(), g))
         block_bytes += _nbytes(g)
         del g
-        room = held is None and held_bytes is not None and block_bytes * (len(block) + 1) / len(block) <= held_bytes  # one more chunk fits
+        room = held is None and block_bytes * (len(block) + 1) / len(block) <= held_bytes  # one more chunk fits
         if not room or start == total:
             flush()
             block_bytes = 0

@@ -103,6 +103,7 @@ def _split_chunks(fn: Fn, module: nn.Module, params: dict, batch, direction: dic
             st = factors.head[-1]
             heads.append((observed_from_stats(st, sub.target_mask, vocab=params[fn.weight].shape[0]), change_from_stats(st, sub.target_mask)))
             heads[-1][1].method = used
+            del st
         del factors
         release_memory()  # the chunk's factors, freed
         covered |= ok
@@ -126,7 +127,7 @@ class Factors:
     device: torch.device
     head: tuple | None = None  # a SplitLM's (lm, h at the N response positions (N, H), targets (N,), row of each (N,), HeadStats)
     probs: torch.Tensor | None = None  # π (N, V) at the response positions, kept by the first contraction when it fits
-    direction: dict | None = None  # the direction whose head column the capture's pass already holds (HeadStats.dlogp)
+    direction: dict | None = None  # the direction whose head column the capture's pass already holds (HeadStats.dlogp_w)
 
     def contract(self, params: dict, direction: dict, names: list[str]) -> tuple[torch.Tensor, torch.Tensor, set[str]]:
         """(C (b, K), C* (b, K), names covered) for ``direction`` over ``names`` (the columns, in order)."""
