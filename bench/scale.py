@@ -204,6 +204,8 @@ def main() -> None:
     ap.add_argument("--forces", choices=("exact", "approximate"), default="exact", help="--forces of the --train analysis")
     ap.add_argument("--train-only", action="store_true", help="with --train: skip the analyses without training examples")
     args = ap.parse_args()
+    if args.long_only and not args.long:
+        ap.error("--long-only needs a long case: give --long TOKENS (not 0)")
     exe = shutil.which("ckptforce") or sys.exit("install ckptforce first: pip install -e .")
     if (args.model, args.dtype) != ("gpt2-small", "float32"):  # each run in its own folder
         args.workdir = args.workdir / f"{args.model}-{args.dtype}"

@@ -36,8 +36,8 @@ ATTENTION_COPIES = 3
 RESIDENT_COPIES = 5
 RUNTIME_GB = 1.1
 #: Share of the rows' budget given to the streamed LM head, and the (positions, vocabulary) tensors alive in it:
-#: z − μ, e^{z−μ}, δz and the part of it being added, a half-precision product before it is widened, and a spare
-#: (forces/head.py; the sums over the vocabulary are batched products that form no temporary).
+#: z − μ, e^{z−μ}, δz and the part of it being added, the elementwise product a sum over the vocabulary reduces, and a
+#: half-precision product before it is widened (forces/head.py).
 HEAD_SHARE = 0.25
 HEAD_COPIES = 6
 #: The head takes the whole vocabulary at once unless that leaves fewer positions than this per chunk.

@@ -210,7 +210,7 @@ def test_factored_tangent_is_observe_delta_lin_and_the_split_in_one_head_pass(lm
             _close(got[:, k], want[:, k], 1e-9, f"{arch} {name}")
             _close(got_star[:, k], want_star[:, k], 1e-9, f"{arch} {name} (y*)")
     _close(got.sum(1), got_lin.total, 1e-9, f"{arch} Σ_k C = Δ_lin (the JVP's)")
-    head_alone = {split.weight: v[split.weight]}  # the head alone moves: no body tangent, the same column
+    head_alone = {split.weight: v[split.weight]}  # only W moves (GPT-2's tied W moves the body's embedding too)
     _, lin_h, (_, c_h, _), _ = factored_tangent(split, model.module, theta, batch, head_alone)
     _close(c_h.sum(1), delta_lin(model.logits, theta, batch, head_alone).total, 1e-9, f"{arch} head alone")
     _close(lin_h.total, c_h.sum(1), 1e-9, f"{arch} head alone, Δ_lin")
