@@ -88,6 +88,23 @@ def test_head_stats_equal_the_explicit_softmax(positions, vocab):
     assert head_stats(h, w, b, y, tangent=(dh, dw, db)).dlogp_w is None  # not asked for: not computed
 
 
+@pytest.mark.parametrize("vocab", [None, 40_000])
+def test_float32_head_stats_keep_float32_precision_over_a_large_vocabulary(vocab):
+    """Float32 sums over Qwen2's 152,064 entries (not a multiple of the 128-entry blocks, nor of the chunk) agree
+    with the float64 softmax to 1e-6 of each statistic's largest value. One float32 running sum over the whole
+    vocabulary (a plain batched product) is off by ~1e-4 here: the entropy, Σπ² and πᵀδz would fail."""
+    g = torch.Generator().manual_seed(3)
+    n, hid, v = 6, 16, 152_064
+    h, w, dw = (torch.randn(*s, generator=g, dtype=torch.float64) for s in ((n, hid), (v, hid), (v, hid)))
+    w = w * 0.5  # entropy ~9 of log V ≈ 11.9 nats: mass spread over the whole vocabulary
+    y = torch.randint(0, v, (n,), generator=g)
+    want = _explicit(h, w, torch.zeros(v, dtype=torch.float64), y, torch.zeros_like(h), dw, torch.zeros(v, dtype=torch.float64))
+    got = head_stats(h.float(), w.float(), None, y, tangent=(None, dw.float(), None), vocab=vocab)
+    assert got.entropy.dtype == torch.float32
+    for name in ("lse", "logp", "logp_max", "entropy", "sumsq", "dlogp", "dlogp_max"):
+        _close(getattr(got, name), want[name], 1e-6, f"float32 {name}")
+
+
 def test_head_stats_take_the_first_maximiser_across_chunks():
     """Two vocabulary entries tie for the maximum in different chunks: y* is the first, as torch.max says."""
     hid, v = 4, 12
