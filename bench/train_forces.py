@@ -68,7 +68,14 @@ with torch.no_grad():
     model.logits(theta, batch); sync()
     t0 = time.perf_counter(); model.logits(theta, batch); sync(); fwd = time.perf_counter() - t0
 t0 = time.perf_counter()
-if what == "approx":
+if what == "floor":  # the training rows' own forward and backward (their ghost factors), and nothing else
+    from ckptforce.forces.ghost import row_grads
+    from ckptforce.forces.kernels import nll_rows
+    names = [n for n, t in theta.items() if t.is_floating_point()]
+    for i in range(0, n_ex, 32):  # approximate_forces' training chunks: half of chunk_size 64
+        row_grads(model.logits, theta, train.select(list(range(i, min(i + 32, n_ex)))), nll_rows, module=model.module, names=names)
+    pos, method = torch.zeros(n_ex, len(batch)), "the training rows' forward and backward"
+elif what == "approx":
     names = [n for n, t in theta.items() if t.is_floating_point()]
     pos = approximate_forces(model.logits, theta, batch, train, list(range(n_ex)), weights, coeff, pre.scale, module=model.module, names=names)[0]
     method = "approximate"
@@ -84,6 +91,9 @@ print(json.dumps({"seconds": secs, "forward": fwd, "rows": len(batch), "method":
 """
 
 
+PATHS = ("jvp", "factors", "batched", "approx", "floor")
+
+
 def inner(what: str, run: Path, probes: Path, device: str, rows: int, examples: int, out: Path) -> dict:
     done = subprocess.run([sys.executable, "-c", _INNER, what, str(run), str(probes), device, str(rows), str(examples), str(out)],
                           check=True, capture_output=True, text=True)  # fmt: skip
@@ -97,7 +107,7 @@ def main() -> None:
     ap.add_argument("--examples", type=int, default=256, help="training examples U of the batched and approximate paths (default 256)")
     ap.add_argument("--baseline-examples", type=int, default=16, help="examples of the two per-example paths (default 16)")
     ap.add_argument("--rows", type=int, default=48, help="probe rows (default 48)")
-    ap.add_argument("--skip", nargs="*", default=[], choices=("jvp", "factors", "batched", "approx"), help="paths not to run")
+    ap.add_argument("--skip", nargs="*", default=[], choices=PATHS, help="paths not to run")
     args = ap.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     run, probes = args.workdir / "run", args.workdir / "probes.jsonl"
@@ -105,7 +115,7 @@ def main() -> None:
     write_probes(probes)
     print(f"[run] {run}: GPT-2 small (124M); {args.examples} SFT examples × {args.rows} probe rows; {os.cpu_count()} cores, {args.device}")
     res = {}
-    for what in ("jvp", "factors", "batched", "approx"):
+    for what in PATHS:
         if what in args.skip:
             continue
         n = args.baseline_examples if what in ("jvp", "factors") else args.examples
@@ -115,7 +125,7 @@ def main() -> None:
               f"(forward {r['forward']:.2f} s), peak {r['peak_gib']:.2f} GiB, method {r['method']}")  # fmt: skip
     import torch
 
-    pos = {w: torch.load(args.workdir / f"forces-{w}.pt")["pos"] for w in res}
+    pos = {w: torch.load(args.workdir / f"forces-{w}.pt")["pos"] for w in res if w != "floor"}
     shared = min(args.baseline_examples, args.examples)
     ref = pos.get("jvp")
     for w in ("factors", "batched"):
@@ -128,6 +138,10 @@ def main() -> None:
         print(f"[approx vs batched exact]  {res['batched']['seconds'] / res['approx']['seconds']:.1f}× faster"
               + (f" ({res['jvp']['per_example'] / res['approx']['per_example']:.0f}× one JVP per example)" if "jvp" in res else "")
               + f", error ‖approx − exact‖/‖exact‖ = {err:.3f} over {args.examples} examples")  # fmt: skip
+    if "floor" in res and "batched" in res:
+        print(f"[floor]  the training rows' own forward and backward take {res['floor']['per_example'] / res['batched']['per_example']:.1%} of "
+              f"the batched exact forces: no method that needs each example's gradient is more than "
+              f"{res['batched']['per_example'] / res['floor']['per_example']:.1f}× faster than them at these sizes")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from .errors import CkptforceError
 from .budget import (HEAD_SHARE, attention_heads, default_memory_gb, duration, forwards_per_interval, head_chunks, model_shape,
                      rows_budget, rows_per_chunk, training_forwards)  # fmt: skip
 from .forces import DEFAULT_NODES, interval_forces
+from .forces.interval import SPLIT_PER_ROW
 from .forces.features import drift, features
 from .forces.head import SplitLM
 from .forces.topk import response_topk
@@ -303,7 +304,7 @@ def compute_part(config_json: str, k: int, device: str = "cpu", progress: Callab
         data[f"dlogp_lin_{suffix}"] = grid.rows(summed(res.lin_by_tensor), summed(res.argmax_lin_by_tensor))[None]
         if res.path_by_tensor is not None:
             data[f"dlogp_path_{suffix}"] = grid.rows(summed(res.path_by_tensor), None)[None]
-    attrs = {"jvp_method": res.method}
+    attrs = {"jvp_method": res.method, **({"split_method": res.split_method} if res.split_method else {})}
     if p.z0 is not None:
         rows = focus_rows(p.batch, p.responses[0])
         where = [i for i, _ in rows.rows]
@@ -462,9 +463,9 @@ def analyze(
         tool_version=__version__, history=command, run_dir=str(run.root), layout=run.layout, config=config.to_json(),
         device=device, dtype=config.dtype, jvp_method=merged.attrs["jvp_method"], step_source=",".join(r.step_source for r in run.checkpoints),
         checkpoint_fingerprints={str(r.path): fingerprint(r.path) for r in run.checkpoints},
-        warnings=run.notes + prepared.notes + warnings + _linearisation_warnings(merged) + json.loads(merged.attrs["training_notes"]),
+        warnings=run.notes + prepared.notes + warnings + _linearisation_warnings(merged) + _split_warnings(merged) + json.loads(merged.attrs["training_notes"]),
         **({"tokenization": prepared.tokenization} if prepared.tokenization else {}),
-        attention=prepared.model.attention, **{k: merged.attrs[k] for k in ("objective", "preconditioner", "kernel_method", "kernel_approximate", "feature_layer") if k in merged.attrs},
+        attention=prepared.model.attention, **{k: merged.attrs[k] for k in ("objective", "preconditioner", "kernel_method", "kernel_approximate", "feature_layer", "split_method") if k in merged.attrs},
         model_source=prepared.model.source,
     )  # fmt: skip
     final = cube.save(cube.describe(merged.assign_attrs(attrs)), out)
@@ -510,6 +511,15 @@ def _linearisation_warnings(ds: xr.Dataset) -> list[str]:
         for a, b, r in zip(ds["step_from"].values, ds["step_to"].values, ds["remainder_ratio"].values)
         if r > POOR_LINEARISATION
     ]
+
+
+def _split_warnings(ds: xr.Dataset) -> list[str]:
+    """One line when an interval's split by tensor fell back to per-row gradients (``forces.interval``)."""
+    if SPLIT_PER_ROW not in str(ds.attrs.get("split_method", "")).split(","):
+        return []
+    return [f"split by tensor: on some interval the backprop factors did not add up to the JVP's Δ_lin, so the split there was taken "
+            f"from {SPLIT_PER_ROW} (exact, but slower: memory rows × 2 × |θ|); some layer of this model is misread by the factored "
+            "rule — please report the architecture"]  # fmt: skip
 
 
 def _map_parts(config: AnalysisConfig, todo: list[int], device: str, workers: int | None, scheduler: str | None, within=None):

@@ -3,12 +3,13 @@ same numbers as the full (B, T, V) logits. Float64 oracles:
 
     head_stats                  the explicit log-softmax of z = h Wᵀ + b, its JVP and autograd's ∂/∂h   rel 1e-12
     observe / Δ_lin / split     a SplitLM in chunks of 5 positions × 7 vocabulary entries (V = 67) against the
-                                model's own logits (the unsplit path), GPT-2 / Llama / Qwen2 shapes   rel 1e-9
-    no vocabulary-sized tensor  no tensor the split paths create has the vocabulary as a dimension, but W's (V, H)
+                                model's own logits (the unsplit path), GPT-2 / Llama / Qwen2 / Phi (a biased head)   rel 1e-9
+    no vocabulary-sized tensor  no tensor the split paths create has the vocabulary as a dimension, but W's (V, H), b's (V,)
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -77,14 +78,21 @@ def test_head_stats_equal_the_explicit_softmax(positions, vocab):
     (g_star,) = torch.autograd.grad(logp.max(-1).values.sum(), leaf)
     _close(got.grad, g_y, 1e-12, "grad")
     _close(got.grad_max, g_star, 1e-12, "grad_max")
-    # the part along δW alone, from the same pass (the head weight's column of a split), for every mix of the rest
-    only_w = _explicit(h, w, b, y, torch.zeros_like(dh), dw, torch.zeros_like(db))
-    for rest in ((dh, db), (dh, None), (None, db), (None, None)):
-        both = head_stats(h, w, b, y, tangent=(rest[0], dw, rest[1]), weight_part=True, positions=positions, vocab=vocab)
-        alone = _explicit(h, w, b, y, *(torch.zeros_like(t) if r is None else r for r, t in ((rest[0], dh), (dw, dw), (rest[1], db))))
-        _close(both.dlogp_w, only_w["dlogp"], 1e-12, f"dlogp_w, rest {[r is not None for r in rest]}")
-        _close(both.dlogp_max_w, only_w["dlogp_max"], 1e-12, f"dlogp_max_w, rest {[r is not None for r in rest]}")
-        _close(both.dlogp, alone["dlogp"], 1e-12, f"dlogp beside dlogp_w, rest {[r is not None for r in rest]}")
+    # the parts along δW alone and δb alone, from the same pass (the head's columns of a split), for every mix
+    zero = {"dh": torch.zeros_like(dh), "dw": torch.zeros_like(dw), "db": torch.zeros_like(db)}
+    only_w = _explicit(h, w, b, y, zero["dh"], dw, zero["db"])
+    only_b = _explicit(h, w, b, y, zero["dh"], zero["dw"], db)
+    for mix in list(itertools.product((dh, None), (dw, None), (db, None)))[:-1]:  # the last: no tangent at all
+        both = head_stats(h, w, b, y, tangent=mix, parts=True, positions=positions, vocab=vocab)
+        which = [m is not None for m in mix]
+        alone = _explicit(h, w, b, y, *(zero[k] if m is None else m for k, m in zip(("dh", "dw", "db"), mix)))
+        _close(both.dlogp, alone["dlogp"], 1e-12, f"dlogp beside its parts, tangent {which}")
+        for part, want, moves in (("w", only_w, mix[1] is not None), ("b", only_b, mix[2] is not None)):
+            if not moves:
+                assert getattr(both, f"dlogp_{part}") is None, f"dlogp_{part} without δ{part.upper()}: {which}"
+                continue
+            _close(getattr(both, f"dlogp_{part}"), want["dlogp"], 1e-12, f"dlogp_{part}, tangent {which}")
+            _close(getattr(both, f"dlogp_max_{part}"), want["dlogp_max"], 1e-12, f"dlogp_max_{part}, tangent {which}")
     assert head_stats(h, w, b, y, tangent=(dh, dw, db)).dlogp_w is None  # not asked for: not computed
 
 
@@ -125,12 +133,23 @@ def test_head_stats_take_the_first_maximiser_across_chunks():
 # SplitLM on tiny GPT-2 / Llama / Qwen2 models against their own logits
 
 
-@pytest.fixture(scope="module", params=sorted(ARCHS))
+def _phi_config(vocab_size: int):
+    """A Phi-shaped config: the one common head with a bias (z = h Wᵀ + b), LayerNorm, partial rotary, dense biases."""
+    from transformers import PhiConfig
+
+    return PhiConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, max_position_embeddings=64, resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0)  # fmt: skip
+
+
+HEADS = {**ARCHS, "phi": _phi_config}  # the architecture matrix, and a biased head for the streamed head's δb
+
+
+@pytest.fixture(scope="module", params=sorted(HEADS))
 def lm(request, tmp_path_factory):
     """(arch, BoundModel, θ, a seeded direction v, probe rows, SplitLM in small chunks), all float64."""
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp(request.param)
-    ARCHS[request.param](V).save_pretrained(folder)
+    HEADS[request.param](V).save_pretrained(folder)
     model = bind_hf(folder).to("cpu", torch.float64)
     theta = {n: p.detach().clone() for n, p in model.module.named_parameters()}
     g = torch.Generator().manual_seed(1)
@@ -138,12 +157,14 @@ def lm(request, tmp_path_factory):
     batch = _id_probes(folder, vocab=V, n=6)
     assert int(batch.target_mask.sum()) > CHUNKS["positions"] and batch.input_ids.shape[1] < V
     head = model.head()
-    assert head == (("transformer.wte.weight", None) if request.param == "gpt2" else ("lm_head.weight", None))  # tied / untied
+    want = {"gpt2": ("transformer.wte.weight", None), "phi": ("lm_head.weight", "lm_head.bias")}.get(request.param, ("lm_head.weight", None))
+    assert head == want  # tied / untied / with a bias
     return request.param, model, theta, v, batch, SplitLM(model.logits, model.body, *head, **CHUNKS)
 
 
 class _NoVocabTensors(TorchDispatchMode):
-    """Records every tensor an op creates that has the vocabulary as a dimension, but (V, H) matrices."""
+    """Records every tensor an op creates that has the vocabulary as a dimension, but (V, H) matrices and (V,) (a head
+    bias, or its move: the size of a parameter)."""
 
     def __init__(self, hidden: int):
         super().__init__()
@@ -152,7 +173,7 @@ class _NoVocabTensors(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(t, torch.Tensor) and V in t.shape and tuple(t.shape) not in ((V, self.hidden), (self.hidden, V)):
+            if isinstance(t, torch.Tensor) and V in t.shape and tuple(t.shape) not in ((V, self.hidden), (self.hidden, V), (V,)):
                 self.seen.append((str(func), tuple(t.shape)))
         return out
 
@@ -246,9 +267,37 @@ def test_split_interval_and_path_equal_the_full_ones(lm):
     _close(jvp_path.total, want.dlogp_path, 1e-9, f"{arch} Δ_path by JVPs")
 
 
+def test_a_factored_split_that_misses_delta_lin_falls_back_to_per_row_gradients(lm, monkeypatch):
+    """A model whose factors are misread (here: the factored columns doubled) fails the split's own check Σ_k C = Δ_lin;
+    the interval then takes the per-row split instead, equal to the model's own, and says so in ``split_method``."""
+    from ckptforce.forces import interval as interval_mod
+    from ckptforce.pipeline import _split_warnings
+
+    arch, model, theta, v, batch, split = lm
+    after = {n: p + v[n] for n, p in theta.items()}
+    assert interval_forces(split, theta, after, batch, nodes=0, by_tensor=True, module=model.module).split_method == interval_mod.SPLIT_FACTORED
+    real = interval_mod.factored_tangent
+
+    def misread(*args, **kw):
+        obs, lin, (names, columns, star), missing = real(*args, **kw)
+        return obs, lin, (names, 2 * columns, star), missing
+
+    monkeypatch.setattr(interval_mod, "factored_tangent", misread)
+    got = interval_forces(split, theta, after, batch, nodes=0, by_tensor=True, module=model.module, chunk_size=4)
+    want = interval_forces(model.logits, theta, after, batch, nodes=0, by_tensor=True)  # no module: per-row gradients
+    assert got.split_method == want.split_method == interval_mod.SPLIT_PER_ROW
+    assert got.tensor_names == want.tensor_names
+    _close(got.lin_by_tensor, want.lin_by_tensor, 1e-9, f"{arch} the per-row split after the fallback")
+    _close(got.lin_by_tensor.sum(1), got.dlogp_lin, 1e-9, f"{arch} the fallback's split sums to Δ_lin")
+    import xarray as xr
+
+    assert _split_warnings(xr.Dataset(attrs={"split_method": f"{interval_mod.SPLIT_FACTORED},{interval_mod.SPLIT_PER_ROW}"}))
+    assert not _split_warnings(xr.Dataset(attrs={"split_method": interval_mod.SPLIT_FACTORED}))
+
+
 def test_split_paths_form_no_vocabulary_sized_tensor(lm):
     """Observe, the JVP, the double VJP and the factored split of a SplitLM never make a tensor with V in its
-    shape (but W's own (V, H)), and never call the model's full logits."""
+    shape (but W's own (V, H) and b's (V,)), and never call the model's full logits."""
     arch, model, theta, v, batch, split = lm
     hidden = theta[split.weight].shape[1]
 
@@ -334,5 +383,6 @@ def test_analyze_with_the_head_in_chunks_writes_the_unsplit_cube(runs, tmp_path,
         with xr.open_dataset(out, engine="h5netcdf") as ds:
             cubes.append(ds.load())
     assert used and all(isinstance(f, SplitLM) and (f.positions, f.vocab) == (3, 5) for f in used)
+    assert cubes[1].attrs["split_method"] == "backprop factors"  # the factored split added up: no fallback
     for name in ("logp", "logp_tok", "entropy", "top1", "peakiness", "dlogp_obs", "dlogp_lin", "dlogp_lin_tok", "dlogp_path", "dlogp_lin_tensor"):
         _close(torch.from_numpy(cubes[1][name].fillna(0).values), torch.from_numpy(cubes[0][name].fillna(0).values), 1e-9, name)

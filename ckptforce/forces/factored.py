@@ -127,7 +127,7 @@ class Factors:
     device: torch.device
     head: tuple | None = None  # a SplitLM's (lm, h at the N response positions (N, H), targets (N,), row of each (N,), HeadStats)
     probs: torch.Tensor | None = None  # π (N, V) at the response positions, kept by the first contraction when it fits
-    direction: dict | None = None  # the direction whose head column the capture's pass already holds (HeadStats.dlogp_w)
+    direction: dict | None = None  # the direction whose head columns the capture's pass already holds (HeadStats.dlogp_w, dlogp_b)
 
     def contract(self, params: dict, direction: dict, names: list[str]) -> tuple[torch.Tensor, torch.Tensor, set[str]]:
         """(C (b, K), C* (b, K), names covered) for ``direction`` over ``names`` (the columns, in order)."""
@@ -160,12 +160,13 @@ class Factors:
         """A SplitLM's head, never called as a module: C[b, W] = Σ_{m ∈ b} (δz_m[y_m] − π_mᵀ δz_m) with δz = h δWᵀ
         (and δb for the bias), streamed over the vocabulary; a tied W adds this to its embedding's share."""
         lm, h, targets, row, st0 = self.head
-        held = direction is self.direction and st0.dlogp_w is not None  # the capture's pass took δ log π along δW
+        # the columns the capture's pass took (δ log π along δW alone, δb alone), when this is its direction
+        held = {lm.weight: (st0.dlogp_w, st0.dlogp_max_w), lm.bias: (st0.dlogp_b, st0.dlogp_max_b)} if direction is self.direction else {}
         for name in (lm.weight, lm.bias):
             if name is None or name not in col or name not in direction:
                 continue
-            if held and name == lm.weight:
-                dlogp, dlogp_max = st0.dlogp_w, st0.dlogp_max_w
+            if held.get(name, (None,))[0] is not None:
+                dlogp, dlogp_max = held[name]
             elif self._probs(params) is not None:  # π kept: one product per direction
                 move = {"dw" if name == lm.weight else "db": direction[name].to(params[name])}
                 dlogp, dlogp_max = head_directional(h, self.probs, targets, st0.argmax, positions=lm.positions, **move)
@@ -192,8 +193,8 @@ def capture(fn: Fn, found: list, params: dict, sub, *, star: bool = True, direct
     """One forward of ``sub`` with hooks on the modules in ``found`` (``owners``), and one backward per score.
 
     ``direction``: the one direction ``contract`` will be given (an interval's Δθ). When it moves a SplitLM's W, the
-    head's streamed pass also takes δ log π along δW, which is then the head's column: one pass over positions ×
-    vocabulary instead of two. ``dh`` (N, H): the body's tangent along ``direction`` at the response positions
+    head's streamed pass also takes δ log π along δW (and, with ``dh``, along δb), the head's columns: one pass over
+    positions × vocabulary instead of two. ``dh`` (N, H): the body's tangent along ``direction`` at the response positions
     (``factored_tangent``); the pass then also takes δ log π along the whole direction (``HeadStats.dlogp``)."""
     records: dict[int, dict] = {}
     handles = []
@@ -229,9 +230,9 @@ def capture(fn: Fn, found: list, params: dict, sub, *, star: bool = True, direct
                 mask = sub.target_mask
                 h = at_responses(fn.hidden(fixed, sub), mask)  # (N, H)
                 targets, row = sub.targets[mask], mask.nonzero()[:, 0]
-                moves = [n for n in (fn.weight, fn.bias if dh is not None else None) if n and direction and n in direction]
+                moves = [n for n in (fn.weight, fn.bias) if n and direction and n in direction]
                 st = fn.stats(fixed, h.detach(), targets, grad=True, dh=dh, direction={n: direction[n] for n in moves} or None,
-                              weight_part=fn.weight in moves)  # fmt: skip
+                              parts=True)  # fmt: skip
                 for j, g in enumerate((st.grad, st.grad_max)[:outputs]):
                     if h.requires_grad:
                         h.backward(g.to(h.dtype), retain_graph=j + 1 < outputs)

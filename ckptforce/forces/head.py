@@ -14,7 +14,7 @@ accumulator rescaled by e^{μ_old − μ_new} when μ grows):
     Σ_v π_v²     = Σ_v e^{2(z_v − μ)} / s²            peakiness ‖A‖_F² = V Σ π² + V − 2
     δz           = δh Wᵀ + h δWᵀ + δb                 (the head's JVP; δh from the body's)
     δ log π(y)   = δz_y − πᵀ δz,  likewise for y*     A = I − 1πᵀ applied analytically (DESIGN §1)
-                   and, on request, its part along δW alone (δz_W = h δWᵀ): the head weight's column of a split
+                   and, on request, its parts along δW alone (δz_W = h δWᵀ) and δb alone: the head's columns of a split
     ∂ log π(y)/∂h = W_y − πᵀ W,  likewise for y*      (the backward of the scores, for the factored split)
 
 Memory: ``budget.HEAD_COPIES`` tensors of (positions per chunk, vocabulary per chunk) at once, whatever T and V.
@@ -48,7 +48,7 @@ class SplitLM:
         return self.logits(params, batch)
 
     def stats(self, params: dict, h: torch.Tensor, targets: torch.Tensor, *, dh: torch.Tensor | None = None,
-              direction: dict | None = None, grad: bool = False, weight_part: bool = False) -> "HeadStats":  # fmt: skip
+              direction: dict | None = None, grad: bool = False, parts: bool = False) -> "HeadStats":  # fmt: skip
         """``head_stats`` with this head's W, b, chunks, and δW, δb read from ``direction`` (when it moves them)."""
         w = params[self.weight]
         b = params[self.bias] if self.bias else None
@@ -56,7 +56,7 @@ class SplitLM:
         dw = direction[self.weight].to(w) if self.weight in direction else None
         db = direction[self.bias].to(w) if self.bias and self.bias in direction else None
         tangent = (dh, dw, db) if direction or dh is not None else None
-        return head_stats(h, w, b, targets, tangent=tangent, grad=grad, weight_part=weight_part, positions=self.positions, vocab=self.vocab)
+        return head_stats(h, w, b, targets, tangent=tangent, grad=grad, parts=parts, positions=self.positions, vocab=self.vocab)
 
 
 @dataclass
@@ -71,28 +71,30 @@ class HeadStats:
     dlogp_max: torch.Tensor | None = None  # (N,) δ log π(y*)
     grad: torch.Tensor | None = None  # (N, H) ∂ log π(y)/∂h
     grad_max: torch.Tensor | None = None  # (N, H) ∂ log π(y*)/∂h
-    dlogp_w: torch.Tensor | None = None  # (N,) δ log π(y) along δW alone (``weight_part``): the head weight's column
+    dlogp_w: torch.Tensor | None = None  # (N,) δ log π(y) along δW alone (``parts``): the head weight's column
     dlogp_max_w: torch.Tensor | None = None  # (N,) δ log π(y*) along δW alone
+    dlogp_b: torch.Tensor | None = None  # (N,) δ log π(y) along δb alone (``parts``): the head bias's column
+    dlogp_max_b: torch.Tensor | None = None  # (N,) δ log π(y*) along δb alone
 
 
 def head_stats(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor, *,
-               tangent: tuple | None = None, grad: bool = False, weight_part: bool = False, positions: int | None = None,
+               tangent: tuple | None = None, grad: bool = False, parts: bool = False, positions: int | None = None,
                vocab: int | None = None) -> HeadStats:  # fmt: skip
     """The module docstring's statistics of z = h Wᵀ + b (h (N, H), W (V, H)), ``positions`` × ``vocab`` at a time.
 
     ``tangent`` = (δh (N, H) | None, δW (V, H) | None, δb (V,) | None) adds δ log π(y), δ log π(y*); with
-    ``weight_part`` also their part along δW alone, δz_W = h δWᵀ (``dlogp_w``: the head weight's column of a split
-    by tensor, when the same pass takes the whole tangent). ``grad`` adds ∂ log π/∂h for both. Reductions run in
-    float32 at least (float64 stays float64)."""
+    ``parts`` also their parts along δW alone, δz_W = h δWᵀ (``dlogp_w``), and along δb alone (``dlogp_b``): the
+    head's columns of a split by tensor, when the same pass takes the whole tangent. ``grad`` adds ∂ log π/∂h for
+    both. Reductions run in float32 at least (float64 stays float64)."""
     n = h.shape[0]
     step = positions or max(n, 1)
-    parts = [_stats_chunk(h[i : i + step], weight, bias, targets[i : i + step], _rows(tangent, i, i + step), grad, weight_part, vocab)
-             for i in range(0, n, step)]  # fmt: skip
-    if not parts:
-        parts = [_stats_chunk(h, weight, bias, targets, tangent, grad, weight_part, vocab)]
+    done = [_stats_chunk(h[i : i + step], weight, bias, targets[i : i + step], _rows(tangent, i, i + step), grad, parts, vocab)
+            for i in range(0, n, step)]  # fmt: skip
+    if not done:
+        done = [_stats_chunk(h, weight, bias, targets, tangent, grad, parts, vocab)]
     out = {}
     for name in HeadStats.__dataclass_fields__:
-        values = [getattr(p, name) for p in parts]
+        values = [getattr(p, name) for p in done]
         out[name] = None if values[0] is None else torch.cat(values)
     return HeadStats(**out)
 
@@ -104,7 +106,7 @@ def _rows(tangent: tuple | None, start: int, stop: int) -> tuple | None:
     return (None if dh is None else dh[start:stop], dw, db)
 
 
-def _stats_chunk(h, weight, bias, y, tangent, grad: bool, weight_part: bool, vocab: int | None) -> HeadStats:
+def _stats_chunk(h, weight, bias, y, tangent, grad: bool, parts: bool, vocab: int | None) -> HeadStats:
     """One chunk of positions (P, H) over the whole vocabulary, ``vocab`` entries at a time (online softmax)."""
     p, V = h.shape[0], weight.shape[0]
     wide = _wide(torch.empty((), dtype=h.dtype)).dtype
@@ -112,13 +114,15 @@ def _stats_chunk(h, weight, bias, y, tangent, grad: bool, weight_part: bool, voc
     mu = torch.full((p,), float("-inf"), dtype=wide, device=h.device)  # running max of z
     s, u, q, z_y = new(), new(), new(), new()  # Σ e^{z−μ}, Σ e^{z−μ}(z−μ), Σ e^{2(z−μ)}, z_y
     best = torch.zeros(p, dtype=torch.long, device=h.device)
-    along = along_w = None  # (Σ e^{z−μ} δz, δz_y, δz_{y*}) of the tangent, and of its part along δW alone
-    separate = False  # δz_W apart from the rest of δz: only when there is a rest
+    along = along_w = along_b = None  # (Σ e^{z−μ} δz, δz_y, δz_{y*}) of the tangent, and of its parts along δW, δb alone
+    apart_w = apart_b = False  # δz_W, δz_b apart from the rest of δz: only when there is a rest
     if tangent is not None:
         dh, dw, db = tangent
         along = (new(), new(), new())
-        separate = weight_part and dw is not None and (dh is not None or db is not None)
-        along_w = (new(), new(), new()) if separate else None
+        apart_w = parts and dw is not None and (dh is not None or db is not None)
+        apart_b = parts and db is not None and (dh is not None or dw is not None)
+        along_w = (new(), new(), new()) if apart_w else None
+        along_b = (new(), new(), new()) if apart_b else None
     acc = torch.zeros(p, h.shape[1], dtype=wide, device=h.device) if grad else None  # Σ e^{z−μ} W_v  (P, H)
     step = vocab or V
     for v0 in range(0, V, step):
@@ -144,12 +148,19 @@ def _stats_chunk(h, weight, bias, y, tangent, grad: bool, weight_part: bool, voc
         s = scale * s + e.sum(-1)
         q = scale.square() * q + _dot(e, e)
         if tangent is not None:
-            if separate:
-                dz_w = _head_tangent(h, None, w_c, dw, None, v0, v1, z)  # (P, V_c)
-                along_w = _accumulate(along_w, dz_w, e, scale, inside, local, take, c_idx)
-                dz = dz_w.add_(_head_tangent(h, dh, w_c, None, db, v0, v1, z))  # δz_W is read: the rest joins it in place
-            else:
-                dz = _head_tangent(h, dh, w_c, dw, db, v0, v1, z)  # (P, V_c)
+            if apart_b:
+                dz_b = _wide(db[v0:v1]).to(z.dtype).expand_as(z)  # (P, V_c), a view
+                along_b = _accumulate(along_b, dz_b, e, scale, inside, local, take, c_idx)
+            dz = None
+            if apart_w:
+                dz = _head_tangent(h, None, w_c, dw, None, v0, v1, z)  # δz_W (P, V_c)
+                along_w = _accumulate(along_w, dz, e, scale, inside, local, take, c_idx)  # δz_W is read: the rest joins it in place
+            rest = (dh, None if apart_w else dw, None if apart_b else db)
+            if dz is None or any(r is not None for r in rest):
+                more = _head_tangent(h, rest[0], w_c, rest[1], rest[2], v0, v1, z)  # (P, V_c)
+                dz = more if dz is None else dz.add_(more)
+            if apart_b:
+                dz = dz.add_(dz_b)
             along = _accumulate(along, dz, e, scale, inside, local, take, c_idx)
         if grad:
             acc = scale.unsqueeze(-1) * acc + e @ w_c.to(wide)
@@ -159,8 +170,10 @@ def _stats_chunk(h, weight, bias, y, tangent, grad: bool, weight_part: bool, voc
     out = HeadStats(lse=lse, logp=z_y - lse, argmax=best, logp_max=-log_s, entropy=log_s - u / s, sumsq=q / s.square())
     if tangent is not None:
         out.dlogp, out.dlogp_max = _directional(along, s)
-        if weight_part and dw is not None:
-            out.dlogp_w, out.dlogp_max_w = _directional(along_w, s) if separate else (out.dlogp, out.dlogp_max)
+        if parts and dw is not None:
+            out.dlogp_w, out.dlogp_max_w = _directional(along_w, s) if apart_w else (out.dlogp, out.dlogp_max)
+        if parts and db is not None:
+            out.dlogp_b, out.dlogp_max_b = _directional(along_b, s) if apart_b else (out.dlogp, out.dlogp_max)
     if grad:
         mean_w = acc / s.unsqueeze(-1)  # πᵀ W  (P, H)
         wide_w = weight.to(wide)

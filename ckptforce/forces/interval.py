@@ -54,6 +54,7 @@ class IntervalForces:
     path_by_tensor: torch.Tensor | None  # (B, K)
     method: str
     nodes: int
+    split_method: str = ""  # how the split by tensor was taken ("" without one): SPLIT_FACTORED or SPLIT_PER_ROW
 
     @staticmethod
     def cat(parts: list["IntervalForces"], width: int) -> "IntervalForces":
@@ -67,6 +68,8 @@ class IntervalForces:
             elif isinstance(first, torch.Tensor):
                 pad = f.name == "dlogp_lin_tok"
                 out[f.name] = torch.cat([torch.nn.functional.pad(v, (0, width - v.shape[1])) if pad else v for v in values])
+            elif f.name == "split_method":  # per-row in any part (the fallback ran): say so
+                out[f.name] = SPLIT_PER_ROW if SPLIT_PER_ROW in values else first
             else:
                 out[f.name] = first  # None, names, method, nodes: the same in every part
         return IntervalForces(**out)
@@ -88,6 +91,11 @@ class IntervalForces:
 
 #: The split by tensor must add up to the JVP's Δ_lin within this (relative to the largest |Δ_lin|).
 SPLIT_SUM_TOL = 1e-4
+
+
+#: ``IntervalForces.split_method``: from backprop factors, or from per-row gradients (no module, or the factored
+#: split of a model the factors misread did not add up to Δ_lin and its per-row twin was taken instead).
+SPLIT_FACTORED, SPLIT_PER_ROW = "backprop factors", "per-row gradients"
 
 
 def _sums_to(split: torch.Tensor, total: torch.Tensor) -> bool:
@@ -143,9 +151,11 @@ def interval_forces(
         if by_tensor:
             names, lin_split, star_split = contributions_by_tensor(fn, before, batch, step, chunk_size=SPLIT_CHUNK, module=module, factored_chunk=chunk_size)
     obs_b = observe(fn, after, batch, chunk_size=chunk_size, full=full)
+    split_method = ""
     if by_tensor:
+        split_method = SPLIT_FACTORED if module is not None else SPLIT_PER_ROW
         if module is not None and not _sums_to(lin_split, lin.total):  # a model the factors misread: the slow twin
-            module = None
+            module, split_method = None, SPLIT_PER_ROW
             names, lin_split, star_split = contributions_by_tensor(fn, before, batch, step, chunk_size=SPLIT_CHUNK)
     path = (
         delta_path(fn, before, batch, step, nodes=nodes, method=method, chunk_size=chunk_size, by_tensor=by_tensor, split_chunk=SPLIT_CHUNK,
@@ -171,4 +181,5 @@ def interval_forces(
         path_by_tensor=None if path is None else path.by_tensor,
         method=lin.method,
         nodes=nodes,
+        split_method=split_method,
     )
