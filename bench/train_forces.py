@@ -5,7 +5,9 @@ of ``bench/scale.py``; every time a ratio to a plain forward over the same probe
 U SFT examples (random token rows of 32 tokens, the Trainer's causal-LM loss), the run's AdamW preconditioner from
 its optimizer.pt, the first --rows probe rows of scale.py, the head streamed as ``analyze`` streams it. The batched
 and approximate paths take all --examples; the two per-example paths, whose cost is the same for every example,
-take the first --baseline-examples (their per-example cost is what the ratios compare). Prints seconds, forwards
+take the first --baseline-examples (their per-example cost is what the ratios compare). ``floor`` times the training
+rows' own forward and backward (their ghost factors) and nothing else: what every method that needs each example's
+gradient pays, so the exact forces over it bound any such approximation's speed-up. Prints seconds, forwards
 per example, the speed-ups, the largest difference of the forces on the shared examples relative to the largest
 force, the approximation's error ‖approx − exact‖ / ‖exact‖ against the batched forces, and each path's peak
 memory (separate processes: peak RSS, or peak CUDA memory).
