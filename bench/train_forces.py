@@ -137,7 +137,7 @@ def main() -> None:
                   f"largest difference {diff:.1e} of the largest force ({shared} examples)")  # fmt: skip
     if "approx" in res and "batched" in res:
         err = float(torch.linalg.vector_norm(pos["approx"] - pos["batched"]) / torch.linalg.vector_norm(pos["batched"]))
-        print(f"[approx vs batched exact]  {res['batched']['seconds'] / res['approx']['seconds']:.1f}× faster"
+        print(f"[approx vs batched exact]  {res['batched']['per_example'] / res['approx']['per_example']:.1f}× faster per example"
               + (f" ({res['jvp']['per_example'] / res['approx']['per_example']:.0f}× one JVP per example)" if "jvp" in res else "")
               + f", error ‖approx − exact‖/‖exact‖ = {err:.3f} over {args.examples} examples")  # fmt: skip
     if "floor" in res and "batched" in res:

@@ -100,7 +100,8 @@ def merge_parts(out: Path, n_intervals: int, anatomy_ds: xr.Dataset) -> xr.Datas
     extra = {k: parts[0].attrs[k] for k in ("objective", "kernel_method", "feature_layer") if k in parts[0].attrs}
     if "kernel_approximate" in parts[0].attrs:
         extra["kernel_approximate"] = int(max(int(d.attrs["kernel_approximate"]) for d in parts))
-    for key in ("preconditioner", "split_method"):  # the distinct values over the intervals
-        if key in parts[0].attrs:
-            extra[key] = ",".join(dict.fromkeys(str(d.attrs[key]) for d in parts))
+    for key in ("preconditioner", "split_method"):  # the distinct values over the intervals (a part of an older version may lack one)
+        values = [str(d.attrs[key]) for d in parts if key in d.attrs]
+        if values:
+            extra[key] = ",".join(dict.fromkeys(values))
     return merged.assign_attrs(jvp_method=parts[0].attrs.get("jvp_method", ""), training_notes=json.dumps(notes), **extra)

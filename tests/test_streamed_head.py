@@ -93,24 +93,32 @@ def test_head_stats_equal_the_explicit_softmax(positions, vocab):
                 continue
             _close(getattr(both, f"dlogp_{part}"), want["dlogp"], 1e-12, f"dlogp_{part}, tangent {which}")
             _close(getattr(both, f"dlogp_max_{part}"), want["dlogp_max"], 1e-12, f"dlogp_max_{part}, tangent {which}")
-    assert head_stats(h, w, b, y, tangent=(dh, dw, db)).dlogp_w is None  # not asked for: not computed
+    plain = head_stats(h, w, b, y, tangent=(dh, dw, db))
+    assert plain.dlogp_w is None and plain.dlogp_b is None  # not asked for: not computed
 
 
 @pytest.mark.parametrize("vocab", [None, 40_000])
 def test_float32_head_stats_keep_float32_precision_over_a_large_vocabulary(vocab):
-    """Float32 sums over Qwen2's 152,064 entries (not a multiple of the 128-entry blocks, nor of the chunk) agree
-    with the float64 softmax to 1e-6 of each statistic's largest value. One float32 running sum over the whole
-    vocabulary (a plain batched product) is off by ~1e-4 here: the entropy, Σπ² and πᵀδz would fail."""
+    """Float32 sums over Qwen2's 152,064 entries (in one chunk, or in chunks of 40,000, rounded to the 128-entry
+    blocks, that do not divide it) agree with the float64 softmax to 1e-6 of each statistic's largest value, the
+    head's columns along δW and δb alone included. One float32 running sum over the whole vocabulary (a plain batched
+    product) is off by ~1e-4 here: the entropy, Σπ² and πᵀδz would fail."""
     g = torch.Generator().manual_seed(3)
     n, hid, v = 6, 16, 152_064
-    h, w, dw = (torch.randn(*s, generator=g, dtype=torch.float64) for s in ((n, hid), (v, hid), (v, hid)))
+    h, dh, w, dw = (torch.randn(*s, generator=g, dtype=torch.float64) for s in ((n, hid), (n, hid), (v, hid), (v, hid)))
+    b, db = (torch.randn(v, generator=g, dtype=torch.float64) for _ in range(2))
     w = w * 0.5  # entropy ~9 of log V ≈ 11.9 nats: mass spread over the whole vocabulary
     y = torch.randint(0, v, (n,), generator=g)
-    want = _explicit(h, w, torch.zeros(v, dtype=torch.float64), y, torch.zeros_like(h), dw, torch.zeros(v, dtype=torch.float64))
-    got = head_stats(h.float(), w.float(), None, y, tangent=(None, dw.float(), None), vocab=vocab)
+    zero = lambda t: torch.zeros_like(t)  # noqa: E731
+    want = _explicit(h, w, b, y, dh, dw, db)
+    only_w, only_b = _explicit(h, w, b, y, zero(dh), dw, zero(db)), _explicit(h, w, b, y, zero(dh), zero(dw), db)
+    got = head_stats(h.float(), w.float(), b.float(), y, tangent=(dh.float(), dw.float(), db.float()), parts=True, vocab=vocab)
     assert got.entropy.dtype == torch.float32
     for name in ("lse", "logp", "logp_max", "entropy", "sumsq", "dlogp", "dlogp_max"):
         _close(getattr(got, name), want[name], 1e-6, f"float32 {name}")
+    for part, alone in (("w", only_w), ("b", only_b)):
+        _close(getattr(got, f"dlogp_{part}"), alone["dlogp"], 1e-6, f"float32 dlogp_{part}")
+        _close(getattr(got, f"dlogp_max_{part}"), alone["dlogp_max"], 1e-6, f"float32 dlogp_max_{part}")
 
 
 def test_head_stats_take_the_first_maximiser_across_chunks():
@@ -163,17 +171,18 @@ def lm(request, tmp_path_factory):
 
 
 class _NoVocabTensors(TorchDispatchMode):
-    """Records every tensor an op creates that has the vocabulary as a dimension, but (V, H) matrices and (V,) (a head
-    bias, or its move: the size of a parameter)."""
+    """Records every tensor an op creates that has the vocabulary as a dimension, but (V, H) matrices and, for a
+    biased head, (V,) (the bias or its move: the size of a parameter)."""
 
-    def __init__(self, hidden: int):
+    def __init__(self, hidden: int, bias: bool = False):
         super().__init__()
-        self.hidden, self.seen = hidden, []
+        self.allowed = {(V, hidden), (hidden, V)} | ({(V,)} if bias else set())
+        self.seen = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(t, torch.Tensor) and V in t.shape and tuple(t.shape) not in ((V, self.hidden), (self.hidden, V), (V,)):
+            if isinstance(t, torch.Tensor) and V in t.shape and tuple(t.shape) not in self.allowed:
                 self.seen.append((str(func), tuple(t.shape)))
         return out
 
@@ -305,7 +314,7 @@ def test_split_paths_form_no_vocabulary_sized_tensor(lm):
         raise AssertionError("the full logits were computed")
 
     split = SplitLM(refuse, split.hidden, split.weight, split.bias, **CHUNKS)
-    with _NoVocabTensors(hidden) as mode:
+    with _NoVocabTensors(hidden, bias=split.bias is not None) as mode:
         observe(split, theta, batch)
         delta_lin(split, theta, batch, v, method="jvp")
         delta_lin(split, theta, batch, v, method="double_vjp")

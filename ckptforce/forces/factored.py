@@ -73,7 +73,7 @@ def factored_tangent(fn: SplitLM, module: nn.Module, params: dict, batch, direct
 
     ``observe``, ``delta_lin`` and ``factored_contributions`` at the same θ each pass over positions × vocabulary;
     here the body's JVP gives δh (N, H) first, and the capture's pass takes z, δz = δh Wᵀ + h δWᵀ + δb, π's
-    statistics, ∂ log π/∂h and δz_W's share (the head weight's column) at once: 4 products with W where the three
+    statistics, ∂ log π/∂h and the shares of δz_W and δb (the head's columns) at once: 4 products with W where the three
     calls make 7 (1 + 3 + 3), and one body forward fewer. Δ_lin comes from the JVP (forward mode) and the split's
     columns from the backward's factors, so Σ_k C = Δ_lin stays the caller's independent check."""
     names, c, c_star, missing, heads = _split_chunks(fn, module, params, batch, direction, chunk_size=chunk_size, tangent=method)
@@ -192,8 +192,8 @@ def capture(fn: Fn, found: list, params: dict, sub, *, star: bool = True, direct
             dh: torch.Tensor | None = None) -> Factors:  # fmt: skip
     """One forward of ``sub`` with hooks on the modules in ``found`` (``owners``), and one backward per score.
 
-    ``direction``: the one direction ``contract`` will be given (an interval's Δθ). When it moves a SplitLM's W, the
-    head's streamed pass also takes δ log π along δW (and, with ``dh``, along δb), the head's columns: one pass over
+    ``direction``: the one direction ``contract`` will be given (an interval's Δθ). When it moves a SplitLM's W or b,
+    the head's streamed pass also takes δ log π along δW alone and δb alone, the head's columns: one pass over
     positions × vocabulary instead of two. ``dh`` (N, H): the body's tangent along ``direction`` at the response positions
     (``factored_tangent``); the pass then also takes δ log π along the whole direction (``HeadStats.dlogp``)."""
     records: dict[int, dict] = {}

@@ -124,7 +124,7 @@ def _stats_chunk(h, weight, bias, y, tangent, grad: bool, parts: bool, vocab: in
         along_w = (new(), new(), new()) if apart_w else None
         along_b = (new(), new(), new()) if apart_b else None
     acc = torch.zeros(p, h.shape[1], dtype=wide, device=h.device) if grad else None  # Σ e^{z−μ} W_v  (P, H)
-    step = vocab or V
+    step = _vocab_step(vocab, V)
     for v0 in range(0, V, step):
         v1 = min(v0 + step, V)
         w_c = weight[v0:v1]  # (V_c, H)
@@ -190,21 +190,32 @@ def _accumulate(along: tuple, dz: torch.Tensor, e: torch.Tensor, scale: torch.Te
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Σ_v a[p, v] b[p, v] (P,), as batched products that form no (P, V_c) temporary. In float32 one running sum
-    over a whole vocabulary loses ~1e-4 (entropy off by ~1e-3 nats at V = 152k), so there the products run over
-    blocks of ``_DOT_BLOCK`` entries and the blocks' partial sums (P, V_c / block) are added in float64: as exact as
-    ``sum``'s pairwise reduction of the elementwise product (~1e-7) and ~4× faster (bench/head_pass.py)."""
+    """Σ_v a[p, v] b[p, v] (P,). In float64 a batched product. In float32 one running sum over a whole vocabulary
+    loses ~1e-4 (entropy off by ~1e-3 nats at V = 152k), so on a CPU the products run over blocks of ``_DOT_BLOCK``
+    entries and the blocks' partial sums (P, V_c / block) are added in float64: as exact as ``sum``'s pairwise
+    reduction of the elementwise product (~1e-7) and ~4× faster than it (bench/README.md, stop 28). The blocks are a
+    view only when V_c is a multiple of the block (``_vocab_step`` makes every chunk but the last one so); else
+    einsum copies a and b. Elsewhere (a GPU) the elementwise product and ``sum``, which TF32 matmuls cannot touch."""
     if a.dtype == torch.float64:
         return torch.einsum("pv,pv->p", a, b)
+    if a.device.type != "cpu":
+        return (a * b).sum(-1)
     whole = a.shape[-1] // _DOT_BLOCK * _DOT_BLOCK
     out = torch.einsum("pv,pv->p", a[:, whole:], b[:, whole:]).double()  # the last, partial block
     if whole:
-        blocks = lambda x: x[:, :whole].unflatten(1, (-1, _DOT_BLOCK))  # noqa: E731  a view: (P, V_c / block, block)
+        blocks = lambda x: x[:, :whole].unflatten(1, (-1, _DOT_BLOCK))  # noqa: E731  (P, V_c / block, block)
         out += torch.einsum("pnk,pnk->pn", blocks(a), blocks(b)).double().sum(-1)
     return out.to(a.dtype)
 
 
 _DOT_BLOCK = 128  # entries per float32 partial sum (blocks of 512 and more ran 2–8× slower on this CPU: bench/head_pass.py)
+
+
+def _vocab_step(vocab: int | None, V: int) -> int:
+    """Entries per vocabulary chunk: ``vocab`` (None: all V), rounded down to a multiple of ``_DOT_BLOCK`` when
+    larger, so that ``_dot``'s blocks of every chunk but the last are views (GPT-2's 50,257: 50,176 + 81)."""
+    step = max(1, min(vocab or V, V))
+    return step - step % _DOT_BLOCK if step > _DOT_BLOCK else step
 
 
 def _directional(along: tuple, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

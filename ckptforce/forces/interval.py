@@ -93,8 +93,9 @@ class IntervalForces:
 SPLIT_SUM_TOL = 1e-4
 
 
-#: ``IntervalForces.split_method``: from backprop factors, or from per-row gradients (no module, or the factored
-#: split of a model the factors misread did not add up to Δ_lin and its per-row twin was taken instead).
+#: ``IntervalForces.split_method``: from backprop factors (tensors without a factored form still by per-row
+#: gradients, ``linear.fill_missing``), or from per-row gradients throughout (no module given, or the factored split
+#: of a model the factors misread did not add up to Δ_lin and its per-row twin was taken instead).
 SPLIT_FACTORED, SPLIT_PER_ROW = "backprop factors", "per-row gradients"
 
 
